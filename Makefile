@@ -1,0 +1,40 @@
+# Set-up, tests and the demo. Every target creates .venv and installs what it needs.
+#   make test                      install (once) and run the test suite
+#   make demo                      install (once) and train the seed MLP on real data
+#   make bench                     side-by-side benchmarks against torch
+#   make test TORCH=torch==2.6.0   use another torch (any pip requirement spec)
+#
+# TORCH defaults to the pinned CPU build that is on disk on the build machines; an
+# unpinned `torch` would pull several GB of CUDA wheels there.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+# One stamp per TORCH spec, so overriding TORCH reinstalls and repeating a target does not.
+STAMP  := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml Makefile
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m manualgrad.demo
+
+bench: install
+	$(PY) benchmarks/bench_mlp.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,13 @@
+"""manualgrad: hand-written backward passes for PyTorch.
+
+- ``manualgrad.functional``: torch.nn.functional twins backed by autograd Functions whose
+  backward (and forward-mode jvp) is written out by hand in ``manualgrad.ops``.
+- ``manualgrad.nn``: drop-in torch.nn modules (subclasses of the torch classes).
+- ``manualgrad.convert(model)``: swap a model's torch layers for their twins in place.
+- ``manualgrad.testing``: gradcheck/gradgradcheck and side-by-side comparison with torch.
+"""
+from . import functional, nn, ops, testing
+from .convert import convert, supported_modules
+
+__version__ = "0.1.0"
+__all__ = ["functional", "nn", "ops", "testing", "convert", "supported_modules"]

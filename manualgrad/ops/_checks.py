@@ -1,0 +1,56 @@
+"""Shared helpers for ops: argument checks and reductions.
+
+Value checks (a target class out of range, say) need the tensor's values on the host. They
+run only where that is free and possible: concrete CPU tensors outside torch.compile and
+outside torch.func transforms. Elsewhere the op itself fails (gather raises on CUDA through a
+device-side assert), as torch's own kernels do.
+"""
+import torch
+from torch.nn import _reduction as _legacy
+
+
+def can_inspect_values(*tensors):
+    """True when reading these tensors' values costs no device sync and breaks no tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.is_meta:
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(t) or isinstance(t, torch._subclasses.FakeTensor):
+            return False
+    return True
+
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def get_reduction(size_average, reduce, reduction):
+    """torch's handling of the deprecated size_average/reduce arguments, then a check."""
+    if size_average is not None or reduce is not None:
+        reduction = _legacy.legacy_get_string(size_average, reduce)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def reduce_forward(loss, reduction):
+    # none: loss (*) ; mean: sum(loss) / numel () ; sum: sum(loss) ()
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.mean()
+
+
+def reduce_backward(dout, shape, reduction):
+    """Upstream gradient of the reduced loss, as a gradient of the elementwise loss (shape)."""
+    if reduction == "none":
+        return dout  #                                        (*) as the loss
+    numel = 1
+    for s in shape:
+        numel *= s
+    # d sum / d loss_i = 1 ; d mean / d loss_i = 1 / numel   (*) expanded, no copy
+    scale = dout if reduction == "sum" else dout / numel
+    return scale.expand(shape)

@@ -1,0 +1,183 @@
+"""Checking hand-written gradients: against finite differences and against torch.
+
+Two helpers cover what every op needs:
+
+- ``check_gradients(fn, *inputs)`` runs, in float64, ``gradcheck`` (reverse mode, forward
+  mode, batched gradients through vmap, undefined upstream gradients) and ``gradgradcheck``
+  (double backward, reverse-over-reverse and forward-over-reverse, batched).
+- ``assert_same_as_torch(fn, torch_fn, *inputs)`` runs a manualgrad callable and its torch
+  twin on copies of the same inputs, backpropagates the same upstream gradient through both
+  and compares the output and every gradient: inputs that require grad, and parameters by
+  name when both callables are modules.
+
+``assert_raises_like_torch`` checks that bad input fails the way torch fails.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+__all__ = ["check_gradients", "assert_same_as_torch", "assert_raises_like_torch", "as_float64"]
+
+
+def as_float64(t):
+    """A float64 leaf with the same values and requires_grad; other objects unchanged.
+
+    float64 tensors are returned as they are, so a test can hand in a deliberately
+    non-contiguous float64 view and have it checked as such.
+    """
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def check_gradients(
+    fn,
+    *inputs,
+    atol=1e-5,
+    rtol=1e-3,
+    eps=1e-6,
+    gradgrad=True,
+    batched_forward_grad=True,
+    nondet_tol=0.0,
+    **kwargs,
+):
+    """gradcheck + gradgradcheck of ``fn(*inputs, **kwargs)`` in float64.
+
+    Floating inputs are converted to float64 (requires_grad kept); pass float64 tensors to
+    control layout (e.g. non-contiguous views). Raises ``GradcheckError`` naming what failed.
+
+    ``batched_forward_grad=False`` is for in-place ops: torch's batched forward-AD check
+    cannot see an in-place tangent update through its legacy vmap.
+    ``nondet_tol`` is for ops whose backward is deterministic only up to rounding.
+    """
+    inputs = tuple(as_float64(t) for t in inputs)
+    f = functools.partial(fn, **kwargs) if kwargs else fn
+    gradcheck(
+        f,
+        inputs,
+        eps=eps,
+        atol=atol,
+        rtol=rtol,
+        nondet_tol=nondet_tol,
+        check_forward_ad=True,
+        check_backward_ad=True,
+        check_batched_grad=True,
+        check_batched_forward_grad=batched_forward_grad,
+        check_undefined_grad=True,
+        raise_exception=True,
+    )
+    if gradgrad:
+        gradgradcheck(
+            f,
+            inputs,
+            eps=eps,
+            atol=atol,
+            rtol=rtol,
+            nondet_tol=nondet_tol,
+            check_batched_grad=True,
+            check_fwd_over_rev=True,
+            check_rev_over_rev=True,
+            raise_exception=True,
+        )
+    return True
+
+
+def _copy_input(t):
+    if isinstance(t, torch.Tensor):
+        return t.detach().clone().requires_grad_(t.requires_grad)
+    return t
+
+
+def _outputs(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _run(fn, inputs, kwargs, grad_outputs):
+    out = _outputs(fn(*inputs, **kwargs))
+    diff = [(o, g) for o, g in zip(out, grad_outputs) if isinstance(o, torch.Tensor) and o.requires_grad]
+    if diff:
+        torch.autograd.backward([o for o, _ in diff], [g for _, g in diff])
+    return out
+
+
+def assert_same_as_torch(fn, torch_fn, *inputs, grad_output=None, rtol=1e-5, atol=1e-6, **kwargs):
+    """Compare ``fn`` with ``torch_fn``: output, input gradients and parameter gradients.
+
+    Both run on fresh copies of ``inputs`` (same values, same requires_grad) with
+    ``**kwargs``. ``grad_output`` is the upstream gradient (a tensor, or a tuple for several
+    outputs); by default a random one, the same for both. If both callables are modules,
+    their parameters are compared by name (load the same state_dict into both first).
+    Returns the pair of output tuples for further checks.
+    """
+    mg_inputs = [_copy_input(t) for t in inputs]
+    th_inputs = [_copy_input(t) for t in inputs]
+
+    # The torch run fixes the output shapes, and with them the default upstream gradients.
+    with torch.random.fork_rng():
+        th_probe = _outputs(torch_fn(*[_copy_input(t) for t in inputs], **kwargs))
+    if grad_output is None:
+        grad_outputs = tuple(
+            torch.randn_like(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else None
+            for o in th_probe
+        )
+    else:
+        grad_outputs = _outputs(grad_output)
+
+    # Same RNG stream for both runs, so random ops (dropout) draw the same numbers.
+    state = torch.random.get_rng_state()
+    mg_out = _run(fn, mg_inputs, kwargs, grad_outputs)
+    torch.random.set_rng_state(state)
+    th_out = _run(torch_fn, th_inputs, kwargs, grad_outputs)
+
+    assert len(mg_out) == len(th_out), f"{len(mg_out)} outputs, torch gives {len(th_out)}"
+    for i, (a, b) in enumerate(zip(mg_out, th_out)):
+        if isinstance(b, torch.Tensor):
+            _close(a, b, rtol, atol, f"output {i}")
+    for i, (a, b) in enumerate(zip(mg_inputs, th_inputs)):
+        if isinstance(b, torch.Tensor) and b.requires_grad:
+            _close(a.grad, b.grad, rtol, atol, f"gradient of input {i}")
+    if isinstance(fn, torch.nn.Module) and isinstance(torch_fn, torch.nn.Module):
+        mg_params = dict(fn.named_parameters())
+        th_params = dict(torch_fn.named_parameters())
+        assert mg_params.keys() == th_params.keys(), f"{sorted(mg_params)} != {sorted(th_params)}"
+        for name, p in th_params.items():
+            _close(mg_params[name].grad, p.grad, rtol, atol, f"gradient of parameter {name!r}")
+    return mg_out, th_out
+
+
+def _close(actual, expected, rtol, atol, what):
+    if expected is None or actual is None:
+        assert actual is None and expected is None, (
+            f"{what}: manualgrad gives {'None' if actual is None else 'a tensor'}, "
+            f"torch gives {'None' if expected is None else 'a tensor'}"
+        )
+        return
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != torch's {expected.dtype}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def assert_raises_like_torch(fn, torch_fn, *args, match=None, **kwargs):
+    """Both calls fail, with the same exception type. Returns manualgrad's exception.
+
+    ``match`` (a regex) is checked against manualgrad's message, so a test can pin that the
+    message says what is wrong.
+    """
+    import re
+
+    try:
+        torch_fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - we want whatever torch raises
+        expected = type(e)
+    else:
+        raise AssertionError("torch accepts this input; nothing to compare")
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        assert isinstance(e, expected), f"raised {type(e).__name__}({e}), torch raises {expected.__name__}"
+        if match is not None:
+            assert re.search(match, str(e)), f"message {str(e)!r} does not match {match!r}"
+        return e
+    raise AssertionError(f"no exception; torch raises {expected.__name__}")
