@@ -31,7 +31,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m manualgrad.demo
+	$(PY) -m train.demo
 
 bench: install
 	$(PY) benchmarks/bench_mlp.py

@@ -19,7 +19,7 @@ import functools
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-__all__ = ["check_gradients", "assert_same_as_torch", "assert_raises_like_torch", "as_float64"]
+__all__ = ["check_gradients", "assert_same_as_torch", "assert_raises_like_torch", "as_float64", "saved_bytes"]
 
 
 def as_float64(t):
@@ -181,3 +181,25 @@ def assert_raises_like_torch(fn, torch_fn, *args, match=None, **kwargs):
             assert re.search(match, str(e)), f"message {str(e)!r} does not match {match!r}"
         return e
     raise AssertionError(f"no exception; torch raises {expected.__name__}")
+
+
+def saved_bytes(fn, *args, exclude=(), **kwargs):
+    """Unique bytes that ``fn(*args, **kwargs)`` saves for backward.
+
+    Every tensor autograd packs (torch's own nodes and custom Functions alike) is counted
+    once per storage, so an output saved by one node and an input saved by the next count
+    once. Storages of the tensors in ``exclude`` (typically the parameters, which exist
+    anyway) are left out. Returns (bytes, output).
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    return sum(storages.values()), out

@@ -1,0 +1,1 @@
+"""Training on real data with manualgrad's hand-written backward passes."""
