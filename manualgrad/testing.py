@@ -14,8 +14,6 @@ Two helpers cover what every op needs:
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -47,14 +45,23 @@ def check_gradients(
     """gradcheck + gradgradcheck of ``fn(*inputs, **kwargs)`` in float64.
 
     Floating inputs are converted to float64 (requires_grad kept); pass float64 tensors to
-    control layout (e.g. non-contiguous views). Raises ``GradcheckError`` naming what failed.
+    control layout (e.g. non-contiguous views). Tensors that require grad are checked whether
+    passed by position or by keyword. Raises ``GradcheckError`` naming what failed.
 
     ``batched_forward_grad=False`` is for in-place ops: torch's batched forward-AD check
     cannot see an in-place tangent update through its legacy vmap.
     ``nondet_tol`` is for ops whose backward is deterministic only up to rounding.
     """
     inputs = tuple(as_float64(t) for t in inputs)
-    f = functools.partial(fn, **kwargs) if kwargs else fn
+    # Keyword tensors that require grad are checked too: they join the positional inputs
+    # gradcheck differentiates, and the wrapper hands them back by name.
+    grad_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    fixed = {k: as_float64(v) for k, v in kwargs.items() if k not in grad_names}
+    n = len(inputs)
+    inputs += tuple(as_float64(kwargs[k]) for k in grad_names)
+
+    def f(*args):
+        return fn(*args[:n], **fixed, **dict(zip(grad_names, args[n:])))
     gradcheck(
         f,
         inputs,
@@ -114,10 +121,14 @@ def assert_same_as_torch(fn, torch_fn, *inputs, grad_output=None, rtol=1e-5, ato
     """
     mg_inputs = [_copy_input(t) for t in inputs]
     th_inputs = [_copy_input(t) for t in inputs]
+    # Keyword tensors too get a copy per run, so their gradients can be compared.
+    mg_kwargs = {k: _copy_input(v) for k, v in kwargs.items()}
+    th_kwargs = {k: _copy_input(v) for k, v in kwargs.items()}
 
     # The torch run fixes the output shapes, and with them the default upstream gradients.
     with torch.random.fork_rng():
-        th_probe = _outputs(torch_fn(*[_copy_input(t) for t in inputs], **kwargs))
+        probe_kwargs = {k: _copy_input(v) for k, v in kwargs.items()}
+        th_probe = _outputs(torch_fn(*[_copy_input(t) for t in inputs], **probe_kwargs))
     if grad_output is None:
         grad_outputs = tuple(
             torch.randn_like(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else None
@@ -128,9 +139,9 @@ def assert_same_as_torch(fn, torch_fn, *inputs, grad_output=None, rtol=1e-5, ato
 
     # Same RNG stream for both runs, so random ops (dropout) draw the same numbers.
     state = torch.random.get_rng_state()
-    mg_out = _run(fn, mg_inputs, kwargs, grad_outputs)
+    mg_out = _run(fn, mg_inputs, mg_kwargs, grad_outputs)
     torch.random.set_rng_state(state)
-    th_out = _run(torch_fn, th_inputs, kwargs, grad_outputs)
+    th_out = _run(torch_fn, th_inputs, th_kwargs, grad_outputs)
 
     assert len(mg_out) == len(th_out), f"{len(mg_out)} outputs, torch gives {len(th_out)}"
     for i, (a, b) in enumerate(zip(mg_out, th_out)):
@@ -139,6 +150,9 @@ def assert_same_as_torch(fn, torch_fn, *inputs, grad_output=None, rtol=1e-5, ato
     for i, (a, b) in enumerate(zip(mg_inputs, th_inputs)):
         if isinstance(b, torch.Tensor) and b.requires_grad:
             _close(a.grad, b.grad, rtol, atol, f"gradient of input {i}")
+    for k, b in th_kwargs.items():
+        if isinstance(b, torch.Tensor) and b.requires_grad:
+            _close(mg_kwargs[k].grad, b.grad, rtol, atol, f"gradient of {k}=")
     if isinstance(fn, torch.nn.Module) and isinstance(torch_fn, torch.nn.Module):
         mg_params = dict(fn.named_parameters())
         th_params = dict(torch_fn.named_parameters())

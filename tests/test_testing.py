@@ -90,3 +90,46 @@ def test_assert_raises_like_torch_catches_a_different_exception_type():
 
     with pytest.raises(AssertionError, match="torch raises RuntimeError"):
         assert_raises_like_torch(raises_value_error, torch.mm, torch.randn(2, 3), torch.randn(4, 5))
+
+
+def _scaled(wrong_weight_grad=False):
+    """y = x * w with a hand-written backward whose weight gradient can be made wrong."""
+
+    class Scaled(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x, w):
+            return x * w
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+            ctx.save_for_forward(*inputs)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, w = ctx.saved_tensors
+            return dy * w, dy * x * (2 if wrong_weight_grad else 1)
+
+        @staticmethod
+        def jvp(ctx, dx, dw):
+            x, w = ctx.saved_tensors
+            return dx * w + x * dw * (2 if wrong_weight_grad else 1)
+
+    return lambda x, weight: Scaled.apply(x, weight)
+
+
+def test_check_gradients_checks_tensors_passed_by_keyword():
+    x = torch.randn(3, requires_grad=True)
+    check_gradients(_scaled(), x, weight=torch.randn(3, requires_grad=True))
+    with pytest.raises(GradcheckError):
+        check_gradients(_scaled(wrong_weight_grad=True), x, weight=torch.randn(3, requires_grad=True))
+
+
+def test_assert_same_as_torch_compares_gradients_of_keyword_tensors():
+    x = torch.randn(3, requires_grad=True)
+    reference = lambda x, weight: x * weight  # noqa: E731
+    assert_same_as_torch(_scaled(), reference, x, weight=torch.randn(3, requires_grad=True))
+    with pytest.raises(AssertionError, match="gradient of weight="):
+        assert_same_as_torch(_scaled(wrong_weight_grad=True), reference, x, weight=torch.randn(3, requires_grad=True))

@@ -16,4 +16,5 @@ from .loss import (
     SmoothL1Loss,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+# The module classes only (dir() would also list the submodules: activation, loss, ...).
+__all__ = [name for name, value in list(globals().items()) if isinstance(value, type)]
