@@ -54,3 +54,30 @@ def reduce_backward(dout, shape, reduction):
     # d sum / d loss_i = 1 ; d mean / d loss_i = 1 / numel   (*) expanded, no copy
     scale = dout if reduction == "sum" else dout / numel
     return scale.expand(shape)
+
+
+def is_transformed(t):
+    """t is seen through a transform: functorch (vmap, grad, jvp) or the legacy vmap that
+    gradcheck's batched-gradient checks use."""
+    functorch = torch._C._functorch
+    return functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)
+
+
+def can_write_inplace(*operands):
+    """True when a fresh temporary may be updated in place with these operands.
+
+    That needs: no graph being recorded (a forward, or a backward without create_graph; with
+    one, double backward needs every intermediate as it was), no transform wrapping an operand
+    (vmap cannot write a batched operand into an unbatched temporary) and one dtype for all
+    (in-place arithmetic never promotes). Saves an allocation and a pass in plain backward.
+    """
+    if torch.is_grad_enabled():
+        return False
+    dtype = None
+    for t in operands:
+        if t is None:
+            continue
+        if is_transformed(t) or (dtype is not None and t.dtype != dtype):
+            return False
+        dtype = t.dtype
+    return True

@@ -5,6 +5,8 @@ leading dims, including none (a single vector x of shape (in,)).
 """
 import torch
 
+from ._apply import apply
+
 
 def linear_forward(x, w, b=None):
     # y = x W^T + b                                        (*, out)
@@ -79,4 +81,4 @@ def linear(input, weight, bias=None):
 
     Bad shapes fail inside addmm/matmul with torch's own RuntimeError and message.
     """
-    return LinearFunction.apply(input, weight, bias)
+    return apply(LinearFunction, input, weight, bias)
