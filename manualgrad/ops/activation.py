@@ -2,12 +2,20 @@
 
 Every op here is elementwise, so its vmap rule is the op itself on the batched tensor (the
 batch dim passes through untouched). That rule, unlike ``generate_vmap_rule``, also serves
-``inplace=True``, where the Function marks its input dirty and returns it.
+``inplace=True``, where the Function marks its input dirty and returns it; ops without
+``inplace`` use ``generate_vmap_rule``.
 
 In-place variants (``inplace=True``) overwrite x with y, so their backward is written in
-terms of y.
+terms of y. Where y does not determine f'(x), torch refuses (leaky_relu / elu with a
+negative slope: backward raises RuntimeError) or keeps a copy of x (silu: see SiLUFunction).
 """
+import math
+
 import torch
+import torch.autograd.forward_ad as fwAD
+
+from ._apply import apply
+from ._checks import can_write_inplace
 
 
 # ---------------------------------------------------------------------------------------------
@@ -18,8 +26,10 @@ def relu_forward(x, inplace=False):
 
 
 def relu_backward(dy, y):
-    # dx = dy * 1[y > 0]     (y > 0 exactly where x > 0)     (*) like x
-    return dy * (y > 0)
+    # dx = dy * 1[x > 0] = dy * sign(y), as y = max(x, 0) >= 0 has sign 0 or 1     (*) like x
+    # (sign stays in y's dtype: a bool mask `y > 0` costs a slow compare and a cast on CPU)
+    s = y.sign()
+    return s.mul_(dy) if can_write_inplace(s, dy) else dy * s
 
 
 class ReLUFunction(torch.autograd.Function):
@@ -46,7 +56,7 @@ class ReLUFunction(torch.autograd.Function):
     def jvp(ctx, dx, _):
         (y,) = ctx.saved_tensors
         # An in-place op must update its input's tangent in place too.
-        return dx.mul_(y > 0) if ctx.inplace else relu_backward(dx, y)
+        return dx.mul_(y.sign()) if ctx.inplace else relu_backward(dx, y)
 
     @staticmethod
     def vmap(info, in_dims, x, inplace):
@@ -55,4 +65,436 @@ class ReLUFunction(torch.autograd.Function):
 
 def relu(input, inplace=False):
     """Drop-in for ``torch.nn.functional.relu``."""
-    return ReLUFunction.apply(input, inplace)
+    return apply(ReLUFunction, input, inplace)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops below take their forward values from torch's fused elementwise kernels (one pass, and
+# bit-for-bit torch's numbers); their backward and jvp are written here from the formulas.
+#
+# Speed notes for the backward helpers (CPU, torch 2.13, measured): torch.where is ~50x slower than a multiply,
+# so a branch is a lerp with a 0/1 weight (exact: lerp(a, b, 0) = a, lerp(a, b, 1) = b), and
+# each fresh temporary costs an allocation, so a chain reuses one buffer with in-place ops. Those
+# stay correct under double backward (autograd keeps what an in-place op overwrites) as long as
+# no in-place op touches a tensor some op saved as its *output* (exp, tanh, sigmoid results), and
+# under vmap as long as the buffer written is batched like its operands: so dy (batched on its
+# own in batched-gradient checks) only ever enters through an out-of-place op.
+
+
+def _step(t, at=0.0):
+    """1.0 where t > at, else 0.0 (also where t is nan, as t > at is False there): a constant."""
+    t = t.detach()
+    return (t - at).sign_().clamp_min_(0) if at else t.sign().clamp_min_(0)
+
+
+def _inplace_negative_slope_error(op, name, value):
+    # torch raises the same RuntimeError, from backward (or from forward-mode AD), not from forward.
+    return RuntimeError(
+        f"in-place {op} backward is not supported with a negative {name} ({name}={value}): the overwritten "
+        f"input cannot be recovered from the output, whose sign no longer says where x > 0. "
+        f"Call {op} with inplace=False."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# leaky_relu: y = x if x > 0 else negative_slope * x
+
+def leaky_relu_forward(x, negative_slope=0.01, inplace=False):
+    return torch.nn.functional.leaky_relu(x, negative_slope, inplace)
+
+
+def leaky_relu_backward(dy, t, negative_slope):
+    """t is x, or y when negative_slope >= 0 (then y > 0 exactly where x > 0)."""
+    # dx = dy where x > 0, else negative_slope * dy            (*) like x
+    return torch.lerp(dy * negative_slope, dy, _step(t))
+
+
+class LeakyReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x, negative_slope, inplace):
+        return leaky_relu_forward(x, negative_slope, inplace)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, negative_slope, inplace = inputs
+        ctx.negative_slope, ctx.inplace = negative_slope, inplace
+        if inplace:
+            ctx.mark_dirty(x)
+        # Like relu, save y when its sign says where x > 0; a negative slope flips the sign of
+        # y for x < 0, so then x is needed, which in-place has overwritten (see backward).
+        t = output if inplace or negative_slope >= 0 else x
+        ctx.save_for_backward(t)
+        ctx.save_for_forward(t)
+
+    @staticmethod
+    def _grad(ctx, dy):
+        (t,) = ctx.saved_tensors
+        if ctx.inplace and ctx.negative_slope < 0:
+            raise _inplace_negative_slope_error("leaky_relu", "negative_slope", ctx.negative_slope)
+        return leaky_relu_backward(dy, t, ctx.negative_slope)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return LeakyReLUFunction._grad(ctx, dy), None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _slope, _inplace):
+        dy = LeakyReLUFunction._grad(ctx, dx)
+        # An in-place op must update its input's tangent in place too.
+        return dx.copy_(dy) if ctx.inplace else dy
+
+    @staticmethod
+    def vmap(info, in_dims, x, negative_slope, inplace):
+        return LeakyReLUFunction.apply(x, negative_slope, inplace), in_dims[0]
+
+
+def leaky_relu(input, negative_slope=0.01, inplace=False):
+    """Drop-in for ``torch.nn.functional.leaky_relu``.
+
+    ``inplace=True`` with ``negative_slope < 0`` runs, but its backward raises RuntimeError, as torch's does.
+    """
+    return apply(LeakyReLUFunction, input, negative_slope, inplace)
+
+
+# ---------------------------------------------------------------------------------------------
+# elu: y = x if x > 0 else alpha * (exp(x) - 1)
+
+def elu_forward(x, alpha=1.0, inplace=False):
+    return torch.nn.functional.elu(x, alpha, inplace)
+
+
+def elu_backward(dy, x, alpha):
+    # e = exp(min(x, 0)): e^x where it is used (x <= 0), finite where not, else double
+    # backward would get 0 * inf = nan there                 (*) like x
+    e = x.clamp_max(0).exp_()
+    # dx = dy where x > 0, else dy * alpha * e^x             (*)
+    return torch.lerp((dy * e).mul_(alpha), dy, _step(x))
+
+
+def elu_backward_from_output(dy, y, alpha):
+    """For in-place elu, from y alone: needs alpha >= 0 (then y > 0 exactly where x > 0).
+
+    Less precise than elu_backward for very negative x in float32 (y + alpha cancels), as torch's is.
+    """
+    # dx = dy where y > 0, else dy * (y + alpha)   (alpha e^x = y + alpha for x <= 0)   (*) like x
+    return torch.lerp(dy * (y + alpha), dy, _step(y))
+
+
+class ELUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x, alpha, inplace):
+        return elu_forward(x, alpha, inplace)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, alpha, inplace = inputs
+        ctx.alpha, ctx.inplace = alpha, inplace
+        if inplace:
+            ctx.mark_dirty(x)
+        # Out of place, x, as torch does: alpha exp(x) is exact where y + alpha cancels in float32.
+        t = output if inplace else x
+        ctx.save_for_backward(t)
+        ctx.save_for_forward(t)
+
+    @staticmethod
+    def _grad(ctx, dy):
+        (t,) = ctx.saved_tensors
+        if not ctx.inplace:
+            return elu_backward(dy, t, ctx.alpha)
+        if ctx.alpha < 0:
+            raise _inplace_negative_slope_error("elu", "alpha", ctx.alpha)
+        return elu_backward_from_output(dy, t, ctx.alpha)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return ELUFunction._grad(ctx, dy), None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _alpha, _inplace):
+        dy = ELUFunction._grad(ctx, dx)
+        return dx.copy_(dy) if ctx.inplace else dy
+
+    @staticmethod
+    def vmap(info, in_dims, x, alpha, inplace):
+        return ELUFunction.apply(x, alpha, inplace), in_dims[0]
+
+
+def elu(input, alpha=1.0, inplace=False):
+    """Drop-in for ``torch.nn.functional.elu``.
+
+    ``inplace=True`` with ``alpha < 0`` runs, but its backward raises RuntimeError, as torch's does.
+    """
+    return apply(ELUFunction, input, alpha, inplace)
+
+
+# ---------------------------------------------------------------------------------------------
+# gelu: y = x * Phi(x), Phi the standard normal CDF; or, approximate='tanh',
+#       y = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3)
+
+_SQRT1_2 = 0.5**0.5  # 1 / sqrt(2)
+_INV_SQRT_2PI = (2 * math.pi) ** -0.5  # 1 / sqrt(2 pi)
+_SQRT_2_OVER_PI = (2 / math.pi) ** 0.5
+_GELU_C = 0.044715
+
+
+def gelu_forward(x, approximate="none"):
+    # torch's kernel raises RuntimeError for an approximate other than 'none' / 'tanh'
+    return torch.nn.functional.gelu(x, approximate=approximate)
+
+
+def gelu_backward(dy, x, approximate="none"):
+    if approximate == "tanh":
+        x2 = x.square()
+        # t = tanh(u), u = sqrt(2/pi) x (1 + 0.044715 x^2)   (*) like x
+        t = torch.tanh((x2 * (_SQRT_2_OVER_PI * _GELU_C)).add_(_SQRT_2_OVER_PI).mul_(x))
+        # du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)          (*)
+        du = x2.mul_(3 * _SQRT_2_OVER_PI * _GELU_C).add_(_SQRT_2_OVER_PI)
+        # f'(x) = (1 + t)/2 + x/2 (1 - t^2) du = (1 + t)/2 (1 + x (1 - t) du)   (*)
+        d = (1 - t).mul_(x).mul_(du).add_(1).mul_(t + 1).mul_(0.5)
+        # dx = dy f'(x)                                      (*)
+        return dy * d
+    # f'(x) = Phi(x) + x phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2,
+    #                            phi(x) = exp(-x^2 / 2) / sqrt(2 pi)                   (*) like x
+    d = torch.erf(x * _SQRT1_2).add_(1).mul_(0.5).addcmul_(x, x.square().mul_(-0.5).exp_(), value=_INV_SQRT_2PI)
+    # dx = dy f'(x)                                          (*)
+    return dy * d
+
+
+class GELUFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, approximate):
+        return gelu_forward(x, approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, approximate = inputs
+        ctx.approximate = approximate
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return gelu_backward(dy, x, ctx.approximate), None
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        (x,) = ctx.saved_tensors
+        return gelu_backward(dx, x, ctx.approximate)
+
+
+def gelu(input, approximate="none"):
+    """Drop-in for ``torch.nn.functional.gelu``."""
+    return apply(GELUFunction, input, approximate)
+
+
+# ---------------------------------------------------------------------------------------------
+# silu: y = x * sigmoid(x)
+
+def silu_forward(x, inplace=False):
+    return torch.nn.functional.silu(x, inplace)
+
+
+def silu_backward(dy, x):
+    s = torch.sigmoid(x)
+    # f'(x) = s + x s (1 - s) = s (1 + x (1 - s)),  s = sigmoid(x)   (*) like x
+    d = (1 - s).mul_(x).add_(1).mul_(s)
+    # dx = dy f'(x)                                           (*)
+    return dy * d
+
+
+_SILU_NO_COPY = "silu(inplace=True) needs a connected copy of its input: call it through manualgrad.functional.silu"
+
+
+class SiLUFunction(torch.autograd.Function):
+    """``apply(x, inplace, x0)``. In-place, y overwrites x, and y does not determine x, so
+    backward needs ``x0``: a copy of x made by a differentiable clone *before* the call, passed
+    in as an input so that it stays connected to the graph (a copy made inside forward would
+    be a constant for double backward). The gradient goes to x0 (and through the clone to x's
+    history); the overwritten x gets None. Out of place, x0 is None and x is saved.
+    """
+
+    @staticmethod
+    def forward(x, inplace, x0):
+        return silu_forward(x, inplace)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, inplace, x0 = inputs
+        ctx.inplace = inplace
+        if inplace:
+            ctx.mark_dirty(x)
+        else:
+            x0 = x
+        ctx.save_for_backward(x0)
+        ctx.save_for_forward(x0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x0,) = ctx.saved_tensors
+        if ctx.inplace:
+            if x0 is None:
+                raise RuntimeError(_SILU_NO_COPY)
+            # the gradient goes to the connected copy x0; the overwritten x gets none
+            return None, None, (silu_backward(dy, x0) if ctx.needs_input_grad[2] else None)
+        return silu_backward(dy, x0), None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _, dx0):
+        (x0,) = ctx.saved_tensors
+        if not ctx.inplace:
+            return silu_backward(dx, x0)
+        if x0 is None or dx0 is None:
+            raise RuntimeError(_SILU_NO_COPY)
+        return dx.copy_(silu_backward(dx0, x0))
+
+    @staticmethod
+    def vmap(info, in_dims, x, inplace, x0):
+        if x0 is not None and in_dims[2] != in_dims[0]:
+            # x0 is a clone of x, so batched like x: only its batch dim's position may differ.
+            x0 = x0.movedim(in_dims[2], in_dims[0])
+        return SiLUFunction.apply(x, inplace, x0), in_dims[0]
+
+
+def _tracks_gradients(t):
+    """Whether some autograd mode (reverse, forward, or a torch.func transform) follows t."""
+    return (
+        (t.requires_grad and torch.is_grad_enabled())
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or fwAD.unpack_dual(t).tangent is not None
+    )
+
+
+def silu(input, inplace=False):
+    """Drop-in for ``torch.nn.functional.silu``.
+
+    In-place, when a gradient may be needed, a differentiable clone of the input is kept for
+    backward (torch's own silu_ keeps a copy of the input too).
+    """
+    x0 = input.clone() if inplace and _tracks_gradients(input) else None
+    return apply(SiLUFunction, input, inplace, x0)
+
+
+# ---------------------------------------------------------------------------------------------
+# tanh: y = tanh(x)
+
+def tanh_forward(x):
+    return torch.tanh(x)
+
+
+def tanh_backward(dy, y):
+    # dx = dy (1 - y^2)                                       (*) like x
+    return dy * y.square().neg_().add_(1)
+
+
+class TanhFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return tanh_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return tanh_backward(dy, y)
+
+    @staticmethod
+    def jvp(ctx, dx):
+        (y,) = ctx.saved_tensors
+        return tanh_backward(dx, y)
+
+
+def tanh(input):
+    """Drop-in for ``torch.nn.functional.tanh``."""
+    return apply(TanhFunction, input)
+
+
+# ---------------------------------------------------------------------------------------------
+# sigmoid: y = 1 / (1 + exp(-x))
+
+def sigmoid_forward(x):
+    return torch.sigmoid(x)
+
+
+def sigmoid_backward(dy, y):
+    # dx = dy y (1 - y)                                       (*) like x
+    return (dy * y).mul_(1 - y)
+
+
+class SigmoidFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return sigmoid_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return sigmoid_backward(dy, y)
+
+    @staticmethod
+    def jvp(ctx, dx):
+        (y,) = ctx.saved_tensors
+        return sigmoid_backward(dx, y)
+
+
+def sigmoid(input):
+    """Drop-in for ``torch.nn.functional.sigmoid``."""
+    return apply(SigmoidFunction, input)
+
+
+# ---------------------------------------------------------------------------------------------
+# softplus: y = log(1 + exp(beta x)) / beta where beta x <= threshold, else x
+
+def softplus_forward(x, beta=1.0, threshold=20.0):
+    return torch.nn.functional.softplus(x, beta, threshold)
+
+
+def softplus_backward(dy, x, beta, threshold):
+    bx = x * beta
+    # dx = dy where beta x > threshold (y = x there), else dy sigmoid(beta x)   (*) like x
+    return torch.lerp(dy * torch.sigmoid(bx), dy, _step(bx, threshold))
+
+
+class SoftplusFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, beta, threshold):
+        return softplus_forward(x, beta, threshold)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, beta, threshold = inputs
+        ctx.beta, ctx.threshold = beta, threshold
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return softplus_backward(dy, x, ctx.beta, ctx.threshold), None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _beta, _threshold):
+        (x,) = ctx.saved_tensors
+        return softplus_backward(dx, x, ctx.beta, ctx.threshold)
+
+
+def softplus(input, beta=1.0, threshold=20.0):
+    """Drop-in for ``torch.nn.functional.softplus``."""
+    return apply(SoftplusFunction, input, beta, threshold)

@@ -1,9 +1,14 @@
+import inspect
+
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import manualgrad.functional as F
-from manualgrad.testing import assert_same_as_torch, check_gradients
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
 from tests.conftest import noncontiguous
 
 SHAPES = [(1,), (7, 13), (2, 3, 257)]
@@ -46,3 +51,344 @@ def test_relu_inplace_gradients():
 def test_relu_propagates_nan():
     x = torch.tensor([float("nan"), -1.0, 2.0])
     torch.testing.assert_close(F.relu(x), TF.relu(x), equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# leaky_relu, elu, gelu, silu, tanh, sigmoid, softplus
+#
+# A case is (op name, options, kink): finite differences need inputs away from the kink, where
+# the derivative jumps (0 for leaky_relu / elu; threshold / beta for softplus, whose value jumps
+# there too). None: the op is smooth.
+
+OUT_OF_PLACE = [
+    ("leaky_relu", {}, 0.0),
+    ("leaky_relu", dict(negative_slope=0.0), 0.0),
+    ("leaky_relu", dict(negative_slope=0.2), 0.0),
+    ("leaky_relu", dict(negative_slope=-0.3), 0.0),
+    ("leaky_relu", dict(negative_slope=1.5), 0.0),
+    ("elu", {}, 0.0),
+    ("elu", dict(alpha=0.0), 0.0),
+    ("elu", dict(alpha=0.5), 0.0),
+    ("elu", dict(alpha=-0.7), 0.0),
+    ("elu", dict(alpha=2.0), 0.0),
+    ("gelu", {}, None),
+    ("gelu", dict(approximate="tanh"), None),
+    ("silu", {}, None),
+    ("tanh", {}, None),
+    ("sigmoid", {}, None),
+    ("softplus", {}, 20.0),
+    ("softplus", dict(beta=2.5, threshold=1.0), 0.4),
+    ("softplus", dict(beta=0.5, threshold=3.0), 6.0),
+    ("softplus", dict(beta=-1.0, threshold=2.0), -2.0),
+]
+# In-place: leaky_relu / elu with a negative slope have their own tests (backward raises).
+IN_PLACE = [
+    ("leaky_relu", {}, 0.0),
+    ("leaky_relu", dict(negative_slope=0.0), 0.0),
+    ("leaky_relu", dict(negative_slope=0.2), 0.0),
+    ("leaky_relu", dict(negative_slope=1.5), 0.0),
+    ("elu", {}, 0.0),
+    ("elu", dict(alpha=0.0), 0.0),
+    ("elu", dict(alpha=0.5), 0.0),
+    ("elu", dict(alpha=2.0), 0.0),
+    ("silu", {}, None),
+]
+
+
+def case_id(case):
+    name, kwargs, _ = case
+    return "-".join([name] + [f"{k}={v}" for k, v in kwargs.items()])
+
+
+def sample(shape, kink, dtype=torch.float64):
+    """Random inputs on both sides of the kink, none closer to it than 0.1 * spread."""
+    z = torch.randn(shape, dtype=dtype)
+    if kink is None:
+        return z.requires_grad_()
+    spread = max(1.0, abs(kink))
+    return (kink + spread * (z + 0.1 * z.sign())).requires_grad_()
+
+
+def ops(name):
+    return getattr(F, name), getattr(TF, name)
+
+
+def in_place(fn, **kwargs):
+    """fn in place on a copy: in-place ops need a non-leaf, and must not clobber the test input."""
+    return lambda t: fn(t.clone(), inplace=True, **kwargs)
+
+
+@pytest.mark.parametrize("case", OUT_OF_PLACE, ids=case_id)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_activation_matches_torch(case, shape):
+    name, kwargs, kink = case
+    assert_same_as_torch(*ops(name), sample(shape, kink, torch.float32), **kwargs)
+
+
+@pytest.mark.parametrize("case", OUT_OF_PLACE, ids=case_id)
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (2, 1, 5)])
+def test_activation_gradients(case, shape):
+    name, kwargs, kink = case
+    check_gradients(getattr(F, name), sample(shape, kink), **kwargs)
+
+
+@pytest.mark.parametrize("case", OUT_OF_PLACE, ids=case_id)
+def test_activation_gradients_non_contiguous(case):
+    name, kwargs, kink = case
+    x = noncontiguous(sample((7, 13), kink))
+    assert not x.is_contiguous()
+    check_gradients(getattr(F, name), x, **kwargs)
+
+
+@pytest.mark.parametrize("case", IN_PLACE, ids=case_id)
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (2, 3, 257)])
+def test_activation_inplace_matches_torch(case, shape):
+    name, kwargs, kink = case
+    fn, torch_fn = ops(name)
+    assert_same_as_torch(in_place(fn, **kwargs), in_place(torch_fn, **kwargs), sample(shape, kink, torch.float32))
+
+
+@pytest.mark.parametrize("case", IN_PLACE, ids=case_id)
+def test_activation_inplace_overwrites_and_returns_its_input(case):
+    name, kwargs, kink = case
+    fn, torch_fn = ops(name)
+    h = sample((5, 7), kink, torch.float32).detach()
+    expected = torch_fn(h.clone(), **kwargs)
+    out = fn(h, inplace=True, **kwargs)
+    assert out is h
+    torch.testing.assert_close(h, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", IN_PLACE, ids=case_id)
+@pytest.mark.parametrize("non_contiguous", [False, True])
+def test_activation_inplace_gradients(case, non_contiguous):
+    name, kwargs, kink = case
+    x = sample((7, 13), kink)
+    if non_contiguous:
+        x = noncontiguous(x)  # t.clone() keeps the strides, so the op runs in place on a strided tensor
+    # torch's batched forward-AD check cannot see an in-place tangent update (see testing.py).
+    check_gradients(in_place(getattr(F, name), **kwargs), x, batched_forward_grad=False)
+
+
+def test_inplace_ops_reject_a_leaf_that_requires_grad_like_torch():
+    for name in ["leaky_relu", "elu", "silu"]:
+        fn, torch_fn = ops(name)
+        x = torch.randn(3, requires_grad=True)
+        assert_raises_like_torch(fn, torch_fn, x, inplace=True, match="leaf")
+
+
+@pytest.mark.parametrize("name,option", [("leaky_relu", "negative_slope"), ("elu", "alpha")])
+def test_inplace_with_negative_slope_runs_forward_but_raises_in_backward_like_torch(name, option):
+    fn, torch_fn = ops(name)
+    kwargs = {option: -0.5, "inplace": True}
+    x = torch.randn(4, 5, requires_grad=True)
+    # forward is fine and gives torch's values
+    torch.testing.assert_close(fn(x * 1, **kwargs), torch_fn(x * 1, **kwargs))
+    # backward is not
+    assert_raises_like_torch(
+        lambda t: fn(t * 1, **kwargs).sum().backward(),
+        lambda t: torch_fn(t * 1, **kwargs).sum().backward(),
+        x,
+        match=f"negative {option}",
+    )
+
+    # neither is forward-mode AD, which torch runs (and fails) during the forward
+    def forward_ad(f):
+        def run(t):
+            with fwAD.dual_level():
+                return f(fwAD.make_dual(t, torch.ones_like(t)) * 1, **kwargs)
+
+        return run
+
+    assert_raises_like_torch(forward_ad(fn), forward_ad(torch_fn), x.detach(), match=f"negative {option}")
+
+
+def test_silu_inplace_matches_torch_under_torch_func_transforms():
+    x = torch.randn(4, 5, dtype=torch.float64)
+    v = torch.randn(4, 5, dtype=torch.float64)
+
+    def run(silu):
+        f = lambda t: silu(t.clone(), inplace=True)  # noqa: E731
+        loss = lambda t: f(t).sin().sum()  # noqa: E731
+        return (
+            torch.func.vmap(f, in_dims=1)(x),
+            torch.func.grad(loss)(x),
+            torch.func.jvp(f, (x,), (v,))[1],
+            torch.func.vmap(torch.func.grad(loss))(x),
+            torch.func.hessian(loss)(x[0]),
+        )
+
+    for ours, theirs in zip(run(F.silu), run(TF.silu)):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_silu_inplace_without_grad_keeps_no_graph():
+    x = torch.randn(6, requires_grad=True)
+    with torch.no_grad():
+        h = x * 1
+        out = F.silu(h, inplace=True)
+    assert out is h and out.grad_fn is None
+    torch.testing.assert_close(out, TF.silu(x.detach()))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_second_derivative_matches_closed_form(approximate):
+    # Independent of our backward: d2y/dx2 written out (Phi'' = -x phi), vs autograd through it twice.
+    x = torch.linspace(-4, 4, 41, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(F.gelu(x, approximate=approximate).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    x = x.detach()
+    if approximate == "none":
+        phi = torch.exp(-0.5 * x**2) / (2 * torch.pi) ** 0.5
+        expected = phi * (2 - x**2)
+    else:
+        k, c = (2 / torch.pi) ** 0.5, 0.044715
+        t = torch.tanh(k * (x + c * x**3))
+        du, d2u = k * (1 + 3 * c * x**2), k * 6 * c * x
+        # y = x (1 + t) / 2;  t' = (1 - t^2) u';  t'' = (1 - t^2) (u'' - 2 t u'^2)
+        t1, t2 = (1 - t**2) * du, (1 - t**2) * (d2u - 2 * t * du**2)
+        expected = t1 + 0.5 * x * t2
+    torch.testing.assert_close(gg, expected)
+
+
+@pytest.mark.parametrize("beta,threshold", [(1.0, 20.0), (2.5, 1.0), (0.5, 3.0)])
+def test_softplus_is_identity_above_threshold_and_log1p_exp_below(beta, threshold):
+    kink = threshold / beta
+    x = torch.tensor([kink - 3, kink - 0.5, kink - 0.01, kink + 0.01, kink + 0.5, kink + 3], dtype=torch.float64)
+    x.requires_grad_()
+    y = F.softplus(x, beta, threshold)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    below, xd = x.detach() * beta <= threshold, x.detach()
+    assert below.any() and (~below).any()
+    expected = torch.where(below, torch.log1p(torch.exp(beta * xd)) / beta, xd)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(dx, torch.where(below, torch.sigmoid(beta * xd), torch.ones_like(xd)))
+    assert_same_as_torch(F.softplus, TF.softplus, x, beta=beta, threshold=threshold)
+
+
+def test_softplus_gradient_stays_finite_where_exp_overflows():
+    # With a threshold above exp's range, torch's backward z / (z + 1), z = exp(beta x), gives
+    # inf / inf = nan; sigmoid(beta x) is 1 there.
+    x = torch.tensor([44.0, 50.0, 100.0], requires_grad=True)
+    (dx,) = torch.autograd.grad(F.softplus(x, beta=2.0, threshold=1000.0).sum(), x)
+    torch.testing.assert_close(dx, torch.ones(3))
+
+
+def test_elu_second_derivative_stays_finite_for_large_inputs():
+    # exp(x) overflows float32 for x > 88; the unused x <= 0 branch must not turn 0 * inf into nan.
+    x = torch.tensor([-3.0, 100.0, 1e4], requires_grad=True)
+    (g,) = torch.autograd.grad(F.elu(x, 0.5).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    torch.testing.assert_close(gg, torch.tensor([0.5 * torch.exp(torch.tensor(-3.0)).item(), 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("case", OUT_OF_PLACE + [("relu", {}, 0.0)], ids=case_id)
+def test_activation_propagates_nan(case):
+    name, kwargs, _ = case
+    fn, torch_fn = ops(name)
+    x = torch.tensor([float("nan"), -1.0, 2.0, float("nan")])
+    y = fn(x, **kwargs)
+    assert y.isnan().tolist() == [True, False, False, True]
+    torch.testing.assert_close(y, torch_fn(x, **kwargs), equal_nan=True)
+
+
+@pytest.mark.parametrize("approximate", ["exact", "TANH", ""])
+def test_gelu_rejects_unknown_approximation_like_torch(approximate):
+    assert_raises_like_torch(F.gelu, TF.gelu, torch.randn(3), approximate=approximate, match="none or tanh")
+
+
+def test_gelu_rejects_non_string_approximation_like_torch():
+    assert_raises_like_torch(F.gelu, TF.gelu, torch.randn(3), approximate=None)
+
+
+@pytest.mark.parametrize("name", ["leaky_relu", "elu", "gelu", "silu", "softplus"])
+def test_activation_rejects_integer_input_like_torch(name):
+    assert_raises_like_torch(*ops(name), torch.arange(3), match="not implemented for 'Long'")
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_tanh_and_sigmoid_promote_integer_input_like_torch(name):
+    fn, torch_fn = ops(name)
+    y, expected = fn(torch.arange(3)), torch_fn(torch.arange(3))
+    assert y.dtype == expected.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(y, expected)
+
+
+def _parameters(fn):
+    return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "elu", "silu", "tanh", "sigmoid"])
+def test_activation_signature_matches_torch(name):
+    fn, torch_fn = ops(name)
+    assert _parameters(fn) == _parameters(torch_fn)
+
+
+def test_gelu_and_softplus_signatures_match_torch_docs():
+    # torch's are C builtins without an inspectable signature: their docstrings give it.
+    P = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert TF.gelu.__doc__.strip().startswith("gelu(input, approximate = 'none')")
+    assert _parameters(F.gelu) == [("input", inspect.Parameter.empty, P), ("approximate", "none", P)]
+    assert TF.softplus.__doc__.strip().startswith("softplus(input, beta=1, threshold=20)")
+    assert _parameters(F.softplus) == [("input", inspect.Parameter.empty, P), ("beta", 1.0, P), ("threshold", 20.0, P)]
+    # and both accept the options positionally, as torch does
+    x = torch.randn(5)
+    torch.testing.assert_close(F.softplus(x, 2.0, 0.5), TF.softplus(x, 2.0, 0.5))
+    torch.testing.assert_close(F.gelu(x, "tanh"), TF.gelu(x, approximate="tanh"))
+
+
+# Property tests: random shapes (incl. size-1 and empty dims) and options, float32 parity with torch.
+
+shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
+slopes = st.floats(-2.0, 2.0, allow_nan=False, width=32)
+
+
+def _check_property(name, shape, kwargs, inplace=False):
+    fn, torch_fn = ops(name)
+    x = torch.randn(shape, requires_grad=True)
+    if inplace:
+        fn, torch_fn = in_place(fn, **kwargs), in_place(torch_fn, **kwargs)
+        kwargs = {}
+    assert_same_as_torch(fn, torch_fn, x, **kwargs)
+
+
+@given(shape=shapes, negative_slope=slopes, inplace=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_leaky_relu_matches_torch_property(shape, negative_slope, inplace):
+    # in-place backward needs a slope >= 0 (torch's and ours raise otherwise: tested above)
+    slope = abs(negative_slope) if inplace else negative_slope
+    _check_property("leaky_relu", shape, dict(negative_slope=slope), inplace)
+
+
+@given(shape=shapes, alpha=slopes, inplace=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_elu_matches_torch_property(shape, alpha, inplace):
+    _check_property("elu", shape, dict(alpha=abs(alpha) if inplace else alpha), inplace)
+
+
+@given(shape=shapes, approximate=st.sampled_from(["none", "tanh"]))
+@settings(max_examples=25, deadline=None)
+def test_gelu_matches_torch_property(shape, approximate):
+    _check_property("gelu", shape, dict(approximate=approximate))
+
+
+@given(shape=shapes, inplace=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_silu_matches_torch_property(shape, inplace):
+    _check_property("silu", shape, {}, inplace)
+
+
+@given(shape=shapes, name=st.sampled_from(["tanh", "sigmoid"]))
+@settings(max_examples=25, deadline=None)
+def test_tanh_and_sigmoid_match_torch_property(shape, name):
+    _check_property(name, shape, {})
+
+
+@given(
+    shape=shapes,
+    beta=st.floats(0.25, 4.0, width=32) | st.floats(-4.0, -0.25, width=32),
+    threshold=st.floats(-3.0, 20.0, width=32),
+)
+@settings(max_examples=25, deadline=None)
+def test_softplus_matches_torch_property(shape, beta, threshold):
+    _check_property("softplus", shape, dict(beta=beta, threshold=threshold))
