@@ -1,0 +1,184 @@
+"""dropout: y = x * mask / (1 - p), mask ~ Bernoulli(1 - p) elementwise; dx = dy * mask / (1 - p).
+
+The mask is drawn exactly as torch's CPU dropout draws it (``bernoulli_(1 - p)`` on a
+tensor laid out like the input, aten/src/ATen/native/Dropout.cpp), and the scale is rounded
+as torch rounds it, so under the same seed outputs and gradients equal torch's bit for bit.
+
+What is saved for backward is the mask bit-packed: ceil(numel / 8) bytes, where torch keeps
+a float copy of the scaled mask (numel * element_size bytes).
+
+vmap: the Function takes a hidden ``vmap_dims`` argument, empty outside vmap. Its vmap rule
+applies the Function to the batched tensor and records there which dims are batch dims, as
+``(dim, same)`` pairs: the mask is packed per sample (so every vmap level sees the packed mask
+of its own samples), and ``same`` (randomness="same") draws one mask shared along that dim.
+"""
+import math
+
+import torch
+
+from ._apply import apply
+
+
+# ---------------------------------------------------------------------------------------------
+# bit packing along the last dim: bit i of byte k holds element 8k + i
+
+def pack_bits(bits):
+    """Bools (..., n) as uint8 bytes (..., ceil(n / 8)), least significant bit first:
+    numpy's ``packbits(bits, axis=-1, bitorder="little")``."""
+    b = bits.view(torch.uint8)  # 0/1 bytes
+    n = b.shape[-1]
+    if n % 8:
+        b = torch.nn.functional.pad(b, (0, 8 - n % 8))
+    # byte k = sum_i bit[8k + i] << i   (distinct bits: the uint8 sum cannot overflow)
+    return (b.unflatten(-1, (-1, 8)) << _shifts(b.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, n):
+    """The bools (..., n) that ``pack_bits`` packed into ``packed`` (..., ceil(n / 8))."""
+    b = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 1  # (..., bytes, 8) of 0/1
+    return b.flatten(-2)[..., :n].view(torch.bool)  # 0/1 bytes are valid bools: no copy
+
+
+def _shifts(device):
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+
+def dropout_scale(p, dtype):
+    """1 / (1 - p) rounded as torch rounds it (noise.div_(1 - p) on ones of ``dtype``)."""
+    return torch.ones((), dtype=dtype).div_(1 - p).item()
+
+
+def dropout_forward(x, p, inplace=False, vmap_dims=()):
+    """Returns y and the packed mask (empty when p == 1: nothing is kept)."""
+    if p == 1:
+        # y = x * 0 (torch multiplies by a zero too: -0 and nan come out as in torch)   (*) like x
+        return (x.mul_(0) if inplace else x * 0), torch.empty(0, dtype=torch.uint8, device=x.device)
+    if any(same for _, same in vmap_dims):
+        mask = torch.empty(_mask_shape(x.shape, vmap_dims), dtype=torch.bool, device=x.device)
+    else:
+        mask = torch.empty_like(x, dtype=torch.bool)  # laid out like x, as torch's noise
+    mask.bernoulli_(1 - p)
+    scale = dropout_scale(p, x.dtype)
+    # y = x * (1 / (1 - p)) * mask     (* 0/1 bytes: faster than * bool)         (*) like x
+    y = x.mul_(scale) if inplace else x * scale
+    return y.mul_(mask.view(torch.uint8)), _pack_mask(mask, vmap_dims)
+
+
+def dropout_backward(dy, packed, mask_shape, p, vmap_dims=()):
+    # dx = dy * (1 / (1 - p)) * mask                       (*) like dy (the mask broadcasts)
+    if p == 1:
+        return dy * 0
+    return (dy * dropout_scale(p, dy.dtype)).mul_(_unpack_mask(packed, mask_shape, vmap_dims))
+
+
+def _mask_shape(shape, vmap_dims):
+    shared = {d for d, same in vmap_dims if same}
+    return tuple(1 if d in shared else s for d, s in enumerate(shape))
+
+
+def _pack_mask(mask, vmap_dims):
+    # (*batch, *sample) -> (*batch, ceil(numel(sample) / 8)), batch dims in vmap_dims order
+    k = len(vmap_dims)
+    m = mask.movedim([d for d, _ in vmap_dims], list(range(k)))
+    return pack_bits(m.reshape((*m.shape[:k], -1)))
+
+
+def _unpack_mask(packed, mask_shape, vmap_dims):
+    # the inverse of _pack_mask, as 0/1 bytes of mask_shape
+    dims = [d for d, _ in vmap_dims]
+    sample = [s for d, s in enumerate(mask_shape) if d not in dims]
+    bits = unpack_bits(packed, math.prod(sample))  #        (*batch, numel(sample))
+    mask = bits.reshape((*bits.shape[:-1], *sample)).movedim(list(range(len(dims))), dims)
+    return mask.view(torch.uint8)
+
+
+class DropoutFunction(torch.autograd.Function):
+    """Outputs (y, packed mask); the mask output is non-differentiable, for setup_context."""
+
+    @staticmethod
+    def forward(x, p, inplace, vmap_dims):
+        return dropout_forward(x, p, inplace, vmap_dims)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, p, inplace, vmap_dims = inputs
+        _, packed = output
+        ctx.p, ctx.inplace, ctx.vmap_dims = p, inplace, vmap_dims
+        ctx.mask_shape = _mask_shape(x.shape, vmap_dims)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.mark_non_differentiable(packed)
+        ctx.save_for_backward(packed)
+        ctx.save_for_forward(packed)
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (packed,) = ctx.saved_tensors
+        return dropout_backward(dy, packed, ctx.mask_shape, ctx.p, ctx.vmap_dims), None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _p, _inplace, _vmap_dims):
+        (packed,) = ctx.saved_tensors
+        if not ctx.inplace:
+            return dropout_backward(dx, packed, ctx.mask_shape, ctx.p, ctx.vmap_dims), None
+        # An in-place op must update its input's tangent in place too.
+        if ctx.p == 1:
+            return dx.mul_(0), None
+        mask = _unpack_mask(packed, ctx.mask_shape, ctx.vmap_dims)
+        return dx.mul_(dropout_scale(ctx.p, dx.dtype)).mul_(mask), None
+
+    @staticmethod
+    def vmap(info, in_dims, x, p, inplace, vmap_dims):
+        """As torch's dropout under torch.func.vmap: randomness="error" raises, "different"
+        draws one mask per sample, "same" one mask for the whole batch; p == 1 draws nothing,
+        so any randomness works."""
+        bdim = in_dims[0]
+        random = p != 1
+        if random and info.randomness == "error":
+            raise RuntimeError(
+                "vmap: called random operation while in randomness error mode. Please either use the "
+                "'same' or 'different' randomness flags on vmap or perform the randomness operation out of vmap"
+            )
+        if bdim is None:
+            if not (random and info.randomness == "different"):
+                return DropoutFunction.apply(x, p, inplace, vmap_dims), (None, None)
+            if inplace:
+                raise RuntimeError(
+                    "vmap: dropout(inplace=True) with randomness='different' would write a different "
+                    "result per sample into an input that is not batched"
+                )
+            x, bdim = x.expand(info.batch_size, *x.shape), 0
+        # The batch dims of one sample as dims of the batched x, then this level's batch dim.
+        same = info.randomness == "same"
+        vmap_dims = tuple((d + (d >= bdim), s) for d, s in vmap_dims) + ((bdim, same),)
+        y, packed = DropoutFunction.apply(x, p, inplace, vmap_dims)
+        if not random:
+            return (y, packed), (bdim, None)
+        k = len(vmap_dims) - 1  # packed is (*batch, bytes), this level's batch dim last
+        if same:  # drawn once: size 1 there, expanded (a view) to the batch
+            packed = packed.expand(*packed.shape[:k], info.batch_size, *packed.shape[k + 1 :])
+        return (y, packed), (bdim, k)
+
+
+def dropout(input, p=0.5, training=True, inplace=False):
+    """Drop-in for ``torch.nn.functional.dropout``; the backward keeps the mask bit-packed.
+
+    Like torch, training=False, p=0 and empty inputs return ``input`` itself (no graph node).
+    """
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not p >= 0.0:  # nan passes the check above, then torch's kernel raises RuntimeError
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
+    p = float(p)
+    if p == 0 or not training or input.numel() == 0:
+        return input
+    if p != 1 and not input.is_floating_point():
+        if input.is_complex():  # torch: bernoulli_ is not implemented for complex
+            raise NotImplementedError(f"dropout: complex input ({input.dtype}) is not supported, as in torch")
+        raise RuntimeError(f"dropout: expected a floating point input, got {input.dtype}")
+    return apply(DropoutFunction, input, p, inplace, ())[0]
