@@ -10,16 +10,21 @@ backed by a Function with a hand-written backward (manualgrad/ops/<family>.py).
 from .ops.linear import linear
 
 # activation
-from .ops.activation import relu
+from .ops.activation import elu, gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
 
 # softmax
+from .ops.softmax import log_softmax, softmax
 
 # dropout
+from .ops.dropout import dropout
 
 # regression losses
+from .ops.regression_loss import huber_loss, l1_loss, mse_loss, smooth_l1_loss
 
 # binary and distribution losses
+from .ops.binary_loss import binary_cross_entropy, binary_cross_entropy_with_logits, kl_div
 
 # classification losses
+from .ops.classification_loss import cross_entropy, nll_loss
 
 __all__ = [name for name in dir() if not name.startswith("_")]
