@@ -5,9 +5,10 @@
 - ``manualgrad.nn``: drop-in torch.nn modules (subclasses of the torch classes).
 - ``manualgrad.convert(model)``: swap a model's torch layers for their twins in place.
 - ``manualgrad.testing``: gradcheck/gradgradcheck and side-by-side comparison with torch.
+- ``manualgrad.optim``: SGD, RMSprop, Adam, AdamW with hand-written updates; ``manualgrad.utils.clip_grad_norm_``.
 """
-from . import functional, nn, ops, testing
+from . import functional, nn, ops, optim, testing, utils
 from .convert import convert, supported_modules
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "ops", "testing", "convert", "supported_modules"]
+__all__ = ["functional", "nn", "ops", "optim", "testing", "utils", "convert", "supported_modules"]
