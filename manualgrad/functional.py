@@ -27,4 +27,14 @@ from .ops.binary_loss import binary_cross_entropy, binary_cross_entropy_with_log
 # classification losses
 from .ops.classification_loss import cross_entropy, nll_loss
 
+# convolution
+
+# pooling
+
+# normalization
+
+# embedding and attention
+
+# fused linear + cross-entropy
+
 __all__ = [name for name in dir() if not name.startswith("_")]

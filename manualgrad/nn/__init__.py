@@ -15,6 +15,15 @@ from .loss import (
     NLLLoss,
     SmoothL1Loss,
 )
+# convolution
+
+# pooling
+
+# normalization
+
+# embedding and attention
+
+# fused linear + cross-entropy
 
 # The module classes only (dir() would also list the submodules: activation, loss, ...).
 __all__ = [name for name, value in list(globals().items()) if isinstance(value, type)]
