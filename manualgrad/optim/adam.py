@@ -22,24 +22,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from ._base import HandWrittenOptimizer, scalar_dtype, to_scalar
 
 __all__ = ["Adam", "AdamW", "adam_update_"]
 
 # torch options these twins do not implement, with the defaults they accept.
-_UNSUPPORTED = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
-
-
-def _scalar_dtype():
-    # dtype of the 'step' counter: float64 if that is the default dtype, else float32.
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _to_scalar(x):
-    # A 1-element tensor hyper-parameter becomes 0-dim (torch.optim.optimizer._to_scalar).
-    return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
-
-
 def adam_update_(
     param,
     grad,
@@ -106,23 +94,7 @@ def adam_update_(
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def _reject_unsupported(name, group):
-    for option, default in _UNSUPPORTED.items():
-        if group.get(option, default):
-            raise NotImplementedError(
-                f"manualgrad.optim.{name}: {option}={group[option]!r} is not implemented; leave it at {default}"
-            )
-    hyper = [("lr", group.get("lr")), ("weight_decay", group.get("weight_decay"))]
-    hyper += [("betas", beta) for beta in group.get("betas", ())]
-    for key, value in hyper:
-        if isinstance(value, Tensor) and value.requires_grad:
-            raise NotImplementedError(
-                f"manualgrad.optim.{name}: a {key} tensor that requires grad (differentiable optimizer) "
-                "is not implemented"
-            )
-
-
-class Adam(Optimizer):
+class Adam(HandWrittenOptimizer):
     """Adam (optionally AMSGrad, optionally decoupled weight decay), twin of torch.optim.Adam.
 
     Args:
@@ -142,6 +114,13 @@ class Adam(Optimizer):
         >>> opt = manualgrad.optim.Adam(model.parameters(), lr=3e-4)
         >>> opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     """
+
+    UNSUPPORTED = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
+    GROUP_DEFAULTS = {
+        "amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+        "differentiable": False, "decoupled_weight_decay": False, "fused": None,
+    }
+    SPARSE_ERROR = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
         self,
@@ -185,7 +164,7 @@ class Adam(Optimizer):
                     raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
                 if beta.numel() != 1:
                     raise ValueError(f"Tensor betas[{i}] must be 1-element")
-        betas = tuple(_to_scalar(beta) for beta in betas)
+        betas = tuple(to_scalar(beta) for beta in betas)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -201,67 +180,33 @@ class Adam(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group):
-        _reject_unsupported(type(self).__name__, {**self.defaults, **param_group})
-        super().add_param_group(param_group)
-
-    def __setstate__(self, state):
-        for group in state.get("param_groups", []):
-            _reject_unsupported(type(self).__name__, group)
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("fused", None)
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    # old checkpoints keep 'step' as a number
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            _reject_unsupported(type(self).__name__, group)
-            params = [p for p in group["params"] if p.grad is not None]  # no gradient: no update, no state
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-            beta1, beta2 = group["betas"]
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    # t = 0, m_0 = 0, v_0 = 0, v_0^max = 0; the counter stays on the CPU
-                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype(), device="cpu")
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                adam_update_(
-                    p,
-                    p.grad,
-                    state["step"],
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    state.get("max_exp_avg_sq"),
-                    lr=_to_scalar(group["lr"]),
-                    beta1=_to_scalar(beta1),
-                    beta2=_to_scalar(beta2),
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    amsgrad=group["amsgrad"],
-                    maximize=group["maximize"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                )
-        return loss
+    def _step_group(self, group, params):
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                # t = 0, m_0 = 0, v_0 = 0, v_0^max = 0; the counter stays on the CPU
+                state["step"] = torch.tensor(0.0, dtype=scalar_dtype(), device="cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            adam_update_(
+                p,
+                p.grad,
+                state["step"],
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                state.get("max_exp_avg_sq"),
+                lr=to_scalar(group["lr"]),
+                beta1=to_scalar(beta1),
+                beta2=to_scalar(beta2),
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"],
+                maximize=group["maximize"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+            )
 
 
 class AdamW(Adam):

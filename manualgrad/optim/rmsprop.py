@@ -22,24 +22,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from ._base import HandWrittenOptimizer, scalar_dtype, to_scalar
 
 __all__ = ["RMSprop", "rmsprop_update_"]
 
 # torch options this twin does not implement, with the defaults it accepts.
-_UNSUPPORTED = {"capturable": False, "foreach": None, "differentiable": False}
-
-
-def _scalar_dtype():
-    # dtype of the 'step' counter: float64 if that is the default dtype, else float32.
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _to_scalar(x):
-    # A 1-element tensor hyper-parameter becomes 0-dim (torch.optim.optimizer._to_scalar).
-    return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
-
-
 def rmsprop_update_(
     param,
     grad,
@@ -95,19 +83,7 @@ def rmsprop_update_(
         param.addcdiv_(g, avg, value=-lr)
 
 
-def _reject_unsupported(name, group):
-    for option, default in _UNSUPPORTED.items():
-        if group.get(option, default):
-            raise NotImplementedError(
-                f"manualgrad.optim.{name}: {option}={group[option]!r} is not implemented; leave it at {default}"
-            )
-    if isinstance(group.get("lr"), Tensor) and group["lr"].requires_grad:
-        raise NotImplementedError(
-            f"manualgrad.optim.{name}: a lr tensor that requires grad (differentiable optimizer) is not implemented"
-        )
-
-
-class RMSprop(Optimizer):
+class RMSprop(HandWrittenOptimizer):
     """RMSprop, hand-written twin of torch.optim.RMSprop.
 
     Args:
@@ -127,6 +103,10 @@ class RMSprop(Optimizer):
         >>> opt = manualgrad.optim.RMSprop(model.parameters(), lr=1e-3, momentum=0.9)
         >>> opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     """
+
+    UNSUPPORTED = {"capturable": False, "foreach": None, "differentiable": False}
+    GROUP_DEFAULTS = {"momentum": 0, "centered": False, "foreach": None, "maximize": False, "differentiable": False, "capturable": False}
+    SPARSE_ERROR = "RMSprop does not support sparse gradients"
 
     def __init__(
         self,
@@ -168,62 +148,29 @@ class RMSprop(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group):
-        _reject_unsupported(type(self).__name__, {**self.defaults, **param_group})
-        super().add_param_group(param_group)
-
-    def __setstate__(self, state):
-        for group in state.get("param_groups", []):
-            _reject_unsupported(type(self).__name__, group)
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    # old checkpoints keep 'step' as a number
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            _reject_unsupported(type(self).__name__, group)
-            params = [p for p in group["params"] if p.grad is not None]  # no gradient: no update, no state
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError("RMSprop does not support sparse gradients")
-            for p in params:
-                state = self.state[p]
-                if len(state) == 0:
-                    # t = 0, v_0 = 0, b_0 = 0, ḡ_0 = 0
-                    state["step"] = torch.zeros((), dtype=_scalar_dtype())
-                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["momentum"] > 0:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["centered"]:
-                        state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                rmsprop_update_(
-                    p,
-                    p.grad,
-                    state["step"],
-                    state["square_avg"],
-                    state["grad_avg"] if group["centered"] else None,
-                    state["momentum_buffer"] if group["momentum"] > 0 else None,
-                    lr=_to_scalar(group["lr"]),
-                    alpha=group["alpha"],
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    centered=group["centered"],
-                    maximize=group["maximize"],
-                )
-        return loss
+    def _step_group(self, group, params):
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                # t = 0, v_0 = 0, b_0 = 0, ḡ_0 = 0
+                state["step"] = torch.zeros((), dtype=scalar_dtype())
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["momentum"] > 0:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["centered"]:
+                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            rmsprop_update_(
+                p,
+                p.grad,
+                state["step"],
+                state["square_avg"],
+                state["grad_avg"] if group["centered"] else None,
+                state["momentum_buffer"] if group["momentum"] > 0 else None,
+                lr=to_scalar(group["lr"]),
+                alpha=group["alpha"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                centered=group["centered"],
+                maximize=group["maximize"],
+            )

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from ._base import HandWrittenOptimizer, to_scalar
 
 __all__ = ["SGD", "sgd_update_"]
-
-# torch options this twin does not implement, with the defaults it accepts.
-_UNSUPPORTED = {"foreach": None, "differentiable": False, "fused": None}
-
 
 def sgd_update_(param, grad, momentum_buffer, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     """One SGD step of one parameter, in place. Returns the momentum buffer (None if μ = 0).
@@ -53,26 +50,7 @@ def sgd_update_(param, grad, momentum_buffer, *, lr, momentum, dampening, weight
     return momentum_buffer
 
 
-def _to_scalar(x):
-    # A 1-element tensor hyper-parameter becomes 0-dim (torch.optim.optimizer._to_scalar).
-    return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
-
-
-def _reject_unsupported(name, group):
-    for option, default in _UNSUPPORTED.items():
-        if group.get(option, default):
-            raise NotImplementedError(
-                f"manualgrad.optim.{name}: {option}={group[option]!r} is not implemented; leave it at {default}"
-            )
-    for key in ("lr", "weight_decay"):
-        if isinstance(group.get(key), Tensor) and group[key].requires_grad:
-            raise NotImplementedError(
-                f"manualgrad.optim.{name}: a {key} tensor that requires grad (differentiable optimizer) "
-                "is not implemented"
-            )
-
-
-class SGD(Optimizer):
+class SGD(HandWrittenOptimizer):
     """Stochastic gradient descent (optionally with momentum), hand-written twin of torch.optim.SGD.
 
     Args:
@@ -90,6 +68,9 @@ class SGD(Optimizer):
         >>> opt = manualgrad.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     """
+
+    UNSUPPORTED = {"foreach": None, "differentiable": False, "fused": None}
+    GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False}
 
     def __init__(
         self,
@@ -128,45 +109,19 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group):
-        _reject_unsupported(type(self).__name__, {**self.defaults, **param_group})
-        super().add_param_group(param_group)
-
-    def __setstate__(self, state):
-        for group in state.get("param_groups", []):
-            _reject_unsupported(type(self).__name__, group)
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimization step. ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            _reject_unsupported(type(self).__name__, group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue  # no gradient: no update, no state
-                state = self.state[p] if group["momentum"] != 0 else {}
-                buf = sgd_update_(
-                    p,
-                    p.grad,
-                    state.get("momentum_buffer"),
-                    lr=_to_scalar(group["lr"]),
-                    momentum=group["momentum"],
-                    dampening=group["dampening"],
-                    weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                )
-                if group["momentum"] != 0:
-                    state["momentum_buffer"] = buf
-        return loss
+    def _step_group(self, group, params):
+        for p in params:
+            state = self.state[p] if group["momentum"] != 0 else {}
+            buf = sgd_update_(
+                p,
+                p.grad,
+                state.get("momentum_buffer"),
+                lr=to_scalar(group["lr"]),
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+            )
+            if group["momentum"] != 0:
+                state["momentum_buffer"] = buf
