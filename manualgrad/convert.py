@@ -3,6 +3,11 @@
 Each manualgrad module subclasses its torch class and adds no state, so the swap is a change
 of ``__class__``: the very same object keeps its Parameters, buffers, hooks and attributes,
 and an optimizer built before the call keeps working.
+
+Two optional hooks on a twin class refine this: ``unsupported(module)`` returns why a given
+torch module's configuration cannot run on the twin (then it is left as it is and strict
+mode lists the reason), and ``covers_submodules = True`` says the twin's forward does the
+work of its submodules itself (their own forward never runs), so they are not listed.
 """
 import torch
 
@@ -29,15 +34,33 @@ def supported_modules():
     return tuple(_twins())
 
 
-def _is_unsupported(module, twins):
+def _reason(twin, module):
+    check = getattr(twin, "unsupported", None)
+    return check(module) if check is not None else None
+
+
+def _unsupported(module, twins):
+    """Why ``module`` will still run torch's backward after convert, or None."""
     cls = type(module)
-    if cls in twins or cls in twins.values() or isinstance(module, _CONTAINERS):
-        return False
+    if isinstance(module, _CONTAINERS) or cls in twins.values():
+        return None
+    if cls in twins:
+        return _reason(twins[cls], module)
     if cls.__module__.startswith("torch.nn"):
-        return True  # a torch layer manualgrad has no twin for (yet)
+        return "no twin"  # a torch layer manualgrad has no twin for (yet)
     # A user's module: its own forward is beyond reach, but parameters it holds directly
     # are used by that forward through torch ops.
-    return len(module._parameters) > 0
+    return "holds parameters its own forward uses" if module._parameters else None
+
+
+def _covered(modules, twins):
+    """Names of modules whose work a covering twin (or module) does itself."""
+    covered = set()
+    for name, m in modules:
+        owner = twins.get(type(m), type(m))
+        if getattr(owner, "covers_submodules", False):
+            covered.update(f"{name}.{sub}" if name else sub for sub, _ in m.named_modules() if sub)
+    return covered
 
 
 def convert(model, strict=False):
@@ -47,21 +70,24 @@ def convert(model, strict=False):
     Only modules whose class is exactly a supported torch class are swapped: a user's
     subclass of ``torch.nn.Linear`` may override ``forward`` and is left alone. Everything
     else stays as it is; with ``strict=True`` a ``NotImplementedError`` lists what would
-    still run torch's backward (torch.nn layers with no twin, and user modules that hold
-    parameters directly) and nothing is changed.
+    still run torch's backward (torch.nn layers with no twin or in a configuration the twin
+    does not support, and user modules that hold parameters directly) and nothing is changed.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     twins = _twins()
     modules = list(model.named_modules(remove_duplicate=True))
     if strict:
-        left = [f"{name or '(root)'}: {type(m).__name__}" for name, m in modules if _is_unsupported(m, twins)]
+        covered = _covered(modules, twins)
+        left = []
+        for name, m in modules:
+            reason = None if name in covered else _unsupported(m, twins)
+            if reason is not None:
+                left.append(f"{name or '(root)'}: {type(m).__name__}" + ("" if reason == "no twin" else f" ({reason})"))
         if left:
-            raise NotImplementedError(
-                "manualgrad has no hand-written twin for these modules: " + ", ".join(left)
-            )
+            raise NotImplementedError("manualgrad cannot convert these modules: " + ", ".join(left))
     for _, m in modules:
         twin = twins.get(type(m))
-        if twin is not None:
+        if twin is not None and _reason(twin, m) is None:
             m.__class__ = twin
     return model

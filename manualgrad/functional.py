@@ -10,7 +10,7 @@ backed by a Function with a hand-written backward (manualgrad/ops/<family>.py).
 from .ops.linear import linear
 
 # activation
-from .ops.activation import elu, gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
+from .ops.activation import elu, gelu, glu, hardswish, leaky_relu, mish, relu, sigmoid, silu, softplus, tanh
 
 # softmax
 from .ops.softmax import log_softmax, softmax
@@ -28,13 +28,27 @@ from .ops.binary_loss import binary_cross_entropy, binary_cross_entropy_with_log
 from .ops.classification_loss import cross_entropy, nll_loss
 
 # convolution
+from .ops.conv import conv1d, conv2d
 
 # pooling
+from .ops.pooling import (
+    adaptive_avg_pool1d,
+    adaptive_avg_pool2d,
+    adaptive_max_pool2d,
+    avg_pool1d,
+    avg_pool2d,
+    max_pool1d,
+    max_pool2d,
+)
 
 # normalization
+from .ops.normalization import batch_norm, group_norm, layer_norm, rms_norm
 
 # embedding and attention
+from .ops.attention import scaled_dot_product_attention
+from .ops.embedding import embedding
 
 # fused linear + cross-entropy
+from .ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -24,7 +24,7 @@ def test_convert_swaps_supported_modules_in_place_keeping_parameter_objects():
     assert out is model
     assert list(model) == submodules  # the same module objects, now of the manualgrad class
     assert type(model[1]) is mnn.Linear and type(model[2]) is mnn.ReLU
-    assert type(model[0]) is torch.nn.Flatten  # no twin: stays as it is
+    assert type(model[0]) is mnn.Flatten  # a view, but converted so strict mode is satisfied
     for name, p in model.named_parameters():
         assert p is before[name]
 
@@ -92,10 +92,26 @@ def test_convert_strict_lists_unsupported_modules_and_changes_nothing():
         def forward(self, x):
             return x * self.s
 
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Hardswish(), Scale())
-    with pytest.raises(NotImplementedError, match=r"1: Hardswish.*2: Scale"):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.PReLU(), Scale())
+    with pytest.raises(NotImplementedError, match=r"1: PReLU, 2: Scale \(holds parameters"):
         mg.convert(model, strict=True)
     assert type(model[0]) is torch.nn.Linear
+
+
+def test_convert_leaves_a_configuration_the_twin_cannot_run_and_strict_names_it():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), torch.nn.Conv2d(2, 2, 3))
+    with pytest.raises(NotImplementedError, match=r"0: Conv2d \(padding_mode='reflect'"):
+        mg.convert(model, strict=True)
+    mg.convert(model)
+    assert type(model[0]) is torch.nn.Conv2d and type(model[1]) is mnn.Conv2d
+    model(torch.randn(1, 1, 5, 5)).sum().backward()  # still runs: the reflect conv is torch's
+
+
+def test_convert_strict_accepts_multihead_attention_whose_out_proj_it_does_not_call():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+    mg.convert(model, strict=True)
+    assert type(model.attn) is mnn.MultiheadAttention
 
 
 def test_convert_strict_accepts_a_fully_supported_model():

@@ -1,7 +1,7 @@
 """manualgrad.nn: torch.nn names. Each class subclasses its torch twin and overrides only
 ``forward`` (calling manualgrad.functional), so constructor, parameters, buffers,
 ``state_dict``, ``repr``, ``reset_parameters`` and ``isinstance`` are torch's own."""
-from .activation import ELU, GELU, LeakyReLU, LogSoftmax, ReLU, Sigmoid, SiLU, Softmax, Softplus, Tanh
+from .activation import ELU, GELU, GLU, Hardswish, LeakyReLU, LogSoftmax, Mish, ReLU, Sigmoid, SiLU, Softmax, Softplus, Tanh
 from .dropout import Dropout
 from .linear import Linear
 from .loss import (
@@ -16,14 +16,30 @@ from .loss import (
     SmoothL1Loss,
 )
 # convolution
+from .conv import Conv1d, Conv2d
 
 # pooling
+from .pooling import (
+    AdaptiveAvgPool1d,
+    AdaptiveAvgPool2d,
+    AdaptiveMaxPool2d,
+    AvgPool1d,
+    AvgPool2d,
+    Flatten,
+    MaxPool1d,
+    MaxPool2d,
+    Unflatten,
+)
 
 # normalization
+from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 
 # embedding and attention
+from .attention import MultiheadAttention
+from .embedding import Embedding
 
 # fused linear + cross-entropy
+from .linear_cross_entropy import LinearCrossEntropyLoss
 
 # The module classes only (dir() would also list the submodules: activation, loss, ...).
 __all__ = [name for name, value in list(globals().items()) if isinstance(value, type)]

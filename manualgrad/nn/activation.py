@@ -52,3 +52,18 @@ class Softmax(torch.nn.Softmax):
 class LogSoftmax(torch.nn.LogSoftmax):
     def forward(self, input):
         return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class Hardswish(torch.nn.Hardswish):
+    def forward(self, input):
+        return F.hardswish(input, self.inplace)
+
+
+class Mish(torch.nn.Mish):
+    def forward(self, input):
+        return F.mish(input, inplace=self.inplace)
+
+
+class GLU(torch.nn.GLU):
+    def forward(self, input):
+        return F.glu(input, self.dim)

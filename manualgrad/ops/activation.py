@@ -498,3 +498,164 @@ class SoftplusFunction(torch.autograd.Function):
 def softplus(input, beta=1.0, threshold=20.0):
     """Drop-in for ``torch.nn.functional.softplus``."""
     return apply(SoftplusFunction, input, beta, threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# hardswish: y = x * relu6(x + 3) / 6,  and  mish: y = x * tanh(softplus(x))
+#
+# Neither output determines its input (both dip below zero and come back), so in place they
+# keep a connected copy x0 of the input, as silu does (see SiLUFunction): torch's hardswish_ and
+# mish_ keep a copy of the input too.
+
+def hardswish_forward(x, inplace=False):
+    return torch.nn.functional.hardswish(x, inplace)
+
+
+def hardswish_backward(dy, x):
+    # f'(x) = 0 for x <= -3, x / 3 + 1/2 for -3 < x < 3, 1 for x >= 3 (torch's values at the kinks)   (*) like x
+    # (nan stays nan: nan * 0 in the first weight, and lerp keeps a nan end)
+    above = 1 - _step(-x, -3.0)  # 1.0 where x >= 3
+    d = torch.lerp((x * (1 / 3)).add_(0.5).mul_(_step(x, -3.0)), torch.ones_like(x), above)
+    # dx = dy f'(x)                                           (*)
+    return dy * d
+
+
+def mish_forward(x, inplace=False):
+    return torch.nn.functional.mish(x, inplace)
+
+
+def mish_backward(dy, x):
+    # t = tanh(softplus(x)),  s = sigmoid(x) = d softplus / dx                          (*) like x
+    t = torch.tanh(torch.nn.functional.softplus(x))
+    s = torch.sigmoid(x)
+    # f'(x) = t + x s (1 - t^2)                               (*)
+    # (t and s are outputs tanh / sigmoid save: only fresh temporaries are updated in place)
+    d = (t * t).neg_().add_(1).mul_(s).mul_(x).add_(t)
+    # dx = dy f'(x)                                           (*)
+    return dy * d
+
+
+class _CopyInplaceFunction(torch.autograd.Function):
+    """``apply(x, inplace, x0)`` for y = f(x) whose output does not determine x: out of
+    place, x is saved; in place, ``x0``, a differentiable clone of x made before the call
+    (see SiLUFunction). Subclasses set ``_forward``, ``_backward`` (pure functions) and ``_name``."""
+
+    @classmethod
+    def forward(cls, x, inplace, x0):
+        return cls._forward(x, inplace)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, inplace, x0 = inputs
+        ctx.inplace = inplace
+        if inplace:
+            ctx.mark_dirty(x)
+        else:
+            x0 = x
+        ctx.save_for_backward(x0)
+        ctx.save_for_forward(x0)
+
+    @classmethod
+    def backward(cls, ctx, dy):
+        (x0,) = ctx.saved_tensors
+        if ctx.inplace:
+            if x0 is None:
+                raise RuntimeError(_SILU_NO_COPY.replace("silu", cls._name))
+            return None, None, (cls._backward(dy, x0) if ctx.needs_input_grad[2] else None)
+        return cls._backward(dy, x0), None, None
+
+    @classmethod
+    def jvp(cls, ctx, dx, _, dx0):
+        (x0,) = ctx.saved_tensors
+        if not ctx.inplace:
+            return cls._backward(dx, x0)
+        if x0 is None or dx0 is None:
+            raise RuntimeError(_SILU_NO_COPY.replace("silu", cls._name))
+        return dx.copy_(cls._backward(dx0, x0))
+
+    @classmethod
+    def vmap(cls, info, in_dims, x, inplace, x0):
+        if x0 is not None and in_dims[2] != in_dims[0]:
+            x0 = x0.movedim(in_dims[2], in_dims[0])
+        return cls.apply(x, inplace, x0), in_dims[0]
+
+
+class HardswishFunction(_CopyInplaceFunction):
+    _name = "hardswish"
+    _forward = staticmethod(hardswish_forward)
+    _backward = staticmethod(hardswish_backward)
+
+
+class MishFunction(_CopyInplaceFunction):
+    _name = "mish"
+    _forward = staticmethod(mish_forward)
+    _backward = staticmethod(mish_backward)
+
+
+def hardswish(input, inplace=False):
+    """Drop-in for ``torch.nn.functional.hardswish``; in place it keeps a copy of the input, as silu."""
+    x0 = input.clone() if inplace and _tracks_gradients(input) else None
+    return apply(HardswishFunction, input, inplace, x0)
+
+
+def mish(input, inplace=False):
+    """Drop-in for ``torch.nn.functional.mish``; in place it keeps a copy of the input, as silu."""
+    x0 = input.clone() if inplace and _tracks_gradients(input) else None
+    return apply(MishFunction, input, inplace, x0)
+
+
+# ---------------------------------------------------------------------------------------------
+# glu: a, b = x split in two halves along dim;  y = a * sigmoid(b)
+
+def glu_forward(x, dim=-1):
+    # torch's kernel raises for an odd or missing dim, a scalar and a non-float input
+    return torch.nn.functional.glu(x, dim)
+
+
+def glu_backward(dy, x, dim):
+    a, b = x.chunk(2, dim)
+    s = torch.sigmoid(b)
+    # da = dy s                                               (*, n/2, *)
+    da = dy * s
+    # db = dy a s (1 - s) = da a (1 - s)                      (*, n/2, *)
+    db = da * a * (1 - s)
+    # dx = [da, db] along dim                                 (*, n, *) like x
+    return torch.cat([da, db], dim)
+
+
+def glu_jvp(dx, x, dim):
+    a, b = x.chunk(2, dim)
+    da, db = dx.chunk(2, dim)
+    s = torch.sigmoid(b)
+    # dy = da s + a s (1 - s) db                              (*, n/2, *)
+    return da * s + (a * s) * (1 - s) * db
+
+
+class GLUFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, dim):
+        return glu_forward(x, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dim = inputs
+        ctx.dim = dim
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return glu_backward(dy, x, ctx.dim), None
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        (x,) = ctx.saved_tensors
+        return glu_jvp(dx, x, ctx.dim)
+
+
+def glu(input, dim=-1):
+    """Drop-in for ``torch.nn.functional.glu``."""
+    return apply(GLUFunction, input, dim)

@@ -392,3 +392,136 @@ def test_tanh_and_sigmoid_match_torch_property(shape, name):
 @settings(max_examples=25, deadline=None)
 def test_softplus_matches_torch_property(shape, beta, threshold):
     _check_property("softplus", shape, dict(beta=beta, threshold=threshold))
+
+
+# ---------------------------------------------------------------------------------------------
+# hardswish, mish, glu
+
+
+def hardswish_sample(shape, dtype=torch.float64):
+    """Inputs spread over all three pieces (x < -3, |x| <= 3, x > 3), none within 0.1 of a kink."""
+    x = 4 * torch.randn(shape, dtype=dtype)
+    for kink in (-3.0, 3.0):
+        near = (x - kink).abs() < 0.1
+        x = torch.where(near, x + 0.25, x)
+    return x.requires_grad_()
+
+
+def swish_sample(name, shape, dtype=torch.float64):
+    return hardswish_sample(shape, dtype) if name == "hardswish" else torch.randn(shape, dtype=dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("name", ["hardswish", "mish"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hardswish_and_mish_match_torch(name, shape, inplace):
+    fn, torch_fn = ops(name)
+    if inplace:
+        fn, torch_fn = in_place(fn), in_place(torch_fn)
+    assert_same_as_torch(fn, torch_fn, swish_sample(name, shape, torch.float32))
+
+
+@pytest.mark.parametrize("name", ["hardswish", "mish"])
+@pytest.mark.parametrize("shape", [(1,), (7, 13), (2, 1, 5)])
+def test_hardswish_and_mish_gradients(name, shape):
+    check_gradients(getattr(F, name), swish_sample(name, shape))
+
+
+@pytest.mark.parametrize("name", ["hardswish", "mish"])
+@pytest.mark.parametrize("non_contiguous", [False, True])
+def test_hardswish_and_mish_inplace_gradients(name, non_contiguous):
+    x = swish_sample(name, (7, 13))
+    if non_contiguous:
+        x = noncontiguous(x)
+    check_gradients(in_place(getattr(F, name)), x, batched_forward_grad=False)
+
+
+@pytest.mark.parametrize("name", ["hardswish", "mish"])
+def test_hardswish_and_mish_inplace_overwrite_and_return_their_input(name):
+    fn, torch_fn = ops(name)
+    h = swish_sample(name, (5, 7), torch.float32).detach()
+    expected = torch_fn(h.clone())
+    assert fn(h, inplace=True) is h
+    torch.testing.assert_close(h, expected, rtol=0, atol=0)
+
+
+def test_hardswish_derivative_at_its_kinks_is_torchs():
+    x = torch.tensor([-3.0, 3.0, -4.0, 0.0, 4.0], requires_grad=True)
+    assert_same_as_torch(F.hardswish, TF.hardswish, x)
+
+
+def test_mish_second_derivative_matches_torch():
+    x = torch.linspace(-6, 6, 25, dtype=torch.float64, requires_grad=True)
+
+    def gg(fn):
+        (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.sum(), x)[0]
+
+    torch.testing.assert_close(gg(F.mish), gg(TF.mish))
+
+
+GLU_CASES = [((2,), -1), ((7, 14), -1), ((6, 13), 0), ((2, 4, 257), 1), ((1, 2, 1), 1)]
+
+
+@pytest.mark.parametrize("shape,dim", GLU_CASES)
+def test_glu_matches_torch(shape, dim):
+    assert_same_as_torch(F.glu, TF.glu, torch.randn(shape, requires_grad=True), dim)
+
+
+@pytest.mark.parametrize("shape,dim", [((2,), -1), ((3, 4), -1), ((6, 3), 0), ((1, 2, 1), 1)])
+def test_glu_gradients(shape, dim):
+    check_gradients(F.glu, torch.randn(shape, dtype=torch.float64, requires_grad=True), dim)
+
+
+def test_glu_gradients_non_contiguous():
+    x = noncontiguous(torch.randn(4, 6, dtype=torch.float64, requires_grad=True))
+    assert not x.is_contiguous()
+    check_gradients(F.glu, x, 0)
+
+
+@pytest.mark.parametrize("x,dim", [(torch.randn(3, 5), -1), (torch.tensor(1.0), -1), (torch.randn(4), 1),
+                                   (torch.arange(4), 0)], ids=["odd", "scalar", "bad-dim", "integer"])
+def test_glu_rejects_bad_input_like_torch(x, dim):
+    assert_raises_like_torch(F.glu, TF.glu, x, dim)
+
+
+@pytest.mark.parametrize("name", ["hardswish", "mish", "glu"])
+def test_new_activations_propagate_nan_and_match_signatures(name):
+    fn, torch_fn = ops(name)
+    x = torch.tensor([float("nan"), -1.0, 2.0, float("nan")])
+    torch.testing.assert_close(fn(x), torch_fn(x), equal_nan=True)
+    assert fn(x).isnan().any()
+    assert _parameters(fn) == _parameters(torch_fn)
+
+
+@pytest.mark.parametrize("name", ["hardswish", "mish"])
+def test_hardswish_and_mish_reject_integer_input_like_torch(name):
+    assert_raises_like_torch(*ops(name), torch.arange(3), match="not implemented for 'Long'")
+
+
+@given(shape=shapes, name=st.sampled_from(["hardswish", "mish"]), inplace=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_hardswish_and_mish_match_torch_property(shape, name, inplace):
+    _check_property(name, shape, {}, inplace)
+
+
+@given(lead=st.lists(st.integers(1, 3), max_size=2), half=st.integers(1, 4), data=st.data())
+@settings(max_examples=25, deadline=None)
+def test_glu_matches_torch_property(lead, half, data):
+    shape = (*lead, 2 * half)
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1).filter(lambda d: shape[d] % 2 == 0))
+    assert_same_as_torch(F.glu, TF.glu, torch.randn(shape, requires_grad=True), dim)
+
+
+@pytest.mark.parametrize("name,kwargs", [("Hardswish", {}), ("Mish", {}), ("GLU", dict(dim=0)), ("Hardswish", dict(inplace=True))])
+def test_new_activation_modules_are_drop_ins(name, kwargs):
+    import manualgrad as mg
+    import manualgrad.nn as mnn
+
+    th, ours = getattr(torch.nn, name)(**kwargs), getattr(mnn, name)(**kwargs)
+    assert isinstance(ours, type(th)) and repr(ours) == repr(th)
+    assert ours.state_dict().keys() == th.state_dict().keys()
+    x = torch.randn(4, 6, requires_grad=True)
+    assert_same_as_torch(lambda t: ours(t * 1), lambda t: th(t * 1), x)
+    model = mg.convert(torch.nn.Sequential(getattr(torch.nn, name)(**kwargs)))
+    assert type(model[0]) is getattr(mnn, name)

@@ -1,0 +1,233 @@
+"""scaled_dot_product_attention: O = dropout(softmax(scale Q K^T + mask)) V.
+
+Shapes: Q (*, L, E), K (*, S, E), V (*, S, Ev), O (*, L, Ev); ``*`` batch dims that broadcast
+(heads at dim -3). mask: bool (True = take part) or float (added), broadcastable to (*, L, S).
+
+    S  = scale Q K^T + mask                  (*, L, S)   scores
+    P  = softmax(S)                          (*, L, S)   rows where S is all -inf give P = 0
+    Pd = P * D                               (*, L, S)   D = keep / (1 - p), the dropout mask
+    O  = Pd V                                (*, L, Ev)
+
+    dV = Pd^T dO                             (*, S, Ev)
+    dP = (dO V^T) * D                        (*, L, S)
+    dS = P * (dP - rowsum(dP * P))           (*, L, S)   softmax backward
+    dQ = scale dS K,   dK = scale dS^T Q,   dmask = dS (summed to the mask's shape)
+
+Memory: backward recomputes P from the saved inputs Q, K (and the mask) instead of keeping the
+(L x S) attention matrix, and redraws the dropout mask from a saved seed: nothing of size L x S
+is saved. Recomputing from inputs also keeps double backward right: P is then a differentiable
+function of Q and K, not a constant. A fully masked row gives O = 0 and zero gradients, as
+torch's kernels give (torch's math path uses a "safe" softmax there).
+
+The forward without dropout is torch's own fused kernel; with dropout, the math above (torch's
+kernel would draw its mask where backward cannot redraw it).
+"""
+import math
+
+import torch
+
+from ._apply import apply
+from ._checks import can_write_inplace, is_transformed
+from .softmax import softmax_backward, softmax_jvp
+
+
+def _scale(q, scale):
+    return 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+
+
+def repeat_heads(t, n_heads):
+    """GQA: K or V with H_k heads repeated to the query's n_heads (each head n_heads // H_k times)."""
+    return t if t.size(-3) == n_heads else t.repeat_interleave(n_heads // t.size(-3), -3)
+
+
+def _sum_heads(g, h):
+    """The transpose of repeat_heads: the gradient of the repeated heads summed per original head."""
+    return g if g.size(-3) == h else g.reshape(*g.shape[:-3], h, -1, *g.shape[-2:]).sum(-3)
+
+
+def _sum_to(g, shape):
+    # the transpose of broadcasting: sum over broadcast dims (a no-op when shapes agree)
+    return g if g.shape == shape else g.sum_to_size(shape)
+
+
+def dropout_keep(shape, p, seed, dtype, device):
+    """D = keep / (1 - p), keep ~ Bernoulli(1 - p), drawn from a generator seeded with ``seed``
+    (so backward redraws the very mask forward used)."""
+    if p == 1:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    keep = torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p, generator=g)
+    return keep.mul_(1 / (1 - p))
+
+
+def _fits(mask, s):
+    return torch.broadcast_shapes(mask.shape, s.shape) == s.shape
+
+
+def _times(t, scale):
+    # t * scale, in place on a fresh t where allowed
+    return t.mul_(scale) if can_write_inplace(t) else t * scale
+
+
+def attention_probs(q, k, mask, is_causal, scale):
+    """P = softmax(scale Q K^T + mask), fully masked rows 0. k already has the query's heads."""
+    # (a fresh S may be updated in place outside double backward and transforms; the mask
+    #  must then broadcast into S's shape)
+    inplace = can_write_inplace(q, k) and (mask is None or not is_transformed(mask))
+    # S = (scale Q) K^T                                      (*, L, S)
+    s = torch.matmul(q * scale, k.transpose(-2, -1))
+    if is_causal:
+        # top-left aligned: query i sees keys j <= i           (L, S)
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril_()
+    if mask is None:
+        return torch.softmax(s, -1)
+    if mask.dtype == torch.bool:
+        # S = -inf where the mask is False                    (*, L, S)
+        s = s.masked_fill_(~mask, -math.inf) if inplace and _fits(mask, s) else s.masked_fill(~mask, -math.inf)
+    else:
+        # S = S + mask                                         (*, L, S)
+        s = s.add_(mask) if inplace and _fits(mask, s) else s + mask
+    p = torch.softmax(s, -1)
+    if is_causal:
+        return p  # every row sees key 0
+    # P = 0 on rows where every score is -inf (softmax gives nan there)   (*, L, S)
+    dead = s.amax(-1, keepdim=True) == -math.inf
+    return p.masked_fill_(dead, 0) if inplace else p.masked_fill(dead, 0)
+
+
+def sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed):
+    if dropout_p == 0:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    h = q.size(-3) if q.dim() >= 3 else None
+    kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)
+    p = attention_probs(q, kr, mask, is_causal, _scale(q, scale))
+    # O = (P * D) V                                          (*, L, Ev)
+    return torch.matmul(p.mul_(dropout_keep(p.shape, dropout_p, seed, p.dtype, p.device)), vr)
+
+
+def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed, needs):
+    """Gradients (dQ, dK, dV, dmask); ``needs`` says which to compute."""
+    dq = dk = dv = dmask = None
+    scale = _scale(q, scale)
+    h = q.size(-3) if q.dim() >= 3 else None
+    kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)
+    # P recomputed from the inputs (not saved)               (*, L, S)
+    p = attention_probs(q, kr, mask, is_causal, scale)
+    d = dropout_keep(p.shape, dropout_p, seed, p.dtype, p.device) if dropout_p else None
+    if needs[2]:
+        pd = p if d is None else p * d  #                    (*, L, S)
+        # dV = Pd^T dO  (then summed over repeated heads and broadcast dims)   (*, S, Ev)
+        dv = torch.matmul(pd.transpose(-2, -1), do)
+        dv = _sum_to(_sum_heads(dv, v.size(-3)) if enable_gqa else dv, v.shape)
+    if needs[0] or needs[1] or needs[3]:
+        # dP = (dO V^T) * D                                    (*, L, S)
+        dp = torch.matmul(do, vr.transpose(-2, -1))
+        if d is not None:
+            dp = dp.mul_(d) if can_write_inplace(dp, d) else dp * d
+        # dS = P * (dP - rowsum(dP * P))                       (*, L, S)
+        ds = softmax_backward(dp, p, -1)
+        if needs[0]:
+            # dQ = scale dS K                                  (*, L, E)
+            dq = _sum_to(_times(torch.matmul(ds, kr), scale), q.shape)
+        if needs[1]:
+            # dK = scale dS^T Q                                (*, S, E)
+            dk = _times(torch.matmul(ds.transpose(-2, -1), q), scale)
+            dk = _sum_to(_sum_heads(dk, k.size(-3)) if enable_gqa else dk, k.shape)
+        if needs[3]:
+            # dmask = dS, summed over the dims the mask broadcasts along
+            dmask = _sum_to(ds, mask.shape)
+    return dq, dk, dv, dmask
+
+
+def sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed):
+    scale = _scale(q, scale)
+    h = q.size(-3) if q.dim() >= 3 else None
+    kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)
+    p = attention_probs(q, kr, mask, is_causal, scale)
+    d = dropout_keep(p.shape, dropout_p, seed, p.dtype, p.device) if dropout_p else None
+    # dS = scale (dQ K^T + Q dK^T) + dmask                   (*, L, S)
+    ds = None
+    if dq is not None:
+        ds = torch.matmul(dq * scale, kr.transpose(-2, -1))
+    if dk is not None:
+        dkr = repeat_heads(dk, h) if enable_gqa else dk
+        t = torch.matmul(q * scale, dkr.transpose(-2, -1))
+        ds = t if ds is None else ds + t
+    if dmask is not None:
+        ds = dmask.expand(p.shape) if ds is None else ds + dmask
+    out = None
+    if ds is not None:
+        # dP = P * (dS - rowsum(P * dS)), then dropped        (*, L, S)
+        dp = softmax_jvp(ds, p, -1)
+        # dO = (dP * D) V                                      (*, L, Ev)
+        out = torch.matmul(dp if d is None else dp * d, vr)
+    if dv is not None:
+        dvr = repeat_heads(dv, h) if enable_gqa else dv
+        # dO += (P * D) dV                                     (*, L, Ev)
+        t = torch.matmul(p if d is None else p * d, dvr)
+        out = t if out is None else out + t
+    return out
+
+
+class ScaledDotProductAttentionFunction(torch.autograd.Function):
+    """``apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed)``: seed is the
+    dropout generator's seed (drawn by the functional from torch's global generator)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed):
+        return sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, *options = inputs
+        ctx.options = options
+        # the inputs only: P is recomputed in backward (no L x S tensor saved)
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.save_for_forward(q, k, v, mask)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        if not any(needs):
+            return (None,) * 9
+        return (*sdpa_backward(do, q, k, v, mask, *ctx.options, needs), None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, dmask, *_):
+        q, k, v, mask = ctx.saved_tensors
+        if mask is None or mask.dtype == torch.bool:
+            dmask = None
+        return sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, *ctx.options)
+
+
+def _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """torch's checks, for the dropout path (without dropout, torch's kernel makes them)."""
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    # torch's shape, dtype and mask checks, run on meta tensors (no data, no compute)
+    meta = [t if t is None else t.detach().to("meta") for t in (query, key, value, attn_mask)]
+    torch.nn.functional.scaled_dot_product_attention(*meta[:3], attn_mask=meta[3], is_causal=is_causal, enable_gqa=enable_gqa)
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with a hand-written
+    backward that recomputes the attention matrix instead of saving it.
+
+    With ``dropout_p > 0`` the mask is drawn from a generator seeded from torch's global one:
+    reproducible under ``torch.manual_seed``, but not the same mask torch would draw.
+    """
+    seed = 0
+    if dropout_p:
+        _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        seed = int(torch.randint(2**62, ()).item())
+    return apply(
+        ScaledDotProductAttentionFunction, query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, seed
+    )

@@ -1,0 +1,102 @@
+"""embedding: a table lookup, y = W[idx].
+
+Shapes: idx (*) integer, W (num, D), y (*, D).
+
+The lookup is linear in W, so its backward is the transposed lookup: every row of dy is added
+into the row of dW it was read from (rows read twice get both), and rows never read get zero.
+
+    dW[j] = sum over positions i with idx_i = j of dy_i          (j != padding_idx)
+    dW[padding_idx] = 0                                          (the padding row is frozen)
+    scale_grad_by_freq: dW[j] /= count of j in idx
+
+The backward is linear in dy and reads only idx (a non-differentiable input), so double
+backward needs nothing more: autograd differentiates index_add with respect to dy.
+"""
+import torch
+
+from ._apply import apply
+from ._checks import is_transformed
+
+
+def embedding_forward(idx, w):
+    # y = W[idx]                                           (*, D)
+    return w.index_select(0, idx.reshape(-1)).view(*idx.shape, w.shape[1])
+
+
+def embedding_backward(dy, idx, num, padding_idx=None, scale_grad_by_freq=False):
+    flat = idx.reshape(-1)  #                                (n,)
+    dy2 = dy.reshape(-1, dy.shape[-1])  #                    (n, D)
+    dw = dy.new_zeros(num, dy.shape[-1])
+    # dW[j] = sum_{i: idx_i = j} dy_i                        (num, D)
+    # (in place on a fresh zero table, except under a transform, which cannot write a batched
+    #  dy into an unbatched table)
+    dw = dw.index_add(0, flat, dy2) if is_transformed(dy) else dw.index_add_(0, flat, dy2)
+    if scale_grad_by_freq:
+        # dW[j] /= count_j (rows never read stay 0 / 1 = 0)  (num, D)
+        counts = torch.bincount(flat, minlength=num).clamp_min_(1).to(dw.dtype)
+        dw = dw / counts.unsqueeze(1)
+    if padding_idx is not None:
+        # dW[padding_idx] = 0                                (num, D)
+        # (in place on one row: autograd and vmap both follow a write into a fresh table)
+        dw[padding_idx] = 0
+    return dw
+
+
+class EmbeddingFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(idx, w, padding_idx, scale_grad_by_freq):
+        return embedding_forward(idx, w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        idx, w, padding_idx, scale_grad_by_freq = inputs
+        ctx.num = w.shape[0]
+        ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
+        ctx.save_for_backward(idx)
+        ctx.save_for_forward(idx)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        (idx,) = ctx.saved_tensors
+        return None, embedding_backward(dy, idx, ctx.num, ctx.padding_idx, ctx.scale_grad_by_freq), None, None
+
+    @staticmethod
+    def jvp(ctx, _didx, dw, _padding_idx, _scale):
+        (idx,) = ctx.saved_tensors
+        # dy = dW[idx]: the lookup is linear in W               (*, D)
+        return embedding_forward(idx, dw)
+
+
+def _check(input, weight, padding_idx):
+    if weight.dim() != 2:
+        raise RuntimeError(f"'weight' must be 2-D, got a {weight.dim()}-D weight of shape {tuple(weight.shape)}")
+    if input.dtype not in (torch.long, torch.int):
+        raise RuntimeError(
+            "Expected tensor for argument #1 'indices' to have one of the following scalar types: Long, Int; "
+            f"but got {input.dtype} instead (while checking arguments for embedding)"
+        )
+    if padding_idx is not None:
+        num = weight.size(0)
+        if not -num <= padding_idx < num:
+            # torch raises AssertionError here too
+            raise AssertionError(f"Padding_idx must be within num_embeddings: got {padding_idx} for {num} embeddings")
+        padding_idx = padding_idx % num
+    return padding_idx
+
+
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+    """Drop-in for ``torch.nn.functional.embedding`` with a hand-written backward.
+
+    ``max_norm`` (which renormalises rows of ``weight`` in place) and ``sparse=True`` raise
+    NotImplementedError. Indices out of range fail in index_select with torch's IndexError.
+    """
+    if max_norm is not None:
+        raise NotImplementedError("embedding: max_norm is not supported by manualgrad (it rewrites weight in place)")
+    if sparse:
+        raise NotImplementedError("embedding: sparse=True (a sparse weight gradient) is not supported by manualgrad")
+    padding_idx = _check(input, weight, padding_idx)
+    return apply(EmbeddingFunction, input, weight, padding_idx, scale_grad_by_freq)

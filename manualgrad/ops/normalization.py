@@ -1,0 +1,373 @@
+"""Normalization: batch_norm, layer_norm, group_norm, rms_norm.
+
+Each normalizes x over a set of dims D (M elements per statistic), then scales and shifts:
+
+    x_hat = (x - mean_D(x)) * r,     r = 1 / sqrt(var_D(x) + eps)     (var biased)
+    rms_norm: x_hat = x * r,         r = 1 / sqrt(mean_D(x^2) + eps)
+    y = x_hat * w + b
+
+    batch_norm  x (N, C, *)  D = every dim but C          w, b (C,)
+    layer_norm  x (*, S)     D = the dims of S            w, b S = normalized_shape
+    group_norm  x (N, C, *)  D = the C/G channels of a group and *, per sample   w, b (C,)
+    rms_norm    x (*, S)     D = the dims of S            w S
+
+The Jacobian of x -> x_hat is symmetric,
+
+    J = r (I - 1 1^T / M - x_hat x_hat^T / M)       (rms_norm: without the 1 1^T / M term)
+
+(d mean = mean(dx), d r = -r^3 mean((x - mean) dx), so d x_hat = r (dx - mean(dx) - x_hat mean(x_hat dx))),
+hence the vjp and the jvp are one formula, ``normalized_vjp``, applied to g = dy * w (backward) or to
+the tangent dx (jvp). batch_norm in eval mode normalizes with the running stats, constants: J = r I.
+
+Backward recomputes mean and r from the saved input x rather than saving them from forward: a
+saved intermediate would be a constant for double backward (two extra passes over x).
+Forward is torch's own kernel: bit-identical output, torch's argument checks and messages, and
+torch's in-place running-stat update for batch_norm (unbiased variance into running_var).
+"""
+import torch
+import torch.nn.functional as TF
+
+from ._apply import apply
+from ._checks import can_write_inplace
+
+
+def _stats(x, dims, eps, center=True):
+    """x_hat and r of x over dims, differentiable in x (backward and jvp run it on the saved x)."""
+    if center:
+        # (torch.var_mean is ~100x slower than mean on CPU: two plain means instead)
+        # xc = x - mean_D(x)                                 like x
+        xc = x - x.mean(dims, keepdim=True)
+        # r = 1 / sqrt(mean_D(xc^2) + eps), the biased var   (stat) keepdim, like x with D -> 1
+        r = ((xc * xc).mean(dims, keepdim=True) + eps).rsqrt()
+        # x_hat = xc r                                       like x
+        return (xc.mul_(r) if can_write_inplace(xc, r) else xc * r), r
+    # r = 1 / sqrt(mean(x^2) + eps)                          (stat)
+    r = (x.square().mean(dims, keepdim=True) + eps).rsqrt()
+    # x_hat = x r                                            like x
+    return x * r, r
+
+
+def normalized_vjp(g, x_hat, r, dims, center=True):
+    """J g for x -> x_hat (J symmetric: the vjp of dy * w, and the jvp of a tangent dx)."""
+    # t = g - x_hat mean_D(g x_hat)                          like x
+    t = torch.addcmul(g, x_hat, (g * x_hat).mean(dims, keepdim=True), value=-1)
+    inplace = can_write_inplace(t, g, r)  # plain backward: update the fresh t in place
+    if center:
+        # t -= mean_D(g)                                     like x
+        m = g.mean(dims, keepdim=True)
+        t = t.sub_(m) if inplace else t - m
+    # J g = r t                                              like x
+    return t.mul_(r) if inplace else t * r
+
+
+def _sum(t, dims):
+    # t.sum(()) would sum over every dim: no dims to sum is t itself
+    return t.sum(dims) if dims else t
+
+
+def _affine_jvp(dxh, x_hat, w, dw, db, shape):
+    """Tangent of y = x_hat * w + b given dxh, the tangent of x_hat (or None); w, dw, db broadcast as
+    ``shape`` (the view that lines them up with x)."""
+    # dy = dx_hat w + x_hat dw + db                          like x
+    out = None
+    if dxh is not None:
+        out = dxh if w is None else dxh * w.view(shape)
+    if dw is not None:
+        t = x_hat * dw.view(shape)
+        out = t if out is None else out + t
+    if db is not None:
+        out = db.view(shape).expand(x_hat.shape) if out is None else out + db.view(shape)
+    return torch.zeros_like(x_hat) if out is None else out
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_norm: per channel, over the batch and spatial dims
+
+def _channel_dims(x):
+    # D = (0, 2, 3, ...) and the (1, C, 1, ...) view that lines a (C,) vector up with x
+    return [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+
+
+def batch_norm_forward(x, running_mean, running_var, w, b, training, momentum, eps):
+    """torch's kernel; in training it updates the running stats in place (no grad), as torch does:
+    running_mean = (1 - momentum) running_mean + momentum mean,
+    running_var = (1 - momentum) running_var + momentum var * M / (M - 1)."""
+    return TF.batch_norm(x, running_mean, running_var, w, b, training, momentum, eps)
+
+
+def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, needs=(True, True, True)):
+    """Gradients (dx, dw, db). ``training``: normalized with the batch stats (else the running ones)."""
+    dims, shape = _channel_dims(x)
+    if training:
+        x_hat, r = _stats(x, dims, eps)
+    else:
+        # r = 1 / sqrt(running_var + eps)                    (1, C, 1, ...)
+        r = (running_var + eps).rsqrt().view(shape)
+        # x_hat = (x - running_mean) r  (only dw needs it)   like x
+        x_hat = (x - running_mean.view(shape)) * r if needs[1] else None
+    # sdy = sum_D dy                                         (1, C, 1, ...)
+    sdy = dy.sum(dims, keepdim=True) if needs[2] or (training and needs[0]) else None
+    # sdyx = sum_D dy x_hat                                  (1, C, 1, ...)
+    sdyx = (dy * x_hat).sum(dims, keepdim=True) if needs[1] or (training and needs[0]) else None
+    dx = dw = db = None
+    if needs[0]:
+        # s = r w                                            (1, C, 1, ...)
+        s = r if w is None else r * w.view(shape)
+        if training:
+            m = x.numel() // x.shape[1]
+            # dx = r w (dy - sum(dy) / M - x_hat sum(dy x_hat) / M)   (w constant over D)   like x
+            dx = torch.addcmul(dy, x_hat, sdyx / m, value=-1)
+            dx = dx.sub_(sdy / m).mul_(s) if can_write_inplace(dx, s) else (dx - sdy / m) * s
+        else:
+            # dx = dy r w                                    like x
+            dx = dy * s
+    if needs[1]:
+        # dw = sum_D dy x_hat                                (C,)
+        dw = sdyx.view(-1)
+    if needs[2]:
+        # db = sum_D dy                                      (C,)
+        db = sdy.view(-1)
+    return dx, dw, db
+
+
+def batch_norm_jvp(dx, dw, db, x, w, running_mean, running_var, training, eps):
+    dims, shape = _channel_dims(x)
+    if training:
+        x_hat, r = _stats(x, dims, eps)
+        # d x_hat = J dx                                     like x
+        dxh = normalized_vjp(dx, x_hat, r, dims) if dx is not None else None
+    else:
+        r = (running_var + eps).rsqrt().view(shape)
+        x_hat = (x - running_mean.view(shape)) * r
+        # d x_hat = r dx                                     like x
+        dxh = dx * r if dx is not None else None
+    return _affine_jvp(dxh, x_hat, w, dw, db, shape)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """apply(x, running_mean, running_var, w, b, training, momentum, eps). The running stats are
+    buffers: updated in place in training, never differentiated (None gradients, as torch)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, running_mean, running_var, w, b, training, momentum, eps):
+        return batch_norm_forward(x, running_mean, running_var, w, b, training, momentum, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, running_mean, running_var, w, b, training, momentum, eps = inputs
+        ctx.training, ctx.eps, ctx.has_bias = training, eps, b is not None
+        # Eval normalizes with the running stats: backward needs them (unchanged by an eval call).
+        stats = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(x, w, *stats)
+        ctx.save_for_forward(x, w, *stats)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, running_mean, running_var = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = (need[0], w is not None and need[3], ctx.has_bias and need[4])
+        dx, dw, db = batch_norm_backward(dy, x, w, running_mean, running_var, ctx.training, ctx.eps, needs)
+        return dx, None, None, dw, db, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _rm, _rv, dw, db, _training, _momentum, _eps):
+        x, w, running_mean, running_var = ctx.saved_tensors
+        return batch_norm_jvp(dx, dw, db, x, w, running_mean, running_var, ctx.training, ctx.eps)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """Drop-in for ``torch.nn.functional.batch_norm`` with a hand-written backward.
+
+    In training the batch statistics normalize and, when given, the running stats are updated in
+    place; in eval the running stats normalize. Bad input fails in torch's own forward.
+    """
+    return apply(BatchNormFunction, input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_norm and rms_norm: over the trailing normalized_shape dims of each row
+
+def _trailing_dims(x, normalized_shape):
+    # D = the last len(normalized_shape) dims; L = the leading dims the affine gradients sum over
+    k = len(normalized_shape)
+    return tuple(range(x.dim() - k, x.dim())), tuple(range(x.dim() - k))
+
+
+def layer_norm_forward(x, normalized_shape, w, b, eps):
+    return TF.layer_norm(x, normalized_shape, w, b, eps)
+
+
+def layer_norm_backward(dy, x, w, normalized_shape, eps, needs=(True, True, True), center=True):
+    """Gradients (dx, dw, db) of layer_norm; ``center=False`` is rms_norm's (no mean, no bias)."""
+    dims, lead = _trailing_dims(x, normalized_shape)
+    x_hat, r = _stats(x, dims, eps, center)
+    dx = dw = db = None
+    if needs[0]:
+        # g = dy w  (w varies over D: it goes inside J)      like x
+        g = dy if w is None else dy * w
+        # dx = r (g - mean_D(g) - x_hat mean_D(g x_hat))     like x
+        dx = normalized_vjp(g, x_hat, r, dims, center)
+    if needs[1]:
+        # dw = sum_L dy x_hat                                normalized_shape
+        dw = _sum(dy * x_hat, lead)
+    if needs[2]:
+        # db = sum_L dy                                      normalized_shape
+        db = _sum(dy, lead)
+    return dx, dw, db
+
+
+def layer_norm_jvp(dx, dw, db, x, w, normalized_shape, eps, center=True):
+    dims, _ = _trailing_dims(x, normalized_shape)
+    x_hat, r = _stats(x, dims, eps, center)
+    dxh = normalized_vjp(dx, x_hat, r, dims, center) if dx is not None else None
+    return _affine_jvp(dxh, x_hat, w, dw, db, tuple(normalized_shape))
+
+
+class LayerNormFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, normalized_shape, w, b, eps):
+        return layer_norm_forward(x, normalized_shape, w, b, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, normalized_shape, w, b, eps = inputs
+        ctx.normalized_shape, ctx.eps, ctx.has_bias = tuple(normalized_shape), eps, b is not None
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = (need[0], w is not None and need[2], ctx.has_bias and need[3])
+        dx, dw, db = layer_norm_backward(dy, x, w, ctx.normalized_shape, ctx.eps, needs)
+        return dx, None, dw, db, None
+
+    @staticmethod
+    def jvp(ctx, dx, _shape, dw, db, _eps):
+        x, w = ctx.saved_tensors
+        return layer_norm_jvp(dx, dw, db, x, w, ctx.normalized_shape, ctx.eps)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Drop-in for ``torch.nn.functional.layer_norm`` with a hand-written backward.
+
+    A normalized_shape that does not match the input's trailing dims fails in torch's forward.
+    """
+    return apply(LayerNormFunction, input, normalized_shape, weight, bias, eps)
+
+
+def rms_norm_forward(x, normalized_shape, w, eps):
+    return TF.rms_norm(x, normalized_shape, w, eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, normalized_shape, w, eps):
+        return rms_norm_forward(x, normalized_shape, w, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, normalized_shape, w, eps = inputs
+        ctx.normalized_shape = tuple(normalized_shape)
+        # torch's rule: eps=None means the machine epsilon of the input's dtype
+        ctx.eps = torch.finfo(x.dtype).eps if eps is None else eps
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[2], False)
+        dx, dw, _ = layer_norm_backward(dy, x, w, ctx.normalized_shape, ctx.eps, needs, center=False)
+        return dx, None, dw, None
+
+    @staticmethod
+    def jvp(ctx, dx, _shape, dw, _eps):
+        x, w = ctx.saved_tensors
+        return layer_norm_jvp(dx, dw, None, x, w, ctx.normalized_shape, ctx.eps, center=False)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """Drop-in for ``torch.nn.functional.rms_norm`` with a hand-written backward.
+
+    ``eps=None`` uses ``torch.finfo(input.dtype).eps``, as torch does.
+    """
+    return apply(RMSNormFunction, input, normalized_shape, weight, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# group_norm: per sample, over each group of C/G channels and the spatial dims
+
+def group_norm_forward(x, num_groups, w, b, eps):
+    return TF.group_norm(x, num_groups, w, b, eps)
+
+
+def group_norm_backward(dy, x, w, num_groups, eps, needs=(True, True, True)):
+    n = x.shape[0]
+    dims, shape = _channel_dims(x)
+    # x as (N, G, K), K = C/G * prod(*): one statistic per (sample, group)
+    x_hat, r = _stats(x.reshape(n, num_groups, -1), (2,), eps)
+    dx = dw = db = None
+    if needs[0]:
+        # g = dy w  (w varies over a group's channels: it goes inside J)   like x
+        g = dy if w is None else dy * w.view(shape)
+        # dx = r (g - mean_K(g) - x_hat mean_K(g x_hat)), per (sample, group)   (N, G, K) -> like x
+        dx = normalized_vjp(g.reshape(n, num_groups, -1), x_hat, r, (2,)).reshape(x.shape)
+    if needs[1]:
+        # dw = sum over N and * of dy x_hat                  (C,)
+        dw = (dy * x_hat.reshape(x.shape)).sum(dims)
+    if needs[2]:
+        # db = sum over N and * of dy                        (C,)
+        db = dy.sum(dims)
+    return dx, dw, db
+
+
+def group_norm_jvp(dx, dw, db, x, w, num_groups, eps):
+    n = x.shape[0]
+    _, shape = _channel_dims(x)
+    x_hat, r = _stats(x.reshape(n, num_groups, -1), (2,), eps)
+    dxh = normalized_vjp(dx.reshape(n, num_groups, -1), x_hat, r, (2,)).reshape(x.shape) if dx is not None else None
+    return _affine_jvp(dxh, x_hat.reshape(x.shape), w, dw, db, shape)
+
+
+class GroupNormFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, num_groups, w, b, eps):
+        return group_norm_forward(x, num_groups, w, b, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, num_groups, w, b, eps = inputs
+        ctx.num_groups, ctx.eps, ctx.has_bias = num_groups, eps, b is not None
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = (need[0], w is not None and need[2], ctx.has_bias and need[3])
+        dx, dw, db = group_norm_backward(dy, x, w, ctx.num_groups, ctx.eps, needs)
+        return dx, None, dw, db, None
+
+    @staticmethod
+    def jvp(ctx, dx, _groups, dw, db, _eps):
+        x, w = ctx.saved_tensors
+        return group_norm_jvp(dx, dw, db, x, w, ctx.num_groups, ctx.eps)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """Drop-in for ``torch.nn.functional.group_norm`` with a hand-written backward.
+
+    A num_groups that does not divide the channels fails in torch's forward (RuntimeError).
+    """
+    return apply(GroupNormFunction, input, num_groups, weight, bias, eps)
