@@ -5,10 +5,11 @@
 - ``manualgrad.nn``: drop-in torch.nn modules (subclasses of the torch classes).
 - ``manualgrad.convert(model)``: swap a model's torch layers for their twins in place.
 - ``manualgrad.testing``: gradcheck/gradgradcheck and side-by-side comparison with torch.
+- ``manualgrad.monitor.GradientMonitor``: per-module gradient statistics for any model, in TensorBoard.
 - ``manualgrad.optim``: SGD, RMSprop, Adam, AdamW with hand-written updates; ``manualgrad.utils.clip_grad_norm_``.
 """
-from . import functional, nn, ops, optim, testing, utils
+from . import functional, monitor, nn, ops, optim, testing, utils
 from .convert import convert, supported_modules
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "ops", "optim", "testing", "utils", "convert", "supported_modules"]
+__all__ = ["functional", "monitor", "nn", "ops", "optim", "testing", "utils", "convert", "supported_modules"]

@@ -7,17 +7,38 @@
 
 The coefficient is clamped on the device rather than tested with ``if c < 1``: every gradient
 is multiplied (by 1 when no clipping is needed), so nothing waits for the device to report N.
+
+``register_clip_listener(fn)`` lets an observer (the gradient monitor) see every call:
+``fn(parameters, total_norm, clip_coef)`` with the 0-dim device tensors N and min(c, 1), so it
+can record them without a host sync. It returns a handle whose ``remove()`` unregisters it.
 """
 from __future__ import annotations
 
 import types
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["clip_grad_norm_"]
+__all__ = ["clip_grad_norm_", "register_clip_listener"]
+
+_clip_listeners = OrderedDict()  # handle id -> fn(parameters, total_norm, clip_coef); called in registration order
+
+
+def register_clip_listener(fn):
+    """Call ``fn(parameters, total_norm, clip_coef)`` after every ``clip_grad_norm_``.
+
+    ``parameters`` is the list of parameters passed in, ``total_norm`` the 0-dim N it returns and
+    ``clip_coef`` the 0-dim min(max_norm / (N + 1e-6), 1) the gradients were multiplied by; both
+    stay on the device. Not called when no parameter has a gradient. Returns a handle with
+    ``remove()``.
+    """
+    handle = RemovableHandle(_clip_listeners)
+    _clip_listeners[handle.id] = fn
+    return handle
 
 
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
@@ -83,4 +104,6 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
             for g in group:
                 # g_i = c g_i                                                           like g_i
                 g.mul_(coef)
+        for fn in list(_clip_listeners.values()):
+            fn(parameters, total_norm, clip_coef_clamped)
         return total_norm

@@ -1,0 +1,15 @@
+"""Gradient monitoring hooks that log to TensorBoard.
+
+    writer = torch.utils.tensorboard.SummaryWriter("runs/exp1")
+    with manualgrad.monitor.GradientMonitor(model, writer, optimizer=opt, every=50, hist_every=1000):
+        for x, y in loader:
+            loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+
+- ``monitor.py``: the hooks and when they run (``GradientMonitor``, ``NonFiniteError``).
+- ``stats.py``: the statistics, computed on the device.
+- ``tensorboard.py``: tags, histograms, the custom-scalars layout.
+- ``plot.py``: ``python -m manualgrad.monitor.plot LOGDIR -o out.png``.
+"""
+from .monitor import GradientMonitor, NonFiniteError
+
+__all__ = ["GradientMonitor", "NonFiniteError"]

@@ -1,0 +1,85 @@
+"""Statistics the monitor computes, all on the device, none read back here.
+
+Every function returns tensors on the device of its input; the monitor stacks them and moves
+them to the host once per logging step.
+
+    grad norm      ||g||_2 over all gradients of a module (weight and bias together)
+    grad max-abs   max |g|
+    param norm     ||theta||_2
+    update ratio   ||theta_after - theta_before||_2 / ||theta_before||_2      (1e-3 is typical)
+    activations    mean, std, fraction |y| <= eps, fraction of dead units (zero for the whole
+                   batch), saturation (tanh: |y| > 0.99; sigmoid: y < 0.01 or y > 0.99)
+    histogram      64 equal bins between the finite min and max, by torch.histc
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+HIST_BINS = 64
+NEAR_ZERO = 1e-6
+SATURATED = 0.99
+
+
+def update_ratio(delta_norm, param_norm):
+    """||delta|| / ||theta|| and its log10 (0 when theta is 0)."""
+    ratio = delta_norm / param_norm.clamp_min(torch.finfo(param_norm.dtype).tiny)
+    return ratio, torch.log10(ratio)
+
+
+def unit_dim(module):
+    """The dimension that indexes units: channels for convolutions, features otherwise."""
+    return 1 if isinstance(module, torch.nn.modules.conv._ConvNd) else -1
+
+
+def saturation_kind(module):
+    if isinstance(module, torch.nn.Tanh):
+        return "tanh"
+    if isinstance(module, torch.nn.Sigmoid):
+        return "sigmoid"
+    return None
+
+
+def activation_stats(y, dim=-1, kind=None):
+    """(mean, std, near-zero fraction, dead-unit fraction, saturated fraction), shape (5,).
+
+    A unit is one index of ``dim``; it is dead when it is exactly 0 for every other index (the
+    whole batch). Saturation is 0 for modules that are neither tanh nor sigmoid.
+    """
+    y = y.detach().float()
+    if y.dim() == 0:
+        y = y.reshape(1)
+    mean, std = y.mean(), y.std(correction=0)
+    near_zero = (y.abs() <= NEAR_ZERO).float().mean()
+    others = [d for d in range(y.dim()) if d != dim % y.dim()]
+    alive = y.ne(0).amax(dim=others) if others else y.ne(0)  # (units,)
+    dead = 1.0 - alive.float().mean()
+    if kind == "tanh":
+        sat = (y.abs() > SATURATED).float().mean()
+    elif kind == "sigmoid":
+        sat = ((y < 1 - SATURATED) | (y > SATURATED)).float().mean()
+    else:
+        sat = torch.zeros((), device=y.device)
+    return torch.stack([mean, std, near_zero, dead, sat])
+
+
+def histogram(t):
+    """A 64-bin histogram of the finite values of ``t``, without a host sync.
+
+    Returns a (HIST_BINS + 5,) float tensor: [min, max, num, sum, sum_squares, counts...].
+    The range comes from the data on the device, so torch.histc runs on values rescaled to
+    [0, 1] with a fixed Python range (histc with its own range would read min/max on the host).
+    """
+    t = t.detach().flatten().float()
+    finite = torch.isfinite(t)
+    lo = torch.where(finite, t, math.inf).amin()
+    hi = torch.where(finite, t, -math.inf).amax()
+    x = torch.where(finite, t, lo)
+    width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    # u = (x - lo) / (hi - lo) in [0, 1]; non-finite elements are pushed out of range
+    u = torch.where(finite, (x - lo) / width, -1.0)
+    counts = torch.histc(u, bins=HIST_BINS, min=0.0, max=1.0)
+    xf = x * finite
+    head = torch.stack([lo, hi, finite.sum().float(), xf.sum(), (xf * xf).sum()])
+    return torch.cat([head, counts])
