@@ -1,6 +1,6 @@
 # Set-up, tests and the demo. Every target creates .venv and installs what it needs.
 #   make test                      install (once) and run the test suite
-#   make demo                      install (once) and train the seed MLP on real data
+#   make demo                      install (once) and run the training command with defaults
 #   make bench                     side-by-side benchmarks against torch
 #   make test TORCH=torch==2.6.0   use another torch (any pip requirement spec)
 #
@@ -31,7 +31,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m train.demo
+	$(PY) -m train
 
 bench: install
 	$(PY) benchmarks/bench_mlp.py

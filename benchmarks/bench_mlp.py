@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import manualgrad.nn as mnn  # noqa: E402
 from manualgrad.testing import saved_bytes  # noqa: E402
-from train.demo import seed_mlp  # noqa: E402
+from train.models import seed_mlp  # noqa: E402
 
 
 def build(nn, seed):
