@@ -6,7 +6,7 @@ Two cadences: the default (every=50, hist_every=1000: targets <= 1.03x) and scal
 step (every=1, no histograms: target <= 1.25x). The ratio is total monitored time over total
 plain time across all timed steps, so the cost of the logging steps is amortised as in a run.
 
-    python benchmarks/bench_monitor.py [--steps 200] [--batch 128] [--activations]
+    python benchmarks/bench_monitor.py [--steps 1000] [--batch 128] [--activations]
 """
 import argparse
 import pathlib
@@ -63,7 +63,7 @@ def run(cadence, steps, batch, warmup, activations):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200, help="timed steps per configuration (each side)")
+    p.add_argument("--steps", type=int, default=1000, help="timed steps per configuration (each side)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--activations", action="store_true", help="also monitor activations")

@@ -169,7 +169,8 @@ class GradientMonitor:
             self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_update()))
             _ATTACHED.add(optimizer)
         _ATTACHED.add(model)
-        self._before = None
+        self._before = None  # parameters before the step being logged (a buffer kept for reuse)
+        self._have_before = False
         self._pending = None
         self._closed = False
         self.first_nonfinite = None  # (module name, 'gradient'|'activation', step) once seen
@@ -247,11 +248,17 @@ class GradientMonitor:
     def _before_update(self):
         self._order_done = True
         grads = self._grads()
-        # every step: ||g||_2 per parameter in float32 (one foreach kernel; NaN and Inf
-        # propagate into it, and on CPU it is ~30x faster than the max-abs norm), folded per
-        # module into the device-side non-finite counter
-        norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))  # (P,)
-        g_sq = self._module_sum(norms * norms)  # (M+1,)
+        if self._log_now:
+            # ||g||_2 per parameter in float32 (one foreach kernel; on CPU ~30x faster than
+            # the max-abs norm), summed per module                              (M+1,)
+            norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))  # (P,)
+            g_sq = self._module_sum(norms * norms)
+        else:
+            # other steps only need to know whether a gradient went NaN/Inf: a sum of g per
+            # parameter turns either into a non-finite value, at half the cost of a norm
+            # (and it overflows far later than a sum of squares)                 (M+1,)
+            g_sq = self._module_sum(torch.stack([g.sum(dtype=torch.float32) for g in grads]))
+        # folded per module into the device-side non-finite counter, every step
         bad = ~torch.isfinite(g_sq)
         self._g_bad.add_(bad)
         self._g_first.copy_(torch.where(bad & torch.isinf(self._g_first), self._step_t, self._g_first))
@@ -264,7 +271,13 @@ class GradientMonitor:
             params = [p.detach() for p in self._params]
             p_sq = self._module_sum(torch.stack(torch._foreach_norm(params, 2.0, dtype=torch.float32)) ** 2)
             if self.optimizer is not None:
-                self._before = [p.clone() for p in params]
+                # one buffer, allocated at the first logging step and reused: no allocation
+                # proportional to the model afterwards
+                if self._before is None:
+                    self._before = [p.clone() for p in params]
+                else:
+                    torch._foreach_copy_(self._before, params)
+                self._have_before = True
         self._pending = dict(g_sq=g_sq, g_max=gmax, p_sq=p_sq)
         if self._hist_now:
             self._pending["hist"] = [
@@ -294,11 +307,12 @@ class GradientMonitor:
     def _log(self, n):
         P, M = self._pending, self._M
         d_sq = None
-        if self._before is not None:
+        if self._have_before:
             with torch.no_grad():
-                delta = torch._foreach_sub([p.detach() for p in self._params], self._before)
-                d_sq = self._module_sum(torch.stack(torch._foreach_norm(delta, 2.0, dtype=torch.float32)) ** 2)
-            self._before = None
+                # θ_before - θ_after, in place in the buffer: ||Δθ|| per parameter
+                torch._foreach_sub_(self._before, [p.detach() for p in self._params])
+                d_sq = self._module_sum(torch.stack(torch._foreach_norm(self._before, 2.0, dtype=torch.float32)) ** 2)
+            self._have_before = False
         A = len(self._act_mods)
         act = torch.stack([s if s is not None else torch.full((5,), math.nan, device=self._device)
                            for s in self._a_stats]) if A else None
