@@ -190,6 +190,10 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("final eval accuracy: ")  # rank 0 only
+    # Only rank 0 writes TensorBoard events, the monitor's included (it ran on both ranks).
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    tags = scalars(tmp_path / "tb")
+    assert "grad/norm/1" in tags and "update/ratio/1" in tags and "eval/accuracy" in tags
     ddp = load_checkpoint(checkpoint_paths(tmp_path / "ddp")[0])["model"]
     single = main(SMALL + steps + ["--batch-size", "64", "--checkpoint-dir", str(tmp_path / "one"), "--logdir", str(tmp_path / "tb1")])
     for name, p in params(single["model"]).items():
@@ -208,3 +212,24 @@ def test_default_recipe_reaches_97_percent_on_real_mnist_in_8_epochs(mnist_dir, 
     result = main(["--dataset", "mnist", "--data-dir", str(mnist_dir), "--seed", str(seed), "--no-monitor",
                    "--logdir", str(tmp_path)])
     assert result["eval_accuracy"] >= 0.970
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from train.loop import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar, plain = Terminal(), io.StringIO()
+    for stream in (bar, plain):
+        p = Progress(True, stream)
+        for batch in range(1, 11):
+            p.update(0, 2, batch, 10, torch.tensor(2.0 / batch), 128)
+        p.end_epoch()
+    assert bar.getvalue().count("\r[") == 10 and "[########################] epoch 1/2  step 10/10  loss 0.2000" in bar.getvalue()
+    lines = plain.getvalue().splitlines()
+    assert "\r" not in plain.getvalue() and len(lines) == 5  # every 2nd of 10 steps
+    assert lines[-1].startswith("epoch 1/2  step 10/10  loss 0.2000")
