@@ -87,6 +87,41 @@ def _step(t, at=0.0):
     return (t - at).sign_().clamp_min_(0) if at else t.sign().clamp_min_(0)
 
 
+_CHUNK = 1 << 17
+
+
+def _chunked(body, dy, x):
+    """dx = body applied chunk by chunk, for a plain backward (no graph, no transform).
+
+    ``body(out, tmp, x, dy)`` writes dx for one flat chunk into ``out`` using one scratch buffer
+    ``tmp``. Only dx is allocated in full: a fresh CPU tensor costs page faults, several times an
+    in-place pass over it, and chunks the size of the cache keep the chain of passes there."""
+    xf, dyf = x.reshape(-1), dy.reshape(-1)
+    n = xf.numel()
+    out = torch.empty_like(xf)
+    tmp = torch.empty(min(n, _CHUNK), dtype=x.dtype, device=x.device)
+    for i in range(0, n, _CHUNK):
+        j = min(n, i + _CHUNK)
+        body(out[i:j], tmp[: j - i], xf[i:j], dyf[i:j])
+    return out.view(x.shape)
+
+
+def _ones(t):
+    # lerp's end 1, broadcast like t without a copy
+    return t.new_ones(()).expand_as(t)
+
+
+def _step_into(out, t, at=0.0):
+    # out = 1.0 where t > at, else 0.0 (nan where t is nan): _step without an allocation
+    (torch.sub(t, at, out=out) if at else torch.sign(t, out=out)).sign_().clamp_min_(0)
+    return out
+
+
+def _plain(dy, x):
+    # a plain backward whose chunks line up: dy is x's shape
+    return can_write_inplace(dy, x) and dy.shape == x.shape
+
+
 def _inplace_negative_slope_error(op, name, value):
     # torch raises the same RuntimeError, from backward (or from forward-mode AD), not from forward.
     return RuntimeError(
@@ -105,6 +140,8 @@ def leaky_relu_forward(x, negative_slope=0.01, inplace=False):
 
 def leaky_relu_backward(dy, t, negative_slope):
     """t is x, or y when negative_slope >= 0 (then y > 0 exactly where x > 0)."""
+    if _plain(dy, t):
+        return _chunked(lambda out, tmp, t, dy: _step_into(out, t).mul_(1 - negative_slope).add_(negative_slope).mul_(dy), dy, t)
     # dx = dy where x > 0, else negative_slope * dy            (*) like x
     return torch.lerp(dy * negative_slope, dy, _step(t))
 
@@ -163,7 +200,19 @@ def elu_forward(x, alpha=1.0, inplace=False):
     return torch.nn.functional.elu(x, alpha, inplace)
 
 
+def _elu_body(alpha):
+    def body(out, tmp, x, dy):
+        # tmp = alpha exp(min(x, 0)),  out = 1[x > 0]          (chunk)
+        torch.clamp_max(x, 0, out=tmp).exp_().mul_(alpha)
+        _step_into(out, x)
+        # dx = dy where x > 0, else dy alpha e^x             (chunk)
+        torch.mul(tmp.lerp_(_ones(tmp), out), dy, out=out)
+    return body
+
+
 def elu_backward(dy, x, alpha):
+    if _plain(dy, x):
+        return _chunked(_elu_body(alpha), dy, x)
     # e = exp(min(x, 0)): e^x where it is used (x <= 0), finite where not, else double
     # backward would get 0 * inf = nan there                 (*) like x
     e = x.clamp_max(0).exp_()
@@ -242,7 +291,29 @@ def gelu_forward(x, approximate="none"):
     return torch.nn.functional.gelu(x, approximate=approximate)
 
 
+def _gelu_body(out, tmp, x, dy):
+    # out = erf(x / sqrt 2) = 2 Phi(x) - 1,  tmp = exp(-x^2 / 2) = sqrt(2 pi) phi(x)   (chunk)
+    torch.mul(x, _SQRT1_2, out=out).erf_()
+    torch.mul(x, x, out=tmp).mul_(-0.5).exp_()
+    # out = 2 (Phi(x) + x phi(x)) - 1                        (chunk)
+    out.addcmul_(x, tmp, value=2 * _INV_SQRT_2PI)
+    # dx = dy (Phi(x) + x phi(x)) = (dy + dy out) / 2        (chunk)
+    torch.addcmul(dy, dy, out, out=out).mul_(0.5)
+
+
+def _gelu_tanh_body(out, tmp, x, dy):
+    # out = t = tanh(u), u = sqrt(2/pi) x (1 + 0.044715 x^2)   (chunk)
+    torch.mul(x, x, out=out).mul_(_SQRT_2_OVER_PI * _GELU_C).add_(_SQRT_2_OVER_PI).mul_(x).tanh_()
+    # tmp = 1 + x (1 - t) du/dx,  du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)   (chunk)
+    torch.mul(x, x, out=tmp).mul_(3 * _SQRT_2_OVER_PI * _GELU_C).add_(_SQRT_2_OVER_PI).mul_(x)
+    tmp.addcmul_(tmp, out, value=-1).add_(1)
+    # dx = dy f'(x) = dy (1 + t)/2 tmp                       (chunk)
+    out.add_(1).mul_(tmp).mul_(dy).mul_(0.5)
+
+
 def gelu_backward(dy, x, approximate="none"):
+    if approximate in ("none", "tanh") and _plain(dy, x):
+        return _chunked(_gelu_tanh_body if approximate == "tanh" else _gelu_body, dy, x)
     if approximate == "tanh":
         x2 = x.square()
         # t = tanh(u), u = sqrt(2/pi) x (1 + 0.044715 x^2)   (*) like x
@@ -297,7 +368,17 @@ def silu_forward(x, inplace=False):
     return torch.nn.functional.silu(x, inplace)
 
 
+def _silu_body(out, tmp, x, dy):
+    # f'(x) = s + x s (1 - s) = lerp(s, 1, x s),  s = sigmoid(x)   (chunk)
+    torch.sigmoid(x, out=out)
+    out.lerp_(_ones(out), torch.mul(x, out, out=tmp))
+    # dx = dy f'(x)                                           (chunk)
+    out.mul_(dy)
+
+
 def silu_backward(dy, x):
+    if _plain(dy, x):
+        return _chunked(_silu_body, dy, x)
     s = torch.sigmoid(x)
     # f'(x) = s + x s (1 - s) = s (1 + x (1 - s)),  s = sigmoid(x)   (*) like x
     d = (1 - s).mul_(x).add_(1).mul_(s)
@@ -464,7 +545,19 @@ def softplus_forward(x, beta=1.0, threshold=20.0):
     return torch.nn.functional.softplus(x, beta, threshold)
 
 
+def _softplus_body(beta, threshold):
+    def body(out, tmp, x, dy):
+        # out = sigmoid(beta x),  tmp = 1[beta x > threshold]   (chunk)
+        torch.sigmoid(torch.mul(x, beta, out=tmp), out=out)
+        _step_into(tmp, tmp, threshold)
+        # dx = dy where beta x > threshold, else dy sigmoid(beta x)   (chunk)
+        out.lerp_(_ones(out), tmp).mul_(dy)
+    return body
+
+
 def softplus_backward(dy, x, beta, threshold):
+    if _plain(dy, x):
+        return _chunked(_softplus_body(beta, threshold), dy, x)
     bx = x * beta
     # dx = dy where beta x > threshold (y = x there), else dy sigmoid(beta x)   (*) like x
     return torch.lerp(dy * torch.sigmoid(bx), dy, _step(bx, threshold))

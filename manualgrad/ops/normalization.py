@@ -24,6 +24,8 @@ saved intermediate would be a constant for double backward (two extra passes ove
 Forward is torch's own kernel: bit-identical output, torch's argument checks and messages, and
 torch's in-place running-stat update for batch_norm (unbiased variance into running_var).
 """
+import math
+
 import torch
 import torch.nn.functional as TF
 
@@ -95,8 +97,36 @@ def batch_norm_forward(x, running_mean, running_var, w, b, training, momentum, e
     return TF.batch_norm(x, running_mean, running_var, w, b, training, momentum, eps)
 
 
+def _batch_norm_backward_plain(dy, x, w, eps, needs):
+    """batch_norm_backward in training for a plain backward (no graph, no transform): x as (N, C, H),
+    one buffer (dx's) for x_hat, dy x_hat and dx (see _layer_norm_backward_plain)."""
+    n, c = x.shape[:2]
+    x3, dy3 = x.reshape(n, c, -1), dy.reshape(n, c, -1)
+    m = x3.numel() // c
+    # mean = mean_D(x),  r = 1 / sqrt(|x - mean|^2 / M + eps)          (1, C, 1)
+    mean = x3.mean((0, 2), keepdim=True)
+    buf = x3 - mean
+    # (a norm over dims (0, 2) at once runs ~8x slower on CPU than per row, then over N)
+    r = torch.linalg.vector_norm(buf, dim=2, keepdim=True).square_().sum(0, keepdim=True).div_(m).add_(eps).rsqrt_()
+    # buf = dy x_hat                                                   (N, C, H)
+    buf.mul_(r).mul_(dy3)
+    # sdyx = sum_D dy x_hat,  sdy = sum_D dy                          (1, C, 1)
+    sdyx = buf.sum((0, 2), keepdim=True)
+    sdy = dy3.sum((0, 2), keepdim=True)
+    dx = None
+    if needs[0]:
+        # dx = r w (dy - sdy / M - x_hat sdyx / M),  x_hat = (x - mean) r    (N, C, H) -> like x
+        torch.sub(x3, mean, out=buf)
+        buf.mul_(sdyx * r / -m).add_(dy3).sub_(sdy / m)
+        dx = buf.mul_(r if w is None else r * w.view(1, c, 1)).view(x.shape)
+    # dw = sum_D dy x_hat,  db = sum_D dy                              (C,)
+    return dx, (sdyx.view(c) if needs[1] else None), (sdy.view(c) if needs[2] else None)
+
+
 def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, needs=(True, True, True)):
     """Gradients (dx, dw, db). ``training``: normalized with the batch stats (else the running ones)."""
+    if training and can_write_inplace(dy, x, w):
+        return _batch_norm_backward_plain(dy, x, w, eps, needs)
     dims, shape = _channel_dims(x)
     if training:
         x_hat, r = _stats(x, dims, eps)
@@ -199,8 +229,59 @@ def layer_norm_forward(x, normalized_shape, w, b, eps):
     return TF.layer_norm(x, normalized_shape, w, b, eps)
 
 
+_CHUNK = 1 << 18  # elements of a row block: a block's few buffers stay in the cache
+
+
+def _layer_norm_backward_plain(dy, x, w, normalized_shape, eps, needs):
+    """layer_norm_backward for a plain backward (no graph, no transform), on rows of S = prod(normalized_shape).
+
+    Blocks of rows, so that the dozen passes below run in the cache; one buffer per block, dx's,
+    holds x_hat, then dy x_hat (for the reductions), then dx (a fresh CPU tensor costs page faults);
+    the row reductions with w are matrix-vector products."""
+    s = math.prod(normalized_shape)
+    x2, dy2 = x.reshape(-1, s), dy.reshape(-1, s)
+    w1 = None if w is None else w.reshape(s)
+    rows = x2.shape[0]
+    dx = torch.empty_like(x2) if needs[0] else None
+    dw = x2.new_zeros(s) if needs[1] else None
+    db = x2.new_zeros(s) if needs[2] else None
+    step = max(1, _CHUNK // max(s, 1))
+    scratch = None if needs[0] else x2.new_empty(min(rows, step), s)
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        xb, dyb = x2[i:j], dy2[i:j]
+        buf = dx[i:j] if needs[0] else scratch[: j - i]
+        # mean = mean_S(x),  r = 1 / sqrt(|x - mean|^2 / S + eps)      (B, 1)
+        mean = xb.mean(-1, keepdim=True)
+        torch.sub(xb, mean, out=buf)
+        r = torch.linalg.vector_norm(buf, dim=-1, keepdim=True).square_().div_(s).add_(eps).rsqrt_()
+        # buf = p = dy x_hat = dy (x - mean) r                         (B, S)
+        buf.mul_(r).mul_(dyb)
+        if needs[1]:
+            # dw = sum_R dy x_hat                                      S
+            dw += buf.sum(0)
+        if needs[2]:
+            # db = sum_R dy                                            S
+            db += dyb.sum(0)
+        if needs[0]:
+            # a = mean_S(g), b = mean_S(g x_hat),  g = dy w            (B, 1)
+            a = (dyb.sum(-1) if w1 is None else dyb @ w1).unsqueeze(-1).div_(s)
+            b = (buf.sum(-1) if w1 is None else buf @ w1).unsqueeze(-1).div_(s)
+            # dx = r (g - a - b x_hat) = r (g - a - r b (x - mean))    (B, S)
+            torch.sub(xb, mean, out=buf)
+            buf.mul_(b.mul_(r).neg_()).sub_(a)
+            buf = buf.add_(dyb) if w1 is None else buf.addcmul_(dyb, w1)
+            buf.mul_(r)
+    dx = None if dx is None else dx.view(x.shape)
+    dw = None if dw is None else dw.view(normalized_shape)
+    db = None if db is None else db.view(normalized_shape)
+    return dx, dw, db
+
+
 def layer_norm_backward(dy, x, w, normalized_shape, eps, needs=(True, True, True), center=True):
     """Gradients (dx, dw, db) of layer_norm; ``center=False`` is rms_norm's (no mean, no bias)."""
+    if center and can_write_inplace(dy, x, w):
+        return _layer_norm_backward_plain(dy, x, w, tuple(normalized_shape), eps, needs)
     dims, lead = _trailing_dims(x, normalized_shape)
     x_hat, r = _stats(x, dims, eps, center)
     dx = dw = db = None
@@ -309,7 +390,41 @@ def group_norm_forward(x, num_groups, w, b, eps):
     return TF.group_norm(x, num_groups, w, b, eps)
 
 
+def _group_norm_backward_plain(dy, x, w, num_groups, eps, needs):
+    """group_norm_backward for a plain backward (no graph, no transform): x as (N, G, C/G, H), one
+    buffer (dx's) for x_hat, dy x_hat and dx (see _layer_norm_backward_plain)."""
+    n, c = x.shape[:2]
+    g, cg = num_groups, x.shape[1] // num_groups
+    x4, dy4 = x.reshape(n, g, cg, -1), dy.reshape(n, g, cg, -1)
+    k = x4[0, 0].numel()
+    # mean = mean_K(x),  r = 1 / sqrt(|x - mean|^2 / K + eps)          (N, G, 1, 1)
+    mean = x4.mean((2, 3), keepdim=True)
+    buf = x4 - mean
+    r = torch.linalg.vector_norm(buf, dim=(2, 3), keepdim=True).square_().div_(k).add_(eps).rsqrt_()
+    # buf = dy x_hat                                                   (N, G, C/G, H)
+    buf.mul_(r).mul_(dy4)
+    # per (sample, channel): sum_H dy x_hat, sum_H dy                  (N, G, C/G, 1)
+    ps, dys = buf.sum(3, keepdim=True), dy4.sum(3, keepdim=True)
+    dx = None
+    if needs[0]:
+        w4 = None if w is None else w.view(1, g, cg, 1)
+        # a = mean_K(dy w), b = mean_K(dy w x_hat)                     (N, G, 1, 1)
+        a = (dys if w4 is None else dys * w4).sum(2, keepdim=True).div_(k)
+        b = (ps if w4 is None else ps * w4).sum(2, keepdim=True).div_(k)
+        # dx = r (dy w - a - r b (x - mean))                           (N, G, C/G, H) -> like x
+        torch.sub(x4, mean, out=buf)
+        buf.mul_(b.mul_(r).neg_()).sub_(a)
+        buf = buf.add_(dy4) if w4 is None else buf.addcmul_(dy4, w4)
+        dx = buf.mul_(r).view(x.shape)
+    # dw = sum over N and H of dy x_hat,  db = sum over N and H of dy  (C,)
+    dw = ps.sum(0).view(c) if needs[1] else None
+    db = dys.sum(0).view(c) if needs[2] else None
+    return dx, dw, db
+
+
 def group_norm_backward(dy, x, w, num_groups, eps, needs=(True, True, True)):
+    if can_write_inplace(dy, x, w):
+        return _group_norm_backward_plain(dy, x, w, num_groups, eps, needs)
     n = x.shape[0]
     dims, shape = _channel_dims(x)
     # x as (N, G, K), K = C/G * prod(*): one statistic per (sample, group)

@@ -525,3 +525,16 @@ def test_new_activation_modules_are_drop_ins(name, kwargs):
     assert_same_as_torch(lambda t: ours(t * 1), lambda t: th(t * 1), x)
     model = mg.convert(torch.nn.Sequential(getattr(torch.nn, name)(**kwargs)))
     assert type(model[0]) is getattr(mnn, name)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}), ("elu", {"alpha": 0.7}),
+     ("leaky_relu", {"negative_slope": 0.2}), ("softplus", {"beta": 2.0, "threshold": 1.0})],
+)
+def test_plain_backward_matches_torch_across_chunks(name, kwargs):
+    # 2 ** 17 + 5 elements per row block: the plain (no create_graph) backward runs in several
+    # chunks of a scratch buffer, the last one short; a non-contiguous input is flattened first
+    x = torch.randn(3, 2**17 + 5, requires_grad=True)
+    assert_same_as_torch(getattr(F, name), getattr(TF, name), x, **kwargs)
+    assert_same_as_torch(getattr(F, name), getattr(TF, name), noncontiguous(torch.randn(5, 30001)).requires_grad_(), **kwargs)

@@ -445,3 +445,13 @@ def test_convert_swaps_torch_normalization_modules():
     x = torch.randn(2, 3, 4, requires_grad=True)
     assert_same_as_torch(model[5], ref[5], x, **TOL)
     assert_same_as_torch(model[0], ref[0], x, **TOL)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_plain_backward_matches_torch_across_row_blocks(affine):
+    # 2 ** 18 // 257 rows per block in the plain (no create_graph) backward: several blocks, the
+    # last one short, and dw / db summed over all of them (2100 float32 terms, summed in another
+    # order than torch's: atol 1e-4)
+    x = torch.randn(3, 700, 257, requires_grad=True)
+    w, b = (torch.randn(257, requires_grad=True), torch.randn(257, requires_grad=True)) if affine else (None, None)
+    assert_same_as_torch(F.layer_norm, TF.layer_norm, x, (257,), w, b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,95 @@
+"""Forward + backward time of manualgrad's normalization and activation ops against torch's.
+
+Prints ours / torch for each op at a realistic size (single thread by default). Each rep times
+one forward and backward of ours and of torch in alternation; the ratio is of the medians, so a
+neighbour that loads the CPU for a while hits both sides alike.
+
+    python benchmarks/bench_ops.py [--reps 200] [--threads 1]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as TF
+
+import manualgrad.functional as F
+
+
+def cases():
+    def ln_inputs():
+        x = torch.randn(64, 128, 256, requires_grad=True)
+        w = torch.randn(256, requires_grad=True)
+        b = torch.randn(256, requires_grad=True)
+        return (x, w, b)
+
+    def gn_inputs():
+        x = torch.randn(32, 64, 16, 16, requires_grad=True)
+        w = torch.randn(64, requires_grad=True)
+        b = torch.randn(64, requires_grad=True)
+        return (x, w, b)
+
+    def bn_inputs():
+        x = torch.randn(32, 64, 16, 16, requires_grad=True)
+        w = torch.randn(64, requires_grad=True)
+        b = torch.randn(64, requires_grad=True)
+        return (x, w, b)
+
+    def act_inputs():
+        return (torch.randn(64, 128, 1024, requires_grad=True),)
+
+    def bn(mod):
+        return lambda x, w, b: mod.batch_norm(x, torch.zeros(64), torch.ones(64), w, b, True, 0.1, 1e-5)
+
+    return [
+        ("layer_norm (64,128,256)", lambda x, w, b: F.layer_norm(x, (256,), w, b),
+         lambda x, w, b: TF.layer_norm(x, (256,), w, b), ln_inputs),
+        ("group_norm (32,64,16,16) G=8", lambda x, w, b: F.group_norm(x, 8, w, b),
+         lambda x, w, b: TF.group_norm(x, 8, w, b), gn_inputs),
+        ("batch_norm train (32,64,16,16)", bn(F), bn(TF), bn_inputs),
+        ("gelu none (64,128,1024)", lambda x: F.gelu(x), lambda x: TF.gelu(x), act_inputs),
+        ("gelu tanh (64,128,1024)", lambda x: F.gelu(x, approximate="tanh"),
+         lambda x: TF.gelu(x, approximate="tanh"), act_inputs),
+        ("silu (64,128,1024)", lambda x: F.silu(x), lambda x: TF.silu(x), act_inputs),
+        ("elu (64,128,1024)", lambda x: F.elu(x), lambda x: TF.elu(x), act_inputs),
+        ("leaky_relu (64,128,1024)", lambda x: F.leaky_relu(x), lambda x: TF.leaky_relu(x), act_inputs),
+        ("softplus (64,128,1024)", lambda x: F.softplus(x), lambda x: TF.softplus(x), act_inputs),
+    ]
+
+
+def _time(fn, inputs, dy):
+    for t in inputs:
+        t.grad = None
+    t0 = time.perf_counter()
+    fn(*inputs).backward(dy)
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", default="")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"{'op':34s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>7s}")
+    for name, ours, ref, make in cases():
+        if args.only and args.only not in name:
+            continue
+        inputs = make()
+        with torch.no_grad():
+            dy = torch.randn_like(ref(*inputs))
+        for _ in range(3):
+            _time(ours, inputs, dy)
+            _time(ref, inputs, dy)
+        to, tt = [], []
+        for _ in range(args.reps):
+            to.append(_time(ours, inputs, dy))
+            tt.append(_time(ref, inputs, dy))
+        mo, mt = statistics.median(to), statistics.median(tt)
+        print(f"{name:34s} {mo * 1e3:9.2f} {mt * 1e3:9.2f} {mo / mt:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
