@@ -4,6 +4,7 @@ Single process or DistributedDataParallel under torchrun (gloo on CPU, nccl on G
 DistributedSampler in both cases so that N processes with batch B see exactly the batches
 one process with batch N*B sees. Only rank 0 logs, evaluates and writes checkpoints.
 """
+import contextlib
 import os
 import sys
 import time
@@ -215,7 +216,7 @@ def run(args):
             idx = order[micro * args.batch_size : (micro + 1) * args.batch_size]
             xb, yb = xtr[idx].to(device, non_blocking=True), ytr[idx].to(device, non_blocking=True)
             last_micro = (micro + 1) % args.accum_steps == 0
-            sync = net.no_sync() if world > 1 and not last_micro else _nullcontext()
+            sync = net.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
             with sync:
                 out = net(xb)
                 loss = loss_fn(out, yb)
@@ -268,11 +269,3 @@ def run(args):
         dist.barrier()
         dist.destroy_process_group()
     return {"eval_accuracy": eval_acc, "step": step, "model": model}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
