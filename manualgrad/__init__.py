@@ -10,6 +10,9 @@
 """
 from . import functional, monitor, nn, ops, optim, testing, utils
 from .convert import convert, supported_modules
+from .ops._apply import register_traceable as _register_traceable
+
+_register_traceable()  # every Function's torch.compile twin (see ops/_apply.py)
 
 __version__ = "0.1.0"
 __all__ = ["functional", "monitor", "nn", "ops", "optim", "testing", "utils", "convert", "supported_modules"]

@@ -1,13 +1,20 @@
-"""apply(Fn, *args): ``Fn.apply(*args)`` without the per-call argument binding.
+"""apply(Fn, *args): ``Fn.apply(*args)``, fast in eager mode and traceable by torch.compile.
 
-``torch.autograd.Function.apply`` binds every call's arguments to ``forward``'s signature
-with ``inspect.signature`` when ``setup_context`` is defined (for defaults and keywords).
-manualgrad's functional twins always pass every argument positionally, so the binding is a
-no-op that costs about 8 us a call, several times that when it runs with caches cold
-between large kernels: measurably slower steps on small networks (see benchmarks/).
+Eager: ``torch.autograd.Function.apply`` binds every call's arguments to ``forward``'s
+signature with ``inspect.signature`` when ``setup_context`` is defined (for defaults and
+keywords). manualgrad's functional twins always pass every argument positionally, so the
+binding is a no-op that costs about 8 us a call, several times that when it runs with caches
+cold between large kernels: measurably slower steps on small networks (see benchmarks/).
+``apply`` calls the C-level apply directly.
 
-Under torch.compile and torch.func transforms this is ``Fn.apply`` itself, so Dynamo and
-functorch see the standard path.
+torch.compile: Dynamo refuses to trace a Function that defines a custom ``jvp`` (a graph
+break at every op). Forward-mode AD does not exist inside a compiled graph anyway, so under
+compile ``apply`` runs each Function's *traceable twin*: a subclass identical but for ``jvp``,
+made once per Function by ``register_traceable`` when manualgrad is imported. Dynamo then
+traces forward + setup_context into the graph and the hand-written backward into the
+compiled backward graph.
+
+Under torch.func transforms it is ``Fn.apply`` itself, so functorch sees the standard path.
 """
 import torch
 
@@ -20,6 +27,38 @@ except (ImportError, AttributeError, KeyError):  # a torch without them: the sta
 
 
 def apply(fn, *args):
-    if _base_apply is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling():
+        return fn._traceable_apply(*args)
+    if _base_apply is None or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return _base_apply.__get__(None, fn)(*_unwrap_dead_wrappers(args))
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def _traceable_apply(twin):
+    # A staticmethod: the one kind of attribute Dynamo resolves on a Function class.
+    return staticmethod(lambda *args: twin.apply(*args))
+
+
+def register_traceable(package="manualgrad"):
+    """Give every Function defined in ``package`` its traceable twin, as ``Fn._traceable_apply``.
+
+    Idempotent, and each class gets its own (a subclass never runs its parent's twin). A
+    Function without a custom jvp is its own twin."""
+    for fn in list(_subclasses(torch.autograd.Function)):
+        if not fn.__module__.startswith(package + ".") or "_traceable_apply" in fn.__dict__:
+            continue
+        if fn.jvp is torch.autograd.Function.jvp:
+            fn._traceable_apply = _traceable_apply(fn)
+            continue
+        twin = type(fn.__name__, (fn,), {
+            "jvp": torch.autograd.Function.jvp,  # the only difference: no custom jvp
+            "__module__": fn.__module__,
+            "__qualname__": fn.__qualname__,
+        })
+        twin._traceable_apply = fn._traceable_apply = _traceable_apply(twin)

@@ -58,7 +58,10 @@ def reduce_backward(dout, shape, reduction):
 
 def is_transformed(t):
     """t is seen through a transform: functorch (vmap, grad, jvp) or the legacy vmap that
-    gradcheck's batched-gradient checks use."""
+    gradcheck's batched-gradient checks use. Under torch.compile Dynamo traces through
+    transforms itself (and cannot trace these checks): never transformed there."""
+    if torch.compiler.is_compiling():
+        return False
     functorch = torch._C._functorch
     return functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t)
 
@@ -71,7 +74,7 @@ def can_write_inplace(*operands):
     (vmap cannot write a batched operand into an unbatched temporary) and one dtype for all
     (in-place arithmetic never promotes). Saves an allocation and a pass in plain backward.
     """
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled: the compiler plans buffers
         return False
     dtype = None
     for t in operands:

@@ -35,7 +35,8 @@ def relu_backward(dy, y):
 class ReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, inplace):
-        return relu_forward(x, inplace)
+        y = relu_forward(x, inplace)
+        return x if inplace else y  # in place: the input object itself (Dynamo checks that)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -149,7 +150,8 @@ def leaky_relu_backward(dy, t, negative_slope):
 class LeakyReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, negative_slope, inplace):
-        return leaky_relu_forward(x, negative_slope, inplace)
+        y = leaky_relu_forward(x, negative_slope, inplace)
+        return x if inplace else y
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -232,7 +234,8 @@ def elu_backward_from_output(dy, y, alpha):
 class ELUFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, alpha, inplace):
-        return elu_forward(x, alpha, inplace)
+        y = elu_forward(x, alpha, inplace)
+        return x if inplace else y
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -399,7 +402,8 @@ class SiLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, inplace, x0):
-        return silu_forward(x, inplace)
+        y = silu_forward(x, inplace)
+        return x if inplace else y
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -635,7 +639,8 @@ class _CopyInplaceFunction(torch.autograd.Function):
 
     @classmethod
     def forward(cls, x, inplace, x0):
-        return cls._forward(x, inplace)
+        y = cls._forward(x, inplace)
+        return x if inplace else y
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -100,7 +100,8 @@ class DropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, p, inplace, vmap_dims):
-        return dropout_forward(x, p, inplace, vmap_dims)
+        y, packed = dropout_forward(x, p, inplace, vmap_dims)
+        return (x if inplace else y), packed  # in place: the input object itself (Dynamo checks that)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

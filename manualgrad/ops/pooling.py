@@ -22,7 +22,6 @@ import math
 
 import torch
 import torch.nn.functional as TF
-from torch.nn.modules.utils import _list_with_default
 
 from ._apply import apply
 
@@ -34,6 +33,16 @@ def _tuple(v, d):
     v = tuple(v)
     return v * d if len(v) == 1 else v
 
+
+def _list_with_default(output_size, input_size):
+    """torch's rule for adaptive output sizes: None keeps the input's size in that dim (an int passes through).
+
+    Written here rather than imported from torch.nn.modules.utils, which torch.compile does not trace."""
+    if isinstance(output_size, (int, torch.SymInt)):
+        return output_size
+    if len(input_size) <= len(output_size):
+        raise ValueError(f"Input dimension should be at least {len(output_size) + 1}")
+    return [n if o is None else o for o, n in zip(output_size, input_size[-len(output_size):])]
 
 # ---------------------------------------------------------------------------------------------
 # max pooling (and adaptive max pooling): y[w] = x[idx[w]]
