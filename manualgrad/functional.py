@@ -48,6 +48,9 @@ from .ops.normalization import batch_norm, group_norm, layer_norm, rms_norm
 from .ops.attention import scaled_dot_product_attention
 from .ops.embedding import embedding
 
+# tensor-level products (torch.matmul, mm, bmm, addmm, baddbmm)
+from .ops.matmul import addmm, baddbmm, bmm, matmul, mm
+
 # fused linear + cross-entropy
 from .ops.linear_cross_entropy import linear_cross_entropy
 
