@@ -440,7 +440,8 @@ class GradientMonitor:
         f, _, _, kind, name = cands[0]
         msg = (f"GradientMonitor: non-finite {kind} in module '{name}' first at step {int(f)} "
                f"(checked at step {n}; {len(cands)} module statistic(s) affected)")
-        self.first_nonfinite = (name, kind, int(f))
+        if self.first_nonfinite is None:  # the run's first, not the latest report
+            self.first_nonfinite = (name, kind, int(f))
         if self.rank == 0:
             self.writer.flush()
         if self.on_nonfinite == "raise":

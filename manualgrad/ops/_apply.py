@@ -15,6 +15,21 @@ traces forward + setup_context into the graph and the hand-written backward into
 compiled backward graph.
 
 Under torch.func transforms it is ``Fn.apply`` itself, so functorch sees the standard path.
+
+Autocast: every Function declares ``autocast``, what torch's autocast lists do with the op it
+implements (ATen's autocast_mode.cpp). Inside an autocast region ``apply`` casts the floating
+tensor arguments accordingly and runs the Function with autocast off, so its hand-written
+forward and backward compute in exactly the dtypes chosen here (nothing inside is re-cast):
+
+- ``LOWER``: the autocast dtype (bfloat16 / float16): matmuls, convolutions, attention.
+- ``FLOAT32``: float32: the losses.
+- ``FLOAT32_ON_CUDA``: float32 on CUDA, the input's dtype elsewhere (softmax, log_softmax,
+  the norms, softplus): torch's CPU list leaves them alone, its CUDA list runs them in float32.
+- ``INPUT``: no cast, the dtype the input arrives in (the other elementwise ops, pooling,
+  dropout, embedding); ops with float32 parameters (the norms) mix dtypes like torch's kernels.
+
+As torch recommends, call backward outside the autocast region; the casts are ordinary
+autograd ops, so gradients reach float32 leaves in float32.
 """
 import torch
 
@@ -26,7 +41,32 @@ except (ImportError, AttributeError, KeyError):  # a torch without them: the sta
     _base_apply = None
 
 
+INPUT, LOWER, FLOAT32, FLOAT32_ON_CUDA = "input", "lower", "float32", "float32 on cuda"
+
+
+def _autocast_dtype(policy, device_type):
+    if policy == LOWER:
+        return torch.get_autocast_dtype(device_type)
+    if policy == FLOAT32 or (policy == FLOAT32_ON_CUDA and device_type == "cuda"):
+        return torch.float32
+    return None
+
+
+def _autocast_device(args):
+    """The device type whose autocast applies to this call, or None when it is off."""
+    device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    return device_type if torch.is_autocast_enabled(device_type) else None
+
+
 def apply(fn, *args):
+    if torch._C._is_any_autocast_enabled():
+        device_type = _autocast_device(args)
+        if device_type is not None:
+            dtype = _autocast_dtype(fn.autocast, device_type)
+            if dtype is not None:
+                args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            with torch.autocast(device_type, enabled=False):
+                return apply(fn, *args)
     if torch.compiler.is_compiling():
         return fn._traceable_apply(*args)
     if _base_apply is None or torch._C._are_functorch_transforms_active():

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._apply import apply
+from ._apply import FLOAT32_ON_CUDA, INPUT, apply
 from ._checks import can_write_inplace
 
 
@@ -33,6 +33,7 @@ def relu_backward(dy, y):
 
 
 class ReLUFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     @staticmethod
     def forward(x, inplace):
         y = relu_forward(x, inplace)
@@ -148,6 +149,7 @@ def leaky_relu_backward(dy, t, negative_slope):
 
 
 class LeakyReLUFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     @staticmethod
     def forward(x, negative_slope, inplace):
         y = leaky_relu_forward(x, negative_slope, inplace)
@@ -232,6 +234,7 @@ def elu_backward_from_output(dy, y, alpha):
 
 
 class ELUFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     @staticmethod
     def forward(x, alpha, inplace):
         y = elu_forward(x, alpha, inplace)
@@ -335,6 +338,7 @@ def gelu_backward(dy, x, approximate="none"):
 
 
 class GELUFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -399,6 +403,7 @@ class SiLUFunction(torch.autograd.Function):
     be a constant for double backward). The gradient goes to x0 (and through the clone to x's
     history); the overwritten x gets None. Out of place, x0 is None and x is saved.
     """
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
 
     @staticmethod
     def forward(x, inplace, x0):
@@ -475,6 +480,7 @@ def tanh_backward(dy, y):
 
 
 class TanhFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -515,6 +521,7 @@ def sigmoid_backward(dy, y):
 
 
 class SigmoidFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -568,6 +575,7 @@ def softplus_backward(dy, x, beta, threshold):
 
 
 class SoftplusFunction(torch.autograd.Function):
+    autocast = FLOAT32_ON_CUDA  # autocast: float32 on CUDA, input dtype on CPU (torch's lists)
     generate_vmap_rule = True
 
     @staticmethod
@@ -636,6 +644,7 @@ class _CopyInplaceFunction(torch.autograd.Function):
     """``apply(x, inplace, x0)`` for y = f(x) whose output does not determine x: out of
     place, x is saved; in place, ``x0``, a differentiable clone of x made before the call
     (see SiLUFunction). Subclasses set ``_forward``, ``_backward`` (pure functions) and ``_name``."""
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
 
     @classmethod
     def forward(cls, x, inplace, x0):
@@ -730,6 +739,7 @@ def glu_jvp(dx, x, dim):
 
 
 class GLUFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ._apply import apply
+from ._apply import LOWER, apply
 from ._checks import can_write_inplace, is_transformed
 from .softmax import softmax_backward, softmax_jvp
 
@@ -175,6 +175,7 @@ def sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, dropout_p, is_causal, scale, enab
 class ScaledDotProductAttentionFunction(torch.autograd.Function):
     """``apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed)``: seed is the
     dropout generator's seed (drawn by the functional from torch's global generator)."""
+    autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list)
 
     generate_vmap_rule = True
 

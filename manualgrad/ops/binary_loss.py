@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as TF
 from torch.nn import _reduction as _legacy
 
-from ._apply import apply
+from ._apply import FLOAT32, apply
 from ._checks import can_inspect_values, can_write_inplace, get_reduction, is_transformed, reduce_backward, reduce_forward
 
 # torch's constants: each log in the BCE loss is floored at -100, and x (1 - x) in its
@@ -118,6 +118,7 @@ def binary_cross_entropy_jvp(dx, dt, x, t, w=None, reduction="mean"):
 
 
 class BinaryCrossEntropyFunction(torch.autograd.Function):
+    autocast = FLOAT32  # autocast: in float32 (torch's float32 list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -169,7 +170,8 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
         )
     if not input.is_floating_point():
         raise NotImplementedError(f'"binary_cross_entropy" not implemented for {input.dtype}')
-    if target.dtype != input.dtype:
+    # under autocast, apply casts input and target to float32 first (torch's float32 list)
+    if target.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
         raise RuntimeError(
             f"binary_cross_entropy: target dtype {target.dtype} differs from input dtype {input.dtype}"
         )
@@ -239,6 +241,7 @@ def binary_cross_entropy_with_logits_jvp(dx, dt, x, t, w=None, pw=None, reductio
 
 
 class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
+    autocast = FLOAT32  # autocast: in float32 (torch's float32 list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -362,6 +365,7 @@ def kl_div_jvp(dx, dt, x, t, log_target=False, reduction="mean", batch_size=None
 
 
 class KLDivFunction(torch.autograd.Function):
+    autocast = FLOAT32  # autocast: in float32 (torch's float32 list)
     generate_vmap_rule = True
 
     @staticmethod

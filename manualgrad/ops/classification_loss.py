@@ -27,7 +27,7 @@ recompute softmax in backward; torch saves log_softmax(x) instead, the same byte
 """
 import torch
 
-from ._apply import apply
+from ._apply import FLOAT32, apply
 from ._checks import can_inspect_values, can_write_inplace, get_reduction
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +230,7 @@ def nll_loss_jvp(dx, target, weight, reduction, ignore_index, masked):
 
 
 class NLLLossFunction(torch.autograd.Function):
+    autocast = FLOAT32  # autocast: in float32 (torch's float32 list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -342,6 +343,7 @@ def cross_entropy_jvp(dx, x, target, weight, reduction, ignore_index, eps, maske
 
 class CrossEntropyFunction(torch.autograd.Function):
     """cross_entropy with class-index targets: log_softmax and nll fused into one step."""
+    autocast = FLOAT32  # autocast: in float32 (torch's float32 list)
 
     generate_vmap_rule = True
 
@@ -442,6 +444,7 @@ def cross_entropy_probs_jvp(dx, dt, dw, x, target, weight, reduction, eps):
 
 class CrossEntropyProbsFunction(torch.autograd.Function):
     """cross_entropy with class-probability targets; differentiable in x, target and weight."""
+    autocast = FLOAT32  # autocast: in float32 (torch's float32 list)
 
     generate_vmap_rule = True
 

@@ -23,7 +23,7 @@ import itertools
 import torch
 import torch.nn.functional as TF
 
-from ._apply import apply
+from ._apply import LOWER, apply
 
 _CONV = {1: TF.conv1d, 2: TF.conv2d}
 _CONV_T = {1: TF.conv_transpose1d, 2: TF.conv_transpose2d}
@@ -143,6 +143,7 @@ def conv_jvp(dx, dw, db, x, w, out_shape, stride, padding, extra, dilation, grou
 
 class ConvFunction(torch.autograd.Function):
     """conv1d / conv2d (the weight's dim says which) with explicit padding (pl, extra)."""
+    autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list)
 
     generate_vmap_rule = True
 

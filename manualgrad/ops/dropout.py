@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._apply import apply
+from ._apply import INPUT, apply
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +97,7 @@ def _unpack_mask(packed, mask_shape, vmap_dims):
 
 class DropoutFunction(torch.autograd.Function):
     """Outputs (y, packed mask); the mask output is non-differentiable, for setup_context."""
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
 
     @staticmethod
     def forward(x, p, inplace, vmap_dims):

@@ -14,7 +14,7 @@ backward needs nothing more: autograd differentiates index_add with respect to d
 """
 import torch
 
-from ._apply import apply
+from ._apply import INPUT, apply
 from ._checks import is_transformed
 
 
@@ -43,6 +43,7 @@ def embedding_backward(dy, idx, num, padding_idx=None, scale_grad_by_freq=False)
 
 
 class EmbeddingFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod

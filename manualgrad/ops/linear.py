@@ -5,7 +5,7 @@ leading dims, including none (a single vector x of shape (in,)).
 """
 import torch
 
-from ._apply import apply
+from ._apply import LOWER, apply
 
 
 def linear_forward(x, w, b=None):
@@ -49,6 +49,7 @@ def linear_jvp(dx, dw, db, x, w):
 
 
 class LinearFunction(torch.autograd.Function):
+    autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list)
     generate_vmap_rule = True
 
     @staticmethod

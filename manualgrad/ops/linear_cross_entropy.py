@@ -31,7 +31,7 @@ cast back to the input's dtype at the end.
 """
 import torch
 
-from ._apply import apply
+from ._apply import LOWER, apply
 from ._checks import can_inspect_values, get_reduction, is_transformed
 from .classification_loss import (
     _check_index_target,
@@ -287,6 +287,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Outputs (loss, dx, dW, db): the last three are the forward's precomputed gradients
     (None unless reduction is "mean"/"sum" and a graph is recorded), non-differentiable and
     saved for backward; the functional returns only the loss."""
+    autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list)
 
     generate_vmap_rule = True
 
@@ -422,8 +423,9 @@ def linear_cross_entropy(
                              label_smoothing=label_smoothing)
 
     eps = _check_label_smoothing(label_smoothing)
+    autocast = torch.is_autocast_enabled(input.device.type)  # then apply casts all to one dtype
     for name, p in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if p is not None and p.dtype != input.dtype:
+        if p is not None and p.dtype != input.dtype and not autocast:
             raise RuntimeError(
                 f"linear_cross_entropy: expected {name} of the input's dtype {input.dtype}, got {p.dtype}"
             )
@@ -441,4 +443,6 @@ def linear_cross_entropy(
         needs = needs if any(needs) else None
     loss = apply(LinearCrossEntropyFunction, input, linear_weight, linear_bias, target, weight, reduction,
                  ignore_index, eps, masked, rows, needs)[0]
+    if autocast:  # the products ran in the autocast dtype; the loss is float32, as torch's cross_entropy's
+        loss = loss.float()
     return loss.squeeze(0) if unbatched and reduction == "none" else loss

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as TF
 
-from ._apply import apply
+from ._apply import FLOAT32_ON_CUDA, INPUT, apply
 from ._checks import can_write_inplace
 
 
@@ -123,6 +123,23 @@ def _batch_norm_backward_plain(dy, x, w, eps, needs):
     return dx, (sdyx.view(c) if needs[1] else None), (sdy.view(c) if needs[2] else None)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def in_float32(backward, dy, x, w, *args):
+    """Run a norm's backward in float32 when x is float16/bfloat16, as torch's norm kernels do.
+
+    The backward's row means of dy and dy x_hat cancel to small differences that 8 bits of
+    mantissa cannot hold (bfloat16 layer_norm gradients would be off by tens of percent).
+    dx comes back in x's dtype, dw and db in w's, like torch's."""
+    if x.dtype not in _LOW_PRECISION:
+        return backward(dy, x, w, *args)
+    dx, dw, db = backward(dy.float(), x.float(), None if w is None else w.float(), *args)
+    pdtype = x.dtype if w is None else w.dtype
+    return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(pdtype),
+            None if db is None else db.to(pdtype))
+
+
 def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, needs=(True, True, True)):
     """Gradients (dx, dw, db). ``training``: normalized with the batch stats (else the running ones)."""
     if training and can_write_inplace(dy, x, w):
@@ -177,6 +194,7 @@ def batch_norm_jvp(dx, dw, db, x, w, running_mean, running_var, training, eps):
 class BatchNormFunction(torch.autograd.Function):
     """apply(x, running_mean, running_var, w, b, training, momentum, eps). The running stats are
     buffers: updated in place in training, never differentiated (None gradients, as torch)."""
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
 
     generate_vmap_rule = True
 
@@ -198,7 +216,7 @@ class BatchNormFunction(torch.autograd.Function):
         x, w, running_mean, running_var = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[0], w is not None and need[3], ctx.has_bias and need[4])
-        dx, dw, db = batch_norm_backward(dy, x, w, running_mean, running_var, ctx.training, ctx.eps, needs)
+        dx, dw, db = in_float32(batch_norm_backward, dy, x, w, running_mean, running_var, ctx.training, ctx.eps, needs)
         return dx, None, None, dw, db, None, None, None
 
     @staticmethod
@@ -307,6 +325,7 @@ def layer_norm_jvp(dx, dw, db, x, w, normalized_shape, eps, center=True):
 
 
 class LayerNormFunction(torch.autograd.Function):
+    autocast = FLOAT32_ON_CUDA  # autocast: float32 on CUDA, input dtype on CPU (torch's lists)
     generate_vmap_rule = True
 
     @staticmethod
@@ -325,7 +344,7 @@ class LayerNormFunction(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[0], w is not None and need[2], ctx.has_bias and need[3])
-        dx, dw, db = layer_norm_backward(dy, x, w, ctx.normalized_shape, ctx.eps, needs)
+        dx, dw, db = in_float32(layer_norm_backward, dy, x, w, ctx.normalized_shape, ctx.eps, needs)
         return dx, None, dw, db, None
 
     @staticmethod
@@ -347,6 +366,7 @@ def rms_norm_forward(x, normalized_shape, w, eps):
 
 
 class RMSNormFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (torch's lists name layer_norm and group_norm, not rms_norm)
     generate_vmap_rule = True
 
     @staticmethod
@@ -366,7 +386,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[2], False)
-        dx, dw, _ = layer_norm_backward(dy, x, w, ctx.normalized_shape, ctx.eps, needs, center=False)
+        dx, dw, _ = in_float32(layer_norm_backward, dy, x, w, ctx.normalized_shape, ctx.eps, needs, False)
         return dx, None, dw, None
 
     @staticmethod
@@ -453,6 +473,7 @@ def group_norm_jvp(dx, dw, db, x, w, num_groups, eps):
 
 
 class GroupNormFunction(torch.autograd.Function):
+    autocast = FLOAT32_ON_CUDA  # autocast: float32 on CUDA, input dtype on CPU (torch's lists)
     generate_vmap_rule = True
 
     @staticmethod
@@ -471,7 +492,7 @@ class GroupNormFunction(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[0], w is not None and need[2], ctx.has_bias and need[3])
-        dx, dw, db = group_norm_backward(dy, x, w, ctx.num_groups, ctx.eps, needs)
+        dx, dw, db = in_float32(group_norm_backward, dy, x, w, ctx.num_groups, ctx.eps, needs)
         return dx, None, dw, db, None
 
     @staticmethod

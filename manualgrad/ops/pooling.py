@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as TF
 
-from ._apply import apply
+from ._apply import INPUT, apply
 
 
 def _tuple(v, d):
@@ -90,6 +90,7 @@ def _live_windows(length, out, k, s, p, dil):
 
 
 class MaxPoolFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -134,6 +135,7 @@ class MaxPoolFunction(torch.autograd.Function):
 
 
 class AdaptiveMaxPoolFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -268,6 +270,7 @@ def avg_pool_backward(dy, x_shape, d, k, s, p, count_include_pad, divisor_overri
 
 
 class AvgPoolFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod
@@ -348,6 +351,7 @@ def adaptive_avg_pool_backward(dy, x_shape, d):
 
 
 class AdaptiveAvgPoolFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
     generate_vmap_rule = True
 
     @staticmethod

@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as TF
 
-from ._apply import apply
+from ._apply import FLOAT32, apply
 from ._checks import REDUCTIONS, get_reduction, reduce_backward, reduce_forward
 
 
@@ -208,6 +208,7 @@ def regression_loss_jvp(kind, dinput, dtarget, dweight, input, target, weight, o
 
 class RegressionLossFunction(torch.autograd.Function):
     """out = reduce(weight * l(input - target)) for l one of LOSSES (kind), param beta/delta."""
+    autocast = FLOAT32  # autocast: in float32 (torch's float32 list)
 
     generate_vmap_rule = True
 

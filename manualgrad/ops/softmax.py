@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from ._apply import apply
+from ._apply import FLOAT32_ON_CUDA, apply
 
 
 def _get_softmax_dim(name, ndim, stacklevel):
@@ -71,6 +71,7 @@ softmax_jvp = softmax_backward
 
 
 class SoftmaxFunction(torch.autograd.Function):
+    autocast = FLOAT32_ON_CUDA  # autocast: float32 on CUDA, input dtype on CPU (torch's lists)
     generate_vmap_rule = True
 
     @staticmethod
@@ -129,6 +130,7 @@ def log_softmax_jvp(dx, y, dim):
 
 
 class LogSoftmaxFunction(torch.autograd.Function):
+    autocast = FLOAT32_ON_CUDA  # autocast: float32 on CUDA, input dtype on CPU (torch's lists)
     generate_vmap_rule = True
 
     @staticmethod

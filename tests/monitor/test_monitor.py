@@ -248,6 +248,25 @@ def test_nan_gradient_in_one_layer_is_reported_with_its_name(tmp_path):
     assert nonfinite == {0: 0.0, 5: 1.0}
 
 
+def test_first_nonfinite_keeps_the_runs_first_report_when_later_ones_follow(tmp_path):
+    # `late` goes NaN at step 2, `early` at step 6: first_nonfinite stays ('late', 2).
+    model = DefinedOutOfOrder()
+    opt = Frozen(model.parameters())
+    writer = SummaryWriter(tmp_path)
+    state = {"late": False, "early": False}
+    model.late.weight.register_hook(lambda g: g * math.nan if state["late"] else g)
+    model.early.weight.register_hook(lambda g: g * math.nan if state["early"] else g)
+    with GradientMonitor(model, writer, optimizer=opt, every=5) as mon:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(model, opt, 5, poison=lambda s: state.update(late=(s == 2)))
+            train(model, opt, 6, poison=lambda s: state.update(late=False, early=(s == 1)))  # step 10 is logged
+    writer.close()
+    reports = [str(c.message) for c in caught if "non-finite" in str(c.message)]
+    assert len(reports) == 2 and "'early'" in reports[1]  # the later report names `early`...
+    assert mon.first_nonfinite == ("late", "gradient", 2)  # ...the first one stays
+
+
 @pytest.mark.parametrize("activations", [False, True])
 def test_first_module_in_forward_order_is_reported(tmp_path, activations):
     # NaN weight in `early`: its output, then `late`'s output and both gradients go NaN.
