@@ -52,10 +52,16 @@ def _autocast_dtype(policy, device_type):
     return None
 
 
+def autocast_on(device_type):
+    """True inside an autocast region for this device type (a device without autocast, meta say: False)."""
+    return (torch._C._is_any_autocast_enabled() and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type))
+
+
 def _autocast_device(args):
     """The device type whose autocast applies to this call, or None when it is off."""
     device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-    return device_type if torch.is_autocast_enabled(device_type) else None
+    return device_type if autocast_on(device_type) else None
 
 
 def apply(fn, *args):

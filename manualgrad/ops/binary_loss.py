@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as TF
 from torch.nn import _reduction as _legacy
 
-from ._apply import FLOAT32, apply
+from ._apply import autocast_on, FLOAT32, apply
 from ._checks import can_inspect_values, can_write_inplace, get_reduction, is_transformed, reduce_backward, reduce_forward
 
 # torch's constants: each log in the BCE loss is floored at -100, and x (1 - x) in its
@@ -171,7 +171,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     if not input.is_floating_point():
         raise NotImplementedError(f'"binary_cross_entropy" not implemented for {input.dtype}')
     # under autocast, apply casts input and target to float32 first (torch's float32 list)
-    if target.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+    if target.dtype != input.dtype and not autocast_on(input.device.type):
         raise RuntimeError(
             f"binary_cross_entropy: target dtype {target.dtype} differs from input dtype {input.dtype}"
         )

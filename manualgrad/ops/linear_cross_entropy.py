@@ -31,7 +31,7 @@ cast back to the input's dtype at the end.
 """
 import torch
 
-from ._apply import LOWER, apply
+from ._apply import autocast_on, LOWER, apply
 from ._checks import can_inspect_values, get_reduction, is_transformed
 from .classification_loss import (
     _check_index_target,
@@ -423,7 +423,7 @@ def linear_cross_entropy(
                              label_smoothing=label_smoothing)
 
     eps = _check_label_smoothing(label_smoothing)
-    autocast = torch.is_autocast_enabled(input.device.type)  # then apply casts all to one dtype
+    autocast = autocast_on(input.device.type)  # then apply casts all to one dtype
     for name, p in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if p is not None and p.dtype != input.dtype and not autocast:
             raise RuntimeError(
