@@ -1,0 +1,230 @@
+"""Every manualgrad functional op runs where its inputs are: no op hard-codes the CPU.
+
+Three checks:
+- on every available device (cpu; cuda when present, else skipped) each op's output and every
+  input gradient stay on the input's device and equal torch's;
+- on the ``meta`` device (shapes only, no data: runs on this CPU-only machine) each op's
+  forward and backward give torch's shapes, dtypes and the meta device. A tensor the op made
+  on the CPU by default (``torch.zeros(n)`` with no ``device=``) cannot be mixed with meta
+  tensors, so this fails wherever a CUDA run would;
+- a scan of the source of manualgrad/ops, manualgrad/nn and manualgrad/functional.py finds no
+  CPU literal (``device="cpu"``, ``torch.device("cpu")``, ``.to("cpu")``) and no ``.cpu()``
+  call; comparing a device type with "cpu" to choose a kernel is allowed, as is each entry of
+  ``ALLOWED`` (file and function, with the reason no tensor lands on the CPU there).
+
+``SAMPLES`` holds one call per op, and a test checks it covers ``manualgrad.functional.__all__``,
+so a new op is not left out silently.
+"""
+import ast
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import manualgrad.functional as F
+
+torch.set_num_threads(1)
+ROOT = pathlib.Path(F.__file__).resolve().parent
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _x(*shape):
+    return torch.randn(shape, requires_grad=True)
+
+
+def _probs(*shape):
+    return torch.rand(shape).clamp(0.05, 0.95).requires_grad_(True)
+
+
+def _cls(n, c):
+    return torch.randint(0, c, (n,))
+
+
+# name: (() -> (args, kwargs), torch reference: None for torch.nn.functional's function of the
+# same name); inputs are made on the CPU and moved to the device by the test
+SAMPLES = {
+    "adaptive_avg_pool1d": (lambda: ((_x(2, 3, 7), 3), {}), None),
+    "adaptive_avg_pool2d": (lambda: ((_x(2, 3, 7, 6), (3, 2)), {}), None),
+    "adaptive_max_pool2d": (lambda: ((_x(2, 3, 7, 6), (3, 2)), {}), None),
+    "addmm": (lambda: ((_x(3, 5), _x(3, 4), _x(4, 5)), dict(beta=0.5, alpha=2.0)), torch.addmm),
+    "avg_pool1d": (lambda: ((_x(2, 3, 7), 3, 2), {}), None),
+    "avg_pool2d": (lambda: ((_x(2, 3, 7, 6), 2), dict(padding=1, count_include_pad=False)), None),
+    "baddbmm": (lambda: ((_x(2, 3, 5), _x(2, 3, 4), _x(2, 4, 5)), dict(beta=0.5)), torch.baddbmm),
+    "batch_norm": (lambda: ((_x(4, 3, 5), torch.zeros(3), torch.ones(3), _x(3), _x(3)), dict(training=True)), None),
+    "binary_cross_entropy": (lambda: ((_probs(4, 3), torch.rand(4, 3)), {}), None),
+    "binary_cross_entropy_with_logits": (lambda: ((_x(4, 3), torch.rand(4, 3)), dict(pos_weight=torch.rand(3) + 0.5)), None),
+    "bmm": (lambda: ((_x(2, 3, 4), _x(2, 4, 5)), {}), torch.bmm),
+    "conv1d": (lambda: ((_x(2, 3, 9), _x(4, 3, 3), _x(4)), dict(padding=1)), None),
+    "conv2d": (lambda: ((_x(2, 3, 7, 6), _x(4, 3, 3, 3), _x(4)), dict(stride=2, padding=1)), None),
+    "cross_entropy": (lambda: ((_x(5, 4), _cls(5, 4)), dict(weight=torch.rand(4) + 0.5, label_smoothing=0.1)), None),
+    "dropout": (lambda: ((_x(4, 6), 0.3), {}), None),
+    "elu": (lambda: ((_x(4, 6),), {}), None),
+    "embedding": (lambda: ((torch.tensor([1, 0, 7, 1]), _x(8, 3)), {}), None),
+    "gelu": (lambda: ((_x(4, 6),), dict(approximate="tanh")), None),
+    "glu": (lambda: ((_x(4, 6),), {}), None),
+    "group_norm": (lambda: ((_x(2, 6, 5), 3, _x(6), _x(6)), {}), None),
+    "hardswish": (lambda: ((_x(4, 6) * 4,), {}), None),
+    "huber_loss": (lambda: ((_x(4, 3), torch.randn(4, 3)), dict(delta=0.5)), None),
+    "kl_div": (lambda: ((_x(4, 3), torch.rand(4, 3)), dict(reduction="batchmean")), None),
+    "l1_loss": (lambda: ((_x(4, 3), torch.randn(4, 3)), {}), None),
+    "layer_norm": (lambda: ((_x(3, 5, 4), (4,), _x(4), _x(4)), {}), None),
+    "leaky_relu": (lambda: ((_x(4, 6), 0.1), {}), None),
+    "linear": (lambda: ((_x(3, 4), _x(5, 4), _x(5)), {}), None),
+    "linear_cross_entropy": (lambda: ((_x(6, 4), _x(7, 4), _cls(6, 7)), dict(linear_bias=_x(7))), None),
+    "log_softmax": (lambda: ((_x(4, 6),), dict(dim=-1)), None),
+    "matmul": (lambda: ((_x(2, 3, 4), _x(4, 5)), {}), torch.matmul),
+    "max_pool1d": (lambda: ((_x(2, 3, 7), 2), {}), None),
+    "max_pool2d": (lambda: ((_x(2, 3, 7, 6), 2), dict(stride=2, padding=1)), None),
+    "mish": (lambda: ((_x(4, 6),), {}), None),
+    "mm": (lambda: ((_x(3, 4), _x(4, 5)), {}), torch.mm),
+    "mse_loss": (lambda: ((_x(4, 3), torch.randn(4, 3)), {}), None),
+    "nll_loss": (lambda: ((_x(5, 4), _cls(5, 4)), {}), None),
+    "relu": (lambda: ((_x(4, 6),), {}), None),
+    "rms_norm": (lambda: ((_x(3, 5, 4), (4,), _x(4)), {}), None),
+    "scaled_dot_product_attention": (lambda: ((_x(2, 2, 5, 4), _x(2, 2, 6, 4), _x(2, 2, 6, 4)), dict(is_causal=True)), None),
+    "sigmoid": (lambda: ((_x(4, 6),), {}), torch.sigmoid),
+    "silu": (lambda: ((_x(4, 6),), {}), None),
+    "smooth_l1_loss": (lambda: ((_x(4, 3), torch.randn(4, 3)), dict(beta=0.5)), None),
+    "softmax": (lambda: ((_x(4, 6),), dict(dim=1)), None),
+    "softplus": (lambda: ((_x(4, 6),), dict(beta=2.0)), None),
+    "tanh": (lambda: ((_x(4, 6),), {}), torch.tanh),
+}
+OPS = sorted(SAMPLES)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+def _call(name, device):
+    """(ours, theirs, args, kwargs): the op's sample inputs on ``device``, leaves there."""
+    make, reference = SAMPLES[name]
+    args, kwargs = make()
+
+    def to(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.detach().to(device).requires_grad_(v.requires_grad)
+
+    args, kwargs = [to(a) for a in args], {k: to(v) for k, v in kwargs.items()}
+    return getattr(F, name), reference or getattr(TF, name), args, kwargs
+
+
+def _fresh(values):
+    return [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def _run(fn, args, kwargs, dy_seed=1):
+    """Output and the gradients of the leaves that require grad, for a fixed upstream gradient."""
+    args, kw_values = _fresh(args), _fresh(list(kwargs.values()))
+    kwargs = dict(zip(kwargs, kw_values))
+    torch.manual_seed(0)  # the same draws for random ops
+    out = fn(*args, **kwargs)
+    leaves = [v for v in args + kw_values if isinstance(v, torch.Tensor) and v.requires_grad]
+    gen = torch.Generator().manual_seed(dy_seed)
+    dy = torch.randn(out.shape, generator=gen).to(out.device) if out.device.type != "meta" else torch.ones_like(out)
+    grads = torch.autograd.grad(out, leaves, dy)
+    return out, grads, args + kw_values
+
+
+def test_samples_cover_every_functional_op():
+    assert set(SAMPLES) == set(F.__all__), (
+        f"ops without a device sample: {sorted(set(F.__all__) - set(SAMPLES))}; "
+        f"samples of no op: {sorted(set(SAMPLES) - set(F.__all__))}"
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_op_output_and_gradients_stay_on_the_input_device_and_match_torch(name, device):
+    ours, theirs, args, kwargs = _call(name, device)
+    out, grads, inputs = _run(ours, args, kwargs)
+    ref_out, ref_grads, ref_inputs = _run(theirs, args, kwargs)
+    assert out.device == torch.device(device), f"output on {out.device}"
+    assert grads, "no input requires grad: the gradient check would be empty"
+    for g in grads:
+        assert g.device == torch.device(device), f"gradient on {g.device}"
+    torch.testing.assert_close(out, ref_out, rtol=RTOL, atol=ATOL)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=lambda m, i=i: f"gradient {i}: {m}")
+    # state an op updates (batch norm's running statistics) is updated where it lives, as torch's
+    for a, b in zip(inputs, ref_inputs):
+        if isinstance(a, torch.Tensor) and not a.requires_grad:
+            assert a.device == torch.device(device)
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_op_forward_and_backward_run_on_the_meta_device_with_torchs_shapes(name):
+    ours, theirs, args, kwargs = _call(name, "meta")
+    try:
+        ref_out, ref_grads, _ = _run(theirs, args, kwargs)
+    except (NotImplementedError, RuntimeError) as e:  # pragma: no cover - depends on the torch version
+        pytest.skip(f"torch's own {name} does not run on meta: {e}")
+    out, grads, _ = _run(ours, args, kwargs)
+    assert (out.device.type, out.shape, out.dtype) == ("meta", ref_out.shape, ref_out.dtype)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        assert (g.device.type, g.shape, g.dtype) == ("meta", r.shape, r.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# source scan
+
+# (file under manualgrad/, enclosing function): why a "cpu" literal there makes no tensor on the CPU
+ALLOWED = {
+    ("ops/_apply.py", "_autocast_device"): "the autocast device type read for a call with no tensor argument",
+}
+
+
+def _functions_by_node(tree):
+    """id(node) -> name of the innermost function defining it (module level: None)."""
+    owner = {}
+    for fn in ast.walk(tree):  # outer functions first, so inner ones overwrite them
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            owner.update((id(n), fn.name) for n in ast.walk(fn))
+    return owner
+
+
+def _cpu_literals(tree):
+    """(line, enclosing function, what) of every CPU hard-coding in a module's syntax tree."""
+    compared = set()  # string constants that are operands of a comparison: device dispatch
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            compared.update(id(n) for n in [node.left, *node.comparators])
+    owner = _functions_by_node(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split(":")[0] == "cpu":
+            if id(node) not in compared:
+                found.append((node.lineno, owner.get(id(node)), f"the literal {node.value!r}"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "cpu":
+            found.append((node.lineno, owner.get(id(node)), ".cpu()"))
+    return found
+
+
+def _sources():
+    return sorted([*(ROOT / "ops").glob("*.py"), *(ROOT / "nn").glob("*.py"), ROOT / "functional.py"])
+
+
+def test_source_scan_finds_a_planted_cpu_literal():
+    """The scan itself: it flags each form of hard-coding and lets device dispatch pass."""
+    planted = (
+        "y = torch.zeros(3, device='cpu')\nz = x.cpu()\nd = torch.device('cpu:0')\nw = x.to('cpu')\n"
+        "if x.device.type == 'cpu':\n    pass\ndef f(x):\n    return x.to(device='cpu')\n"
+    )
+    found = sorted((line, fn) for line, fn, _ in _cpu_literals(ast.parse(planted)))
+    assert found == [(1, None), (2, None), (3, None), (4, None), (8, "f")]
+
+
+def test_no_op_or_module_source_hard_codes_the_cpu():
+    files = _sources()
+    assert len(files) > 10, "the scan found no sources"
+    hits = [
+        f"{p.relative_to(ROOT.parent)}:{line} ({fn}): {what}"
+        for p in files
+        for line, fn, what in _cpu_literals(ast.parse(p.read_text()))
+        if (p.relative_to(ROOT).as_posix(), fn) not in ALLOWED
+    ]
+    assert not hits, "CPU hard-coded in: " + "; ".join(hits)
