@@ -10,9 +10,10 @@
 """
 from . import functional, monitor, nn, ops, optim, testing, utils
 from .convert import convert, supported_modules
+from .mode import enable
 from .ops._apply import register_traceable as _register_traceable
 
 _register_traceable()  # every Function's torch.compile twin (see ops/_apply.py)
 
 __version__ = "0.1.0"
-__all__ = ["functional", "monitor", "nn", "ops", "optim", "testing", "utils", "convert", "supported_modules"]
+__all__ = ["functional", "monitor", "nn", "ops", "optim", "testing", "utils", "convert", "supported_modules", "enable"]
