@@ -16,4 +16,14 @@ from .ops._apply import register_traceable as _register_traceable
 _register_traceable()  # every Function's torch.compile twin (see ops/_apply.py)
 
 __version__ = "0.1.0"
-__all__ = ["functional", "monitor", "nn", "ops", "optim", "testing", "utils", "convert", "supported_modules", "enable"]
+__all__ = ["functional", "monitor", "nn", "ops", "optim", "testing", "utils", "convert", "supported_modules", "enable", "coverage"]
+
+
+def __getattr__(name):
+    # manualgrad.coverage (the coverage report: a module that is also the function) is imported
+    # on first use, so `python -m manualgrad.coverage` does not find it imported and run it twice.
+    if name == "coverage":
+        import importlib
+
+        return importlib.import_module(".coverage", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
