@@ -119,3 +119,49 @@ def test_every_manualgrad_function_has_its_own_traceable_twin():
     assert len(functions) > 30
     missing = [f.__qualname__ for f in functions if "_traceable_apply" not in f.__dict__]
     assert not missing
+
+
+def _torch_mlp_case():
+    model = seed_mlp(in_features=20, width=32, depth=3, classes=10, nn=torch.nn)  # plain torch.nn
+    x, y = torch.randn(8, 20), torch.randint(0, 10, (8,))
+    return model, (lambda m: torch.nn.functional.cross_entropy(m(x), y))
+
+
+def _torch_gpt_case():
+    model = gpt_small(vocab=64, d=32, heads=4, layers=2, ctx=16)  # plain torch.nn
+    x, y = torch.randint(0, 64, (3, 13)), torch.randint(0, 64, (3, 13))
+    return model, (lambda m: m(x, y))
+
+
+MODE_CASES = {"seed_mlp": _torch_mlp_case, "gpt": _torch_gpt_case, "converted_gpt": _gpt_case}
+
+
+def _under_mode(loss_fn):
+    def run(m):
+        with manualgrad.enable():
+            return loss_fn(m)
+    return run
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_under_the_function_mode_dynamo_explain_reports_zero_graph_breaks(case):
+    torch._dynamo.reset()
+    model, loss_fn = MODE_CASES[case]()
+    explanation = torch._dynamo.explain(lambda: _under_mode(loss_fn)(model))()
+    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, reasons
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_compiled_under_the_function_mode_gives_eager_loss_and_gradients(case):
+    torch._dynamo.reset()
+    model, loss_fn = MODE_CASES[case]()
+    compiled_model = copy.deepcopy(model)
+    run = _under_mode(loss_fn)
+    loss = run(model)
+    loss.backward()
+    compiled_loss = torch.compile(run, backend="aot_eager", fullgraph=True)(compiled_model)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    for (name, p), (_, q) in zip(model.named_parameters(), compiled_model.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)

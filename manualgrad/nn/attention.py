@@ -26,12 +26,12 @@ def _in_projection(query, key, value, m):
         if query is key:
             # self-attention: one linear, then split           (L, N, 3E) -> 3 x (L, N, E)
             proj = F.linear(query, w, b)
-            return proj.unflatten(-1, (3, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous().unbind(0)
+            return proj.reshape(*proj.shape[:-1], 3, E).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous().unbind(0)
         # encoder-decoder: q, then k and v from one linear
         w_q, w_kv = w.split([E, 2 * E])
         b_q, b_kv = (None, None) if b is None else b.split([E, 2 * E])
         kv = F.linear(key, w_kv, b_kv)
-        kv = kv.unflatten(-1, (2, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        kv = kv.reshape(*kv.shape[:-1], 2, E).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
         return F.linear(query, w_q, b_q), kv[0], kv[1]
     w_q, w_k, w_v = w.chunk(3)
     b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)

@@ -30,7 +30,7 @@ def pack_bits(bits):
     if n % 8:
         b = torch.nn.functional.pad(b, (0, 8 - n % 8))
     # byte k = sum_i bit[8k + i] << i   (distinct bits: the uint8 sum cannot overflow)
-    return (b.unflatten(-1, (-1, 8)) << _shifts(b.device)).sum(-1, dtype=torch.uint8)
+    return (b.reshape(*b.shape[:-1], -1, 8) << _shifts(b.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed, n):
