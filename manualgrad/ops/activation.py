@@ -332,7 +332,9 @@ def gelu_backward(dy, x, approximate="none"):
         return dy * d
     # f'(x) = Phi(x) + x phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2,
     #                            phi(x) = exp(-x^2 / 2) / sqrt(2 pi)                   (*) like x
-    d = torch.erf(x * _SQRT1_2).add_(1).mul_(0.5).addcmul_(x, x.square().mul_(-0.5).exp_(), value=_INV_SQRT_2PI)
+    # (add_ rather than addcmul_: vmap has no batching rule for addcmul_ and would loop per sample)
+    x_phi = x * x.square().mul_(-0.5).exp_()
+    d = torch.erf(x * _SQRT1_2).add_(1).mul_(0.5).add_(x_phi, alpha=_INV_SQRT_2PI)
     # dx = dy f'(x)                                          (*)
     return dy * d
 

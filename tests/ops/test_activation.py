@@ -1,4 +1,5 @@
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -538,3 +539,14 @@ def test_plain_backward_matches_torch_across_chunks(name, kwargs):
     x = torch.randn(3, 2**17 + 5, requires_grad=True)
     assert_same_as_torch(getattr(F, name), getattr(TF, name), x, **kwargs)
     assert_same_as_torch(getattr(F, name), getattr(TF, name), noncontiguous(torch.randn(5, 30001)).requires_grad_(), **kwargs)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_per_sample_gradients_under_vmap_need_no_per_sample_fallback(approximate):
+    # torch warns when an op inside vmap has no batching rule and falls back to a loop
+    x = torch.randn(5, 7, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = torch.func.vmap(torch.func.grad(lambda t: F.gelu(t, approximate=approximate).sum()))(x)
+    expected = torch.func.vmap(torch.func.grad(lambda t: TF.gelu(t, approximate=approximate).sum()))(x)
+    torch.testing.assert_close(ours, expected)
