@@ -165,3 +165,36 @@ def test_compiled_under_the_function_mode_gives_eager_loss_and_gradients(case):
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
     for (name, p), (_, q) in zip(model.named_parameters(), compiled_model.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_function_defined_outside_the_package_compiles_after_its_first_eager_call():
+    from manualgrad.ops._apply import INPUT, apply
+
+    class Cube(torch.autograd.Function):  # custom jvp: Dynamo would refuse it as it is
+        autocast = INPUT
+
+        @staticmethod
+        def forward(x):
+            return x ** 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, dy):
+            (x,) = ctx.saved_tensors
+            return 3 * x.square() * dy
+
+        @staticmethod
+        def jvp(ctx, dx):
+            (x,) = ctx.saved_tensors
+            return 3 * x.square() * dx
+
+    torch._dynamo.reset()
+    x = torch.randn(6, requires_grad=True)
+    apply(Cube, x)  # eager: registers its traceable twin
+    explanation = torch._dynamo.explain(lambda t: apply(Cube, t).sum())(x)
+    assert explanation.graph_break_count == 0
+    torch.compile(lambda t: apply(Cube, t).sum(), backend="aot_eager", fullgraph=True)(x).backward()
+    torch.testing.assert_close(x.grad, 3 * x.detach().square())

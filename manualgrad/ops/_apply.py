@@ -75,6 +75,8 @@ def apply(fn, *args):
                 return apply(fn, *args)
     if torch.compiler.is_compiling():
         return fn._traceable_apply(*args)
+    if "_traceable_apply" not in fn.__dict__:  # a Function from outside the package, first call
+        _register(fn)
     if _base_apply is None or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return _base_apply.__get__(None, fn)(*_unwrap_dead_wrappers(args))
@@ -91,20 +93,24 @@ def _traceable_apply(twin):
     return staticmethod(lambda *args: twin.apply(*args))
 
 
+def _register(fn):
+    if fn.jvp is torch.autograd.Function.jvp:
+        fn._traceable_apply = _traceable_apply(fn)
+        return
+    twin = type(fn.__name__, (fn,), {
+        "jvp": torch.autograd.Function.jvp,  # the only difference: no custom jvp
+        "__module__": fn.__module__,
+        "__qualname__": fn.__qualname__,
+    })
+    twin._traceable_apply = fn._traceable_apply = _traceable_apply(twin)
+
+
 def register_traceable(package="manualgrad"):
     """Give every Function defined in ``package`` its traceable twin, as ``Fn._traceable_apply``.
 
-    Idempotent, and each class gets its own (a subclass never runs its parent's twin). A
-    Function without a custom jvp is its own twin."""
+    Each class gets its own (a subclass never runs its parent's twin); a Function without a
+    custom jvp is its own twin. A Function from elsewhere gets its twin on its first eager call
+    through ``apply`` (Dynamo cannot build a class while tracing)."""
     for fn in list(_subclasses(torch.autograd.Function)):
-        if not fn.__module__.startswith(package + ".") or "_traceable_apply" in fn.__dict__:
-            continue
-        if fn.jvp is torch.autograd.Function.jvp:
-            fn._traceable_apply = _traceable_apply(fn)
-            continue
-        twin = type(fn.__name__, (fn,), {
-            "jvp": torch.autograd.Function.jvp,  # the only difference: no custom jvp
-            "__module__": fn.__module__,
-            "__qualname__": fn.__qualname__,
-        })
-        twin._traceable_apply = fn._traceable_apply = _traceable_apply(twin)
+        if fn.__module__.startswith(package + ".") and "_traceable_apply" not in fn.__dict__:
+            _register(fn)
