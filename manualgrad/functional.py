@@ -47,6 +47,7 @@ from .ops.normalization import batch_norm, group_norm, layer_norm, rms_norm
 # embedding and attention
 from .ops.attention import scaled_dot_product_attention
 from .ops.embedding import embedding
+from .ops.multi_head_attention import multi_head_attention_forward
 
 # tensor-level products (torch.matmul, mm, bmm, addmm, baddbmm)
 from .ops.matmul import addmm, baddbmm, bmm, matmul, mm

@@ -79,6 +79,9 @@ SAMPLES = {
     "mish": (lambda: ((_x(4, 6),), {}), None),
     "mm": (lambda: ((_x(3, 4), _x(4, 5)), {}), torch.mm),
     "mse_loss": (lambda: ((_x(4, 3), torch.randn(4, 3)), {}), None),
+    "multi_head_attention_forward": (lambda: ((_x(5, 2, 8), _x(6, 2, 8), _x(6, 2, 8), 8, 2, _x(24, 8), _x(24),
+                                                _x(1, 1, 8), _x(1, 1, 8), True, 0.0, _x(8, 8), _x(8)),
+                                               dict(need_weights=False)), None),
     "nll_loss": (lambda: ((_x(5, 4), _cls(5, 4)), {}), None),
     "relu": (lambda: ((_x(4, 6),), {}), None),
     "rms_norm": (lambda: ((_x(3, 5, 4), (4,), _x(4)), {}), None),
@@ -121,6 +124,7 @@ def _run(fn, args, kwargs, dy_seed=1):
     kwargs = dict(zip(kwargs, kw_values))
     torch.manual_seed(0)  # the same draws for random ops
     out = fn(*args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out  # (output, attention weights)
     leaves = [v for v in args + kw_values if isinstance(v, torch.Tensor) and v.requires_grad]
     gen = torch.Generator().manual_seed(dy_seed)
     dy = torch.randn(out.shape, generator=gen).to(out.device) if out.device.type != "meta" else torch.ones_like(out)
@@ -145,9 +149,12 @@ def test_op_output_and_gradients_stay_on_the_input_device_and_match_torch(name, 
     assert grads, "no input requires grad: the gradient check would be empty"
     for g in grads:
         assert g.device == torch.device(device), f"gradient on {g.device}"
-    torch.testing.assert_close(out, ref_out, rtol=RTOL, atol=ATOL)
+    # multi-head attention chains four products (projections, scores, weighted values, output):
+    # its float32 rounding differs from torch's fused path by a few ulps of the summed terms
+    rtol, atol = (1e-4, 1e-4) if name == "multi_head_attention_forward" else (RTOL, ATOL)
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
-        torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=lambda m, i=i: f"gradient {i}: {m}")
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m, i=i: f"gradient {i}: {m}")
     # state an op updates (batch norm's running statistics) is updated where it lives, as torch's
     for a, b in zip(inputs, ref_inputs):
         if isinstance(a, torch.Tensor) and not a.requires_grad:
