@@ -38,38 +38,41 @@ def _resnet_case():
 CASES = {"seed_mlp": _mlp_case, "gpt": _gpt_case, "resnet": _resnet_case}
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_dynamo_explain_reports_zero_graph_breaks(case):
+def _assert_no_graph_break(fn):
     torch._dynamo.reset()
-    model, loss_fn = CASES[case]()
-    explanation = torch._dynamo.explain(lambda: loss_fn(model))()
+    explanation = torch._dynamo.explain(fn)()
     reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
     assert explanation.graph_break_count == 0, reasons
     assert explanation.graph_count == 1
 
 
-def _grads(model):
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
+def _assert_compiled_matches_eager(model, loss_fn):
+    """loss_fn(model) eager against torch.compile(loss_fn)(copy): loss, gradients, buffers."""
+    torch._dynamo.reset()
+    compiled_model = copy.deepcopy(model)
+    loss = loss_fn(model)
+    loss.backward()
+    compiled_loss = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(compiled_model)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    params, compiled_params = dict(model.named_parameters()), dict(compiled_model.named_parameters())
+    assert params.keys() == compiled_params.keys()
+    for name, p in params.items():
+        torch.testing.assert_close(compiled_params[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # batch-norm running stats are updated by the compiled forward too
+    for (name, b), (_, cb) in zip(model.named_buffers(), compiled_model.named_buffers()):
+        torch.testing.assert_close(cb, b, msg=name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dynamo_explain_reports_zero_graph_breaks(case):
+    model, loss_fn = CASES[case]()
+    _assert_no_graph_break(lambda: loss_fn(model))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_compiled_converted_model_gives_eager_loss_and_gradients(case):
-    torch._dynamo.reset()
-    model, loss_fn = CASES[case]()
-    compiled_model = copy.deepcopy(model)
-    loss = loss_fn(model)
-    loss.backward()
-    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
-    compiled_loss = loss_fn(compiled)
-    compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
-    expected, actual = _grads(model), _grads(compiled_model)
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
-    if case == "resnet":  # batch-norm running stats are updated by the compiled forward too
-        for (name, b), (_, cb) in zip(model.named_buffers(), compiled_model.named_buffers()):
-            torch.testing.assert_close(cb, b, msg=name)
+    _assert_compiled_matches_eager(*CASES[case]())
 
 
 def test_inductor_compiles_the_seed_mlp_forward_and_hand_written_backward():
@@ -145,26 +148,14 @@ def _under_mode(loss_fn):
 
 @pytest.mark.parametrize("case", MODE_CASES)
 def test_under_the_function_mode_dynamo_explain_reports_zero_graph_breaks(case):
-    torch._dynamo.reset()
     model, loss_fn = MODE_CASES[case]()
-    explanation = torch._dynamo.explain(lambda: _under_mode(loss_fn)(model))()
-    reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
-    assert explanation.graph_break_count == 0, reasons
+    _assert_no_graph_break(lambda: _under_mode(loss_fn)(model))
 
 
 @pytest.mark.parametrize("case", MODE_CASES)
 def test_compiled_under_the_function_mode_gives_eager_loss_and_gradients(case):
-    torch._dynamo.reset()
     model, loss_fn = MODE_CASES[case]()
-    compiled_model = copy.deepcopy(model)
-    run = _under_mode(loss_fn)
-    loss = run(model)
-    loss.backward()
-    compiled_loss = torch.compile(run, backend="aot_eager", fullgraph=True)(compiled_model)
-    compiled_loss.backward()
-    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
-    for (name, p), (_, q) in zip(model.named_parameters(), compiled_model.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    _assert_compiled_matches_eager(model, _under_mode(loss_fn))
 
 
 def test_a_function_defined_outside_the_package_compiles_after_its_first_eager_call():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import manualgrad
+from manualgrad.coverage import _graph as graph_nodes
 from benchmarks.models import gpt_small, resnet_small
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -92,15 +93,7 @@ def _converted_pair(case):
 
 def _graph_nodes(root):
     """Every backward node reachable from root (a grad_fn), each once."""
-    seen, stack, nodes = set(), [root], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return nodes
+    return graph_nodes([root])
 
 
 def _is_manualgrad_function(node):
