@@ -1,4 +1,4 @@
-"""Forward + backward time of manualgrad's normalization and activation ops against torch's.
+"""Forward + backward time of manualgrad's normalization, activation and convolution ops against torch's.
 
 Prints ours / torch for each op at a realistic size (single thread by default). Each rep times
 one forward and backward of ours and of torch in alternation; the ratio is of the medians, so a
@@ -41,7 +41,20 @@ def cases():
     def bn(mod):
         return lambda x, w, b: mod.batch_norm(x, torch.zeros(64), torch.ones(64), w, b, True, 0.1, 1e-5)
 
+    def conv(x_shape, w_shape, x_grad=True):
+        # the ResNet's convolutions (benchmarks/bench_blocks.py); the stem's input needs no gradient
+        return lambda: (torch.randn(x_shape, requires_grad=x_grad), torch.randn(w_shape, requires_grad=True))
+
+    def conv_case(name, x_shape, w_shape, x_grad=True, **kw):
+        return (f"conv2d {name}", lambda x, w: F.conv2d(x, w, **kw), lambda x, w: TF.conv2d(x, w, **kw),
+                conv(x_shape, w_shape, x_grad))
+
     return [
+        conv_case("3->32 3x3 (32,3,32,32), no dx", (32, 3, 32, 32), (32, 3, 3, 3), False, padding=1),
+        conv_case("32->32 3x3 (32,32,16,16)", (32, 32, 16, 16), (32, 32, 3, 3), padding=1),
+        conv_case("32->64 3x3 s2 (32,32,16,16)", (32, 32, 16, 16), (64, 32, 3, 3), stride=2, padding=1),
+        conv_case("64->64 3x3 (32,64,8,8)", (32, 64, 8, 8), (64, 64, 3, 3), padding=1),
+        conv_case("32->64 1x1 s2 (32,32,16,16)", (32, 32, 16, 16), (64, 32, 1, 1), stride=2),
         ("layer_norm (64,128,256)", lambda x, w, b: F.layer_norm(x, (256,), w, b),
          lambda x, w, b: TF.layer_norm(x, (256,), w, b), ln_inputs),
         ("group_norm (32,64,16,16) G=8", lambda x, w, b: F.group_norm(x, 8, w, b),

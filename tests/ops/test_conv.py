@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 import manualgrad as mg
 import manualgrad.functional as F
 import manualgrad.nn as mnn
+from manualgrad.ops.conv import _GEMM_MAX
 from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
 from tests.conftest import noncontiguous
 
@@ -272,3 +274,60 @@ def test_conv_module_raises_for_non_zero_padding_mode(mode):
     m = mnn.Conv2d(2, 3, 3, padding=1, padding_mode=mode)
     with pytest.raises(NotImplementedError, match=f"padding_mode='{mode}'"):
         m(torch.randn(1, 2, 5, 5))
+
+
+# The weight gradient has two formulations (ops/conv.py): a matrix product over the unfolded input
+# for 1x1 kernels and small C/g prod(K) (<= _GEMM_MAX), a batch-swapped convolution otherwise, in
+# 2-d with channels-last filters when O/g >= 64 and with the padded input cropped when a stride
+# would make it compute taps past K. Shapes picked to select each, compared with torch.
+
+WGRAD_CASES = [
+    # (x shape, w shape, options, formulation)
+    ((2, 3, 9, 8), (4, 3, 3, 3), dict(padding=1), "gemm"),
+    ((2, 4, 9, 8), (6, 2, 3, 3), dict(groups=2, stride=2, dilation=(1, 2)), "gemm"),
+    ((2, 120, 6, 5), (8, 120, 1, 1), dict(stride=2), "gemm"),  # 1x1 past _GEMM_MAX: still a product
+    ((2, 12, 9, 8), (5, 12, 3, 3), dict(padding=1), "conv"),
+    ((2, 12, 9, 8), (5, 12, 3, 3), dict(stride=2, padding=1), "conv"),  # cropped
+    ((2, 12, 9, 8), (64, 12, 3, 3), dict(stride=2, padding=(1, 2)), "conv"),  # channels-last, cropped
+    ((2, 24, 7, 6), (128, 12, 3, 3), dict(groups=2, padding="same", dilation=2), "conv"),  # cl, groups
+    ((2, 20, 31), (6, 20, 5), dict(stride=3, padding=2), "conv"),  # 1-d, cropped
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,path", WGRAD_CASES, ids=[f"{c[3]}-{c[1]}-{c[2]}" for c in WGRAD_CASES])
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_conv_weight_gradient_formulations_match_torch(x_shape, w_shape, kwargs, path):
+    per_output = w_shape[1] * math.prod(w_shape[2:])
+    gemm = math.prod(w_shape[2:]) == 1 or per_output <= _GEMM_MAX
+    assert gemm == (path == "gemm")  # the shape selects the formulation under test
+    fn, torch_fn = (F.conv2d, TF.conv2d) if len(x_shape) == 4 else (F.conv1d, TF.conv1d)
+    x, w, b = _tensors(x_shape, w_shape, True)
+    assert_same_as_torch(fn, torch_fn, x, w, b, atol=1e-4, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1), dict(padding=1, dilation=2)])
+def test_conv_weight_gradient_by_swapped_convolution_passes_gradcheck(kwargs):
+    # C prod(K) = 11 * 9 > _GEMM_MAX: the batch-swapped convolution (cropped with the stride);
+    # double backward, forward AD and vmap run it differentiably
+    x = torch.randn(2, 11, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 11, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert 11 * 9 > _GEMM_MAX
+    check_gradients(lambda x, w: F.conv2d(x, w, **kwargs), x, w)
+
+
+def test_conv_weight_gradient_with_channels_last_filters_runs_under_vmap_and_double_backward():
+    # O = 64 >= 64 filters and C prod(K) = 108 > _GEMM_MAX: the swapped convolution with
+    # channels-last filters and a cropped input; too many weights for gradgradcheck, so vmap of
+    # the vjp and a second-order gradient are compared with torch's
+    x = torch.randn(2, 12, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(64, 12, 3, 3, dtype=torch.float64, requires_grad=True)
+    dys = torch.randn(3, 2, 64, 4, 3, dtype=torch.float64)
+    got, want = [], []
+    for fn, out in ((F.conv2d, got), (TF.conv2d, want)):
+        def vjp(dy):
+            return torch.func.vjp(lambda x, w: fn(x, w, stride=2, padding=1), x, w)[1](dy)
+        out.extend(torch.func.vmap(vjp)(dys))
+        g = torch.autograd.grad(fn(x, w, stride=2, padding=1).square().sum(), w, create_graph=True)[0]
+        out.extend(torch.autograd.grad(g.square().sum(), (x, w)))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
