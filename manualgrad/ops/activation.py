@@ -84,8 +84,11 @@ def relu(input, inplace=False):
 
 
 def _step(t, at=0.0):
-    """1.0 where t > at, else 0.0 (also where t is nan, as t > at is False there): a constant."""
-    t = t.detach()
+    """1.0 where t > at, else 0.0 (also where t is nan, as t > at is False there).
+
+    Piecewise constant: its derivative is zero, and it is left attached to t's graph (sign's
+    derivative is zero) so that under double backward a parameter reached only through the
+    step gets a zero gradient, as torch gives, not None (an optimizer skips a None)."""
     return (t - at).sign_().clamp_min_(0) if at else t.sign().clamp_min_(0)
 
 
