@@ -1,10 +1,10 @@
-"""Forward + backward time of manualgrad's normalization, activation and convolution ops against torch's.
+"""Forward + backward (or, with --backward-only, backward) time of manualgrad's normalization, activation and convolution ops against torch's.
 
 Prints ours / torch for each op at a realistic size (single thread by default). Each rep times
 one forward and backward of ours and of torch in alternation; the ratio is of the medians, so a
 neighbour that loads the CPU for a while hits both sides alike.
 
-    python benchmarks/bench_ops.py [--reps 200] [--threads 1]
+    python benchmarks/bench_ops.py [--reps 200] [--threads 1] [--only NAME] [--backward-only]
 """
 import argparse
 import statistics
@@ -29,17 +29,22 @@ def cases():
         b = torch.randn(64, requires_grad=True)
         return (x, w, b)
 
-    def bn_inputs():
-        x = torch.randn(32, 64, 16, 16, requires_grad=True)
-        w = torch.randn(64, requires_grad=True)
-        b = torch.randn(64, requires_grad=True)
-        return (x, w, b)
+    def bn_inputs(shape=(32, 64, 16, 16)):
+        def make():
+            x = torch.randn(shape, requires_grad=True)
+            w = torch.randn(shape[1], requires_grad=True)
+            b = torch.randn(shape[1], requires_grad=True)
+            return (x, w, b)
+        return make
 
     def act_inputs():
         return (torch.randn(64, 128, 1024, requires_grad=True),)
 
-    def bn(mod):
-        return lambda x, w, b: mod.batch_norm(x, torch.zeros(64), torch.ones(64), w, b, True, 0.1, 1e-5)
+    def bn(mod, c=64):
+        return lambda x, w, b: mod.batch_norm(x, torch.zeros(c), torch.ones(c), w, b, True, 0.1, 1e-5)
+
+    def pool_inputs(shape):
+        return lambda: (torch.randn(shape, requires_grad=True),)
 
     def conv(x_shape, w_shape, x_grad=True):
         # the ResNet's convolutions (benchmarks/bench_blocks.py); the stem's input needs no gradient
@@ -59,7 +64,14 @@ def cases():
          lambda x, w, b: TF.layer_norm(x, (256,), w, b), ln_inputs),
         ("group_norm (32,64,16,16) G=8", lambda x, w, b: F.group_norm(x, 8, w, b),
          lambda x, w, b: TF.group_norm(x, 8, w, b), gn_inputs),
-        ("batch_norm train (32,64,16,16)", bn(F), bn(TF), bn_inputs),
+        ("batch_norm train (32,64,16,16)", bn(F), bn(TF), bn_inputs()),
+        # the ResNet's (benchmarks/bench_blocks.py): the stem's, then the blocks' largest
+        ("batch_norm train (32,32,32,32)", bn(F, 32), bn(TF, 32), bn_inputs((32, 32, 32, 32))),
+        ("batch_norm train (32,32,16,16)", bn(F, 32), bn(TF, 32), bn_inputs((32, 32, 16, 16))),
+        ("max_pool2d 2 (32,32,32,32)", lambda x: F.max_pool2d(x, 2), lambda x: TF.max_pool2d(x, 2),
+         pool_inputs((32, 32, 32, 32))),
+        ("max_pool2d 3 s2 p1 (32,64,32,32)", lambda x: F.max_pool2d(x, 3, 2, 1),
+         lambda x: TF.max_pool2d(x, 3, 2, 1), pool_inputs((32, 64, 32, 32))),
         ("gelu none (64,128,1024)", lambda x: F.gelu(x), lambda x: TF.gelu(x), act_inputs),
         ("gelu tanh (64,128,1024)", lambda x: F.gelu(x, approximate="tanh"),
          lambda x: TF.gelu(x, approximate="tanh"), act_inputs),
@@ -70,11 +82,14 @@ def cases():
     ]
 
 
-def _time(fn, inputs, dy):
+def _time(fn, inputs, dy, backward_only=False):
     for t in inputs:
         t.grad = None
     t0 = time.perf_counter()
-    fn(*inputs).backward(dy)
+    y = fn(*inputs)
+    if backward_only:
+        t0 = time.perf_counter()
+    y.backward(dy)
     return time.perf_counter() - t0
 
 
@@ -83,6 +98,7 @@ def main():
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default="")
+    p.add_argument("--backward-only", action="store_true", help="time the backward alone, not the forward")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,8 +114,8 @@ def main():
             _time(ref, inputs, dy)
         to, tt = [], []
         for _ in range(args.reps):
-            to.append(_time(ours, inputs, dy))
-            tt.append(_time(ref, inputs, dy))
+            to.append(_time(ours, inputs, dy, args.backward_only))
+            tt.append(_time(ref, inputs, dy, args.backward_only))
         mo, mt = statistics.median(to), statistics.median(tt)
         print(f"{name:34s} {mo * 1e3:9.2f} {mt * 1e3:9.2f} {mo / mt:7.2f}")
 

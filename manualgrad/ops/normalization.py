@@ -20,7 +20,8 @@ hence the vjp and the jvp are one formula, ``normalized_vjp``, applied to g = dy
 the tangent dx (jvp). batch_norm in eval mode normalizes with the running stats, constants: J = r I.
 
 Backward recomputes mean and r from the saved input x rather than saving them from forward: a
-saved intermediate would be a constant for double backward (two extra passes over x).
+saved intermediate would be a constant for double backward. (The one exception: batch_norm's plain
+backward, no graph and no transform, takes forward's per-channel batch stats, as torch's does.)
 Forward is torch's own kernel: bit-identical output, torch's argument checks and messages, and
 torch's in-place running-stat update for batch_norm (unbiased variance into running_var).
 """
@@ -91,41 +92,56 @@ def _channel_dims(x):
 
 
 def batch_norm_forward(x, running_mean, running_var, w, b, training, momentum, eps):
-    """torch's kernel; in training it updates the running stats in place (no grad), as torch does:
+    """torch's kernel, with torch.nn.functional.batch_norm's argument checks. Returns y and, in
+    training, the batch mean and r = 1 / sqrt(var + eps) per channel (C,) that the kernel computes on
+    the way (empty in eval). In training it updates the running stats in place (no grad), as torch:
     running_mean = (1 - momentum) running_mean + momentum mean,
     running_var = (1 - momentum) running_var + momentum var * M / (M - 1)."""
-    return TF.batch_norm(x, running_mean, running_var, w, b, training, momentum, eps)
+    if training:
+        TF._verify_batch_size(x.size())  # "Expected more than 1 value per channel when training"
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    # (torch.batch_norm's own path, keeping the per-channel stats it drops)
+    y, mean, r, _, _ = torch._batch_norm_impl_index(
+        x, w, b, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
+    return y, mean, r
 
 
-def _batch_norm_backward_plain(dy, x, w, eps, needs):
+def _batch_norm_backward_plain(dy, x, w, eps, needs, mean=None, r=None):
     """batch_norm_backward in training for a plain backward (no graph, no transform): x as (N, C, H),
-    one buffer (dx's) for x - mean, (x - mean) dy, x - mean again, then dx, which is affine in
-    (x - mean, dy) per channel.
+    one buffer (dx's). ``mean`` and ``r`` are forward's batch stats, or None to compute them here.
 
         xc = x - mean,  s = sum_D xc dy,  sdy = sum_D dy,  sdyx = sum_D dy x_hat = r s
-        dx = r w (dy - sdy / M - x_hat sdyx / M) = (r w) dy - (r^3 w s / M) xc - r w sdy / M"""
+        dx = r w (dy - sdy / M - x_hat sdyx / M) = (r w) dy + k xc + c,  k = -r w r sdyx / M,  c = -r w sdy / M
+
+    s is summed from the centred product (a sum of x dy less mean sdy cancels to nothing when
+    |mean| >> std and dy has a mean of its own); dx is written k x + (c - k mean), which rounds
+    like torch's forward x alpha + beta (relative errors ~ eps |mean| / std per element)."""
     n, c = x.shape[:2]
     x3, dy3 = x.reshape(n, c, -1), dy.reshape(n, c, -1)
     m = x3.numel() // c
-    # mean = mean_D(x),  xc = x - mean                                 (1, C, 1), (N, C, H)
-    mean = x3.mean((0, 2), keepdim=True)
-    buf = x3 - mean
-    # r = 1 / sqrt(|xc|^2 / M + eps): per row, then over N (a norm over dims (0, 2) at once runs
-    # ~8x slower on CPU)                                              (C,)
-    r = torch.linalg.vector_norm(buf, dim=2).square_().sum(0).div_(m).add_(eps).rsqrt_()
-    # s = sum_D xc dy (in buf: vecdot would allocate the product),  sdy = sum_D dy    (C,)
-    s = buf.mul_(dy3).sum((0, 2))
-    sdy = dy3.sum((0, 2))
-    sdyx = s.mul_(r)  # sum_D dy x_hat
+    if mean is None:
+        # mean = mean_D(x),  r = 1 / sqrt(|x - mean|^2 / M + eps): per row, then over N (a norm over
+        # dims (0, 2) at once runs ~8x slower on CPU)                  (C,)
+        mean = x3.mean((0, 2))
+        r = torch.linalg.vector_norm(x3 - mean.view(1, c, 1), dim=2).square_().sum(0).div_(m).add_(eps).rsqrt_()
+    mean3 = mean.view(1, c, 1)
+    # sdy = sum_D dy (per row, then over N: ~2x faster than both dims at once)   (C,)
+    sdy = dy3.sum(2).sum(0)
+    # s = sum_D (x - mean) dy, in dx's buffer                          (N, C, H) -> (C,)
+    buf = x3 - mean3
+    sdyx = buf.mul_(dy3).sum(2).sum(0).mul_(r)  # sum_D dy x_hat = r s
     dx = None
     if needs[0]:
-        torch.sub(x3, mean, out=buf)
         rw = r if w is None else r * w
-        # dx = rw dy + a xc + b,  a = -rw r sdyx / M,  b = -rw sdy / M   (N, C, H) -> like x
-        a = (rw * r * sdyx).div_(-m).view(1, c, 1)
-        b = (rw * sdy).div_(-m).view(1, c, 1)
-        # (an addcmul with the broadcast b as its base runs ~5x slower than these three passes)
-        dx = buf.mul_(a).add_(b).addcmul_(dy3, rw.view(1, c, 1)).view(x.shape)
+        # k = -r w r sdyx / M,  c = -r w sdy / M                       (C,)
+        k = (rw * r).mul_(sdyx).div_(-m)
+        c0 = (rw * sdy).div_(-m).sub_(k * mean)
+        # dx = k x + (c - k mean) + r w dy                             (N, C, H) -> like x
+        torch.mul(x3, k.view(1, c, 1), out=buf).add_(c0.view(1, c, 1))
+        dx = buf.addcmul_(dy3, rw.view(1, c, 1)).view(x.shape)
     # dw = sum_D dy x_hat,  db = sum_D dy                              (C,)
     return dx, (sdyx if needs[1] else None), (sdy if needs[2] else None)
 
@@ -147,10 +163,13 @@ def in_float32(backward, dy, x, w, *args):
             None if db is None else db.to(pdtype))
 
 
-def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, needs=(True, True, True)):
-    """Gradients (dx, dw, db). ``training``: normalized with the batch stats (else the running ones)."""
-    if training and can_write_inplace(dy, x, w):
-        return _batch_norm_backward_plain(dy, x, w, eps, needs)
+def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, needs=(True, True, True),
+                        mean=None, r=None):
+    """Gradients (dx, dw, db). ``training``: normalized with the batch stats (else the running ones).
+    ``mean``, ``r``: forward's batch stats (C,), used by the plain backward only: with a graph (double
+    backward) or a transform they would be constants, so that path recomputes them from x."""
+    if training and can_write_inplace(dy, x, w, mean, r):
+        return _batch_norm_backward_plain(dy, x, w, eps, needs, mean, r)
     dims, shape = _channel_dims(x)
     if training:
         x_hat, r = _stats(x, dims, eps)
@@ -212,24 +231,34 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, running_mean, running_var, w, b, training, momentum, eps = inputs
+        _, mean, r = output
+        ctx.mark_non_differentiable(mean, r)
+        ctx.set_materialize_grads(False)  # no zero gradients made for mean and r; a missing dy is None
         ctx.training, ctx.eps, ctx.has_bias = training, eps, b is not None
         # Eval normalizes with the running stats: backward needs them (unchanged by an eval call).
-        stats = (None, None) if training else (running_mean, running_var)
+        # Training: the batch stats (2 C numbers, as torch saves) spare the plain backward two passes
+        # over x; kept in float32/64 only (torch's CPU kernel rounds them to a bfloat16 x's dtype).
+        stats = (running_mean, running_var, None, None)
+        if training:
+            stats = (None, None) + ((None, None) if x.dtype in _LOW_PRECISION else (mean, r))
         ctx.save_for_backward(x, w, *stats)
-        ctx.save_for_forward(x, w, *stats)
+        ctx.save_for_forward(x, w, *stats[:2])
 
     @staticmethod
-    def backward(ctx, dy):
-        x, w, running_mean, running_var = ctx.saved_tensors
+    def backward(ctx, dy, _dmean, _dr):
+        x, w, running_mean, running_var, mean, r = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[0], w is not None and need[3], ctx.has_bias and need[4])
-        dx, dw, db = in_float32(batch_norm_backward, dy, x, w, running_mean, running_var, ctx.training, ctx.eps, needs)
+        if dy is None:
+            return (None,) * 8
+        dx, dw, db = in_float32(batch_norm_backward, dy, x, w, running_mean, running_var, ctx.training, ctx.eps,
+                                needs, mean, r)
         return dx, None, None, dw, db, None, None, None
 
     @staticmethod
     def jvp(ctx, dx, _rm, _rv, dw, db, _training, _momentum, _eps):
         x, w, running_mean, running_var = ctx.saved_tensors
-        return batch_norm_jvp(dx, dw, db, x, w, running_mean, running_var, ctx.training, ctx.eps)
+        return batch_norm_jvp(dx, dw, db, x, w, running_mean, running_var, ctx.training, ctx.eps), None, None
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -238,7 +267,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     In training the batch statistics normalize and, when given, the running stats are updated in
     place; in eval the running stats normalize. Bad input fails in torch's own forward.
     """
-    return apply(BatchNormFunction, input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return apply(BatchNormFunction, input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
 
 
 # ---------------------------------------------------------------------------------------------

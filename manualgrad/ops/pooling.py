@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as TF
 
 from ._apply import INPUT, apply
+from ._checks import can_write_inplace, is_transformed
 
 
 def _tuple(v, d):
@@ -69,7 +70,12 @@ def max_pool_backward(dy, idx, x_shape, d, live=None):
         dy, idx = dy * live, idx.masked_fill(~live, 0)
     flat = tuple(x_shape[:-d]) + (math.prod(x_shape[-d:]),)
     # dx[.., j] = sum of dy[.., w] over the windows w whose argmax idx[.., w] is j    (*, prod S)
-    dx = dy.new_zeros(flat).scatter_add(-1, _flat(idx, d), _flat(dy, d))
+    dx = dy.new_zeros(flat)
+    # plain backward: into the fresh zeros in place (the out-of-place scatter_add copies them first:
+    # twice the time); idx is int64, so not among can_write_inplace's one-dtype operands
+    plain = can_write_inplace(dy) and not is_transformed(idx)
+    scatter_add = dx.scatter_add_ if plain else dx.scatter_add
+    dx = scatter_add(-1, _flat(idx, d), _flat(dy, d))
     # back to x's spatial shape                                                     (*, *S)
     return dx.view(x_shape)
 
@@ -102,6 +108,9 @@ class MaxPoolFunction(torch.autograd.Function):
         x, d, kernel_size, stride, padding, dilation, ceil_mode = inputs
         y, idx = output
         ctx.mark_non_differentiable(idx)
+        # no zero-filled int64 gradient for idx at every backward (an allocation the size of y's, 2x
+        # its bytes); a missing dy comes in as None
+        ctx.set_materialize_grads(False)
         ctx.d, ctx.x_shape = d, x.shape
         ctx.save_for_backward(idx)
         ctx.save_for_forward(idx)
@@ -124,7 +133,7 @@ class MaxPoolFunction(torch.autograd.Function):
     def backward(ctx, dy, _didx):
         (idx,) = ctx.saved_tensors
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and dy is not None:
             dx = max_pool_backward(dy, idx, ctx.x_shape, ctx.d, MaxPoolFunction._live(ctx, dy.device))
         return dx, None, None, None, None, None, None
 
@@ -148,6 +157,7 @@ class AdaptiveMaxPoolFunction(torch.autograd.Function):
         x, d, _ = inputs
         _, idx = output
         ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # as MaxPoolFunction's
         ctx.d, ctx.x_shape = d, x.shape
         ctx.save_for_backward(idx)
         ctx.save_for_forward(idx)
@@ -155,7 +165,7 @@ class AdaptiveMaxPoolFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _didx):
         (idx,) = ctx.saved_tensors
-        dx = max_pool_backward(dy, idx, ctx.x_shape, ctx.d) if ctx.needs_input_grad[0] else None
+        dx = max_pool_backward(dy, idx, ctx.x_shape, ctx.d) if ctx.needs_input_grad[0] and dy is not None else None
         return dx, None, None
 
     @staticmethod

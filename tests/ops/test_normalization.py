@@ -466,3 +466,63 @@ def test_batch_norm_plain_backward_matches_torch_on_an_offset_input(affine):
     w = torch.randn(5, requires_grad=True) if affine else None
     b = torch.randn(5, requires_grad=True) if affine else None
     assert_same_as_torch(F.batch_norm, TF.batch_norm, x, None, None, w, b, True, rtol=1e-4, atol=1e-4)
+
+
+def _bn_grad_error(fn, x, w, b, dy, dtype):
+    """Largest |grad - exact| / max |exact| over (dx, dw, db) of fn's training batch_norm run in
+    ``dtype``, against torch's kernel in float64 on the same values."""
+    def grads(f, dt):
+        xs, ws, bs = (t.detach().to(dt).requires_grad_() for t in (x, w, b))
+        f(xs, None, None, ws, bs, True).backward(dy.to(dt))
+        return xs.grad, ws.grad, bs.grad
+    exact = grads(TF.batch_norm, torch.float64)
+    return max(((g.double() - e).abs().max() / e.abs().max()).item() for g, e in zip(grads(fn, dtype), exact))
+
+
+def test_batch_norm_plain_backward_with_forwards_stats_is_as_accurate_as_torch_far_from_zero():
+    # The plain backward takes forward's per-channel mean and 1/std and sums dy (x - mean) from the
+    # centred product. Input: mean 1000 x its spread; upstream gradient: a mean of its own (1), so
+    # that sum(x dy) - mean sum(dy) would cancel to noise (errors ~100x torch's). Ours must be
+    # within 2x of torch's own float32 error against the float64 result.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 9, 11, generator=g) * 0.05 + 50
+    dy = torch.randn(x.shape, generator=g) + 1
+    w, b = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    ours = _bn_grad_error(F.batch_norm, x, w, b, dy, torch.float32)
+    theirs = _bn_grad_error(TF.batch_norm, x, w, b, dy, torch.float32)
+    assert ours <= 2 * theirs + 1e-6, (ours, theirs)
+
+
+def test_batch_norm_plain_backward_in_bfloat16_matches_torch():
+    # bfloat16: forward's stats are rounded to bfloat16 by torch's CPU kernel, so backward (in
+    # float32) recomputes them from x instead; the result agrees with torch's to bfloat16 precision
+    x = (torch.randn(6, 4, 5, 7) + 3).bfloat16().requires_grad_()
+    w = torch.randn(4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    assert_same_as_torch(F.batch_norm, TF.batch_norm, x, None, None, w, b, True, rtol=2e-2, atol=2e-2)
+
+
+def test_batch_norm_backward_without_forwards_stats_matches_with_them():
+    # the two plain-backward branches (stats from forward / recomputed) give the same gradients
+    from manualgrad.ops.normalization import _batch_norm_backward_plain
+    x, dy, w = torch.randn(5, 3, 4, 6) * 2 + 7, torch.randn(5, 3, 4, 6) + 0.5, torch.randn(3)
+    _, mean, r = torch.native_batch_norm(x, w, None, None, None, True, 0.1, 1e-5)
+    with_stats = _batch_norm_backward_plain(dy, x, w, 1e-5, (True, True, True), mean, r)
+    recomputed = _batch_norm_backward_plain(dy, x, w, 1e-5, (True, True, True))
+    for a, e in zip(with_stats, recomputed):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_double_backward_recomputes_the_stats_far_from_zero():
+    # with create_graph the saved batch stats would be constants (wrong second derivatives): the
+    # graph path recomputes them from x. Hessian-vector product against torch's, on an offset input.
+    x = (torch.randn(4, 3, 5, dtype=D) + 20).requires_grad_()
+    w = torch.randn(3, dtype=D, requires_grad=True)
+    dy, v = torch.randn(4, 3, 5, dtype=D), torch.randn(4, 3, 5, dtype=D)
+
+    def hvp(f):
+        (gx,) = torch.autograd.grad(f(x, None, None, w, None, True), x, dy, create_graph=True)
+        return torch.autograd.grad(gx, (x, w), v)
+
+    for a, e in zip(hvp(F.batch_norm), hvp(TF.batch_norm)):
+        torch.testing.assert_close(a, e)

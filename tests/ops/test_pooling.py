@@ -375,3 +375,23 @@ def test_convert_swaps_pooling_and_flatten_modules():
     assert [type(m).__module__ for m in model] == ["manualgrad.nn.pooling"] * len(model)
     torch.testing.assert_close(model(x), expected)
     assert model[0].forward.__func__ is mnn.MaxPool2d.forward
+
+
+def test_max_pool_plain_and_graph_backwards_sum_overlapping_windows_like_torch():
+    # Plain backward (no graph) scatters dy into its fresh zeros in place; with create_graph it
+    # scatters out of place. A constant input: every window's max is its first cell, and with
+    # kernel 3 stride 1 most cells are that first cell of several windows, whose dy must add up.
+    x = torch.ones(2, 3, 6, 7, requires_grad=True)
+    dy = torch.randn(2, 3, 6, 7)
+    (theirs,) = torch.autograd.grad(TF.max_pool2d(x, 3, 1, 1), x, dy)
+    (plain,) = torch.autograd.grad(F.max_pool2d(x, 3, 1, 1), x, dy)
+    (graph,) = torch.autograd.grad(F.max_pool2d(x, 3, 1, 1), x, dy, create_graph=True)
+    assert theirs.abs().max() > dy.abs().max()  # some cells collect more than one window's dy
+    torch.testing.assert_close(plain, theirs)
+    torch.testing.assert_close(graph.detach(), theirs)
+
+
+def test_max_pool_plain_backward_of_tiling_windows_matches_torch():
+    # the ResNet stem's pooling: kernel 2 = stride, windows tile the input (no accumulation)
+    x = torch.randn(4, 5, 8, 10, requires_grad=True)
+    assert_same_as_torch(F.max_pool2d, TF.max_pool2d, x, 2)
