@@ -250,8 +250,8 @@ class _Attribution(TorchDispatchMode):
         return out
 
 
-def _graph(roots):
-    """Every node reachable from ``roots`` (grad_fns), each once."""
+def graph_nodes(roots):
+    """Every autograd node reachable from ``roots`` (grad_fns), each once."""
     seen, todo, nodes = set(), list(roots), []
     while todo:
         node = todo.pop()
@@ -318,7 +318,7 @@ def _backward(model, example_inputs, kwargs, loss_fn, mode):
     outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not outputs:
         raise RuntimeError(f"coverage: the output of {type(model).__name__} does not require grad: no backward to run")
-    nodes = _graph(t.grad_fn for t in outputs)
+    nodes = graph_nodes(t.grad_fn for t in outputs)
     ops = [n for n in nodes if not _is_accumulate_grad(n)]
     leaves = [n.variable for n in nodes if _is_accumulate_grad(n)] + [t for t in outputs if t.grad_fn is None]
     attribution = _Attribution()

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 import manualgrad
 import manualgrad.functional as MF
 from manualgrad import mode as mode_module
+from manualgrad.coverage import graph_nodes
 from manualgrad.mode import checkpoint_contexts, enable, routes
 from manualgrad.testing import assert_raises_like_torch
 
@@ -23,15 +24,7 @@ torch.set_num_threads(1)
 
 def node_names(t):
     """Class names of every node in t's backward graph."""
-    seen, names, todo = set(), set(), [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        todo.extend(f for f, _ in node.next_functions)
-    return names
+    return {type(node).__name__ for node in graph_nodes([t.grad_fn])}
 
 
 def manualgrad_nodes(t):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import manualgrad
-from manualgrad.coverage import _graph as graph_nodes
+from manualgrad.coverage import graph_nodes
 from benchmarks.models import gpt_small, resnet_small
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -14,6 +14,7 @@ import torch.nn.functional as TF
 
 import manualgrad
 import manualgrad.functional as MF
+from manualgrad.coverage import graph_nodes
 from manualgrad.testing import assert_raises_like_torch, check_gradients
 
 torch.set_num_threads(1)
@@ -275,15 +276,7 @@ def test_the_mode_routes_multi_head_attention_forward():
 
 def _node_names(t):
     """The class names of every node in t's backward graph."""
-    names, todo, seen = set(), [t.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    return names
+    return {type(node).__name__ for node in graph_nodes([t.grad_fn])}
 
 
 def _torch_and_routed(model, inputs, loss_fn):
