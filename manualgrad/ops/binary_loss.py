@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as TF
 from torch.nn import _reduction as _legacy
 
-from ._apply import autocast_on, FLOAT32, apply
+from ._apply import FLOAT32, apply
 from ._checks import can_inspect_values, can_write_inplace, get_reduction, is_transformed, reduce_backward, reduce_forward
 
 # torch's constants: each log in the BCE loss is floored at -100, and x (1 - x) in its
@@ -83,6 +83,9 @@ def _add(a, b):
 # binary_cross_entropy: l = -w [t log x + (1 - t) log(1 - x)], x and t in [0, 1]
 
 def binary_cross_entropy_forward(x, t, w=None, reduction="mean"):
+    # checked here, after apply's autocast casts (both to float32 under autocast, as torch)
+    if t.dtype != x.dtype:
+        raise RuntimeError(f"binary_cross_entropy: target dtype {t.dtype} differs from input dtype {x.dtype}")
     o = _ops(x, t, w)
     # l = -w [t max(log x, -100) + (1 - t) max(log(1 - x), -100)]     (*) like x
     log_x = torch.log(x).clamp_min_(_LOG_FLOOR)
@@ -170,11 +173,6 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
         )
     if not input.is_floating_point():
         raise NotImplementedError(f'"binary_cross_entropy" not implemented for {input.dtype}')
-    # under autocast, apply casts input and target to float32 first (torch's float32 list)
-    if target.dtype != input.dtype and not autocast_on(input.device.type):
-        raise RuntimeError(
-            f"binary_cross_entropy: target dtype {target.dtype} differs from input dtype {input.dtype}"
-        )
     if weight is not None:
         weight = weight.expand(torch.broadcast_shapes(target.size(), weight.size()))
         _fits("binary_cross_entropy", "weight", weight, input.shape)

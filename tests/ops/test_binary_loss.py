@@ -495,3 +495,10 @@ def test_kl_div_log_target_keeps_exp_only_for_a_constant_target():
             tangents.append(torch.autograd.forward_ad.unpack_dual(g).tangent)
     torch.testing.assert_close(tangents[0], tangents[1])
     torch.testing.assert_close(tangents[0], -t.exp())
+
+
+def test_binary_cross_entropy_target_of_another_dtype_raises_like_torch():
+    assert_raises_like_torch(
+        F.binary_cross_entropy, TF.binary_cross_entropy,
+        probs((4, 3)), targets((4, 3), dtype=torch.float64), match="target dtype torch.float64 differs",
+    )
