@@ -8,6 +8,12 @@ each saves for backward (deduplicated by storage, parameters excluded).
 
 --attribute adds models in which only one family is manualgrad's (Linear, ReLU or
 CrossEntropyLoss; the rest torch's), to see which one the step-time difference comes from.
+
+--floor adds a model whose Linear and ReLU layers are pass-through autograd Functions: torch's
+own kernels forward and backward (addmm; mm and sum; relu; threshold_backward), called through
+manualgrad's ``apply`` like every manualgrad op. Its ratio is what the Python Function
+machinery alone costs, whatever the backward computes: a floor for any implementation made of
+torch.autograd.Functions.
 """
 import argparse
 import pathlib
@@ -20,8 +26,58 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import manualgrad.nn as mnn  # noqa: E402
+from manualgrad.ops._apply import apply  # noqa: E402
 from manualgrad.testing import saved_bytes  # noqa: E402
 from train.models import seed_mlp  # noqa: E402
+
+
+class _TorchLinear(torch.autograd.Function):
+    """y = x W^T + b with torch's kernels both ways, in the order of torch's AddmmBackward0."""
+
+    @staticmethod
+    def forward(x, w, b):
+        return torch.addmm(b, x, w.t())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _ = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        db = dy.sum(0) if need[2] else None
+        dx = dy.mm(w) if need[0] else None
+        dw = dy.t().mm(x) if need[1] else None
+        return dx, dw, db
+
+
+class _TorchReLU(torch.autograd.Function):
+    """relu with torch's kernels both ways (threshold_backward: torch's own ReLU backward)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.relu(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(dy, y, 0)
+
+
+class _PassLinear(torch.nn.Linear):
+    def forward(self, input):
+        return apply(_TorchLinear, input, self.weight, self.bias)
+
+
+class _PassReLU(torch.nn.ReLU):
+    def forward(self, input):
+        return apply(_TorchReLU, input)
 
 
 def build(nn, seed):
@@ -44,6 +100,7 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--attribute", action="store_true", help="also time models with one manualgrad family each")
+    p.add_argument("--floor", action="store_true", help="also time pass-through Functions running torch's kernels")
     args = p.parse_args()
 
     x = torch.randn(args.batch, 1, 28, 28)
@@ -53,6 +110,9 @@ def main():
         for family in ("Linear", "ReLU", "CrossEntropyLoss"):
             mixed = {n: getattr(mnn if n == family else torch.nn, n) for n in ("Linear", "ReLU", "CrossEntropyLoss")}
             runs[f"{family} only"] = build(types.SimpleNamespace(**mixed), 0)
+    if args.floor:
+        floor_nn = types.SimpleNamespace(Linear=_PassLinear, ReLU=_PassReLU, CrossEntropyLoss=torch.nn.CrossEntropyLoss)
+        runs["torch kernels in Functions"] = build(floor_nn, 0)
 
     for name, (model, loss_fn, _) in runs.items():
         nbytes, _ = saved_bytes(lambda: loss_fn(model(x), y), exclude=list(model.parameters()))
@@ -76,6 +136,8 @@ def main():
     for name in runs:
         if name.endswith(" only"):
             print(f"time ratio {name} (rest torch's)/torch: {med[name] / med['torch']:.3f}")
+        elif name == "torch kernels in Functions":
+            print(f"time ratio torch's own kernels in pass-through Functions/torch: {med[name] / med['torch']:.3f}")
     print(f"saved-bytes ratio manualgrad/torch: {runs['manualgrad'][3] / runs['torch'][3]:.3f}")
 
 

@@ -19,17 +19,17 @@ def linear_forward(x, w, b=None):
 def linear_backward(dy, x, w, needs=(True, True, True)):
     """Gradients of y = x W^T + b. ``needs`` says which of (dx, dW, db) to compute."""
     dx = dw = db = None
+    dy2 = dy.reshape(-1, dy.shape[-1])  #                    (rows, out)
+    if needs[2]:
+        # db = sum over rows of dy                           (out,)
+        # (first, while dy is still in cache from the op that made it: as torch's addmm backward)
+        db = dy2.sum(0)
     if needs[0]:
         # dx = dy W                                          (*, in)
         dx = torch.matmul(dy, w)
-    if needs[1] or needs[2]:
-        dy2 = dy.reshape(-1, dy.shape[-1])  #                (rows, out)
     if needs[1]:
         # dW = sum over rows of dy^T x                       (out, in)
         dw = dy2.t().mm(x.reshape(-1, x.shape[-1]))
-    if needs[2]:
-        # db = sum over rows of dy                           (out,)
-        db = dy2.sum(0)
     return dx, dw, db
 
 

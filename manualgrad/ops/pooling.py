@@ -4,7 +4,9 @@ Shapes: x (N, C, *S) or unbatched (C, *S), S = (L,) or (H, W); y (N, C, *O) or (
 
 The forward values (and, for max pooling, the argmax indices) come from torch's forward
 kernels: bit-for-bit torch's numbers, and torch's choice among tied maxima (the first in
-scan order; a NaN wins over numbers). The backwards are written here:
+scan order; a NaN wins over numbers). 2-d max pooling of a contiguous NCHW CPU input with 8+
+channels runs torch's kernel on channels-last copies, 3-7x faster (see _pool_channels_last).
+The backwards are written here:
 
 - max pooling: y[w] = x[idx[w]], so dx = scatter_add of dy at idx (windows overlap when
   stride < kernel, so one x can collect several dy), and the jvp is a gather of dx at idx.
@@ -54,7 +56,42 @@ def max_pool_forward(x, d, kernel_size, stride, padding, dilation, ceil_mode):
     stride = () if stride is None else stride
     if d == 1:
         return torch.max_pool1d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if _pool_channels_last(x):
+        return _max_pool2d_channels_last(x, kernel_size, stride, padding, dilation, ceil_mode)
     return torch._C._nn.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+# Channels at which max_pool2d of a contiguous (N, C, H, W) CPU input runs on a channels-last copy,
+# and the elements (1 MiB of float32) a copied chunk of samples holds.
+_CL_MIN_CHANNELS = 8
+_CL_CHUNK = 1 << 18
+
+
+def _pool_channels_last(x):
+    """torch's CPU max_pool2d kernel for contiguous NCHW visits each window in scalar code; its
+    channels-last kernel runs vectorized over C. With 8+ channels pooling a channels-last copy
+    measured 3-7x faster here (2x2 and 3x3 windows, 7x7 to 112x112 maps), copies included."""
+    return (x.dim() == 4 and x.device.type == "cpu" and x.shape[1] >= _CL_MIN_CHANNELS and x.numel() > 0
+            and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+            and not is_transformed(x) and x.is_contiguous())
+
+
+def _max_pool2d_channels_last(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """torch's max_pool2d_with_indices on a channels-last copy of x, a chunk of samples at a time
+    (small copies: no page faults), written into contiguous outputs as torch's own kernel returns
+    them. The values and indices are the same: each window is scanned in the same order."""
+    n, per_sample = x.shape[0], x[0].numel()
+    step = max(1, _CL_CHUNK // per_sample)
+    y = idx = None
+    for i in range(0, n, step):
+        xc = x[i:i + step].contiguous(memory_format=torch.channels_last)
+        yc, ic = torch._C._nn.max_pool2d_with_indices(xc, kernel_size, stride, padding, dilation, ceil_mode)
+        if y is None:
+            y = x.new_empty((n,) + yc.shape[1:])
+            idx = torch.empty(y.shape, dtype=ic.dtype, device=x.device)
+        y[i:i + step] = yc
+        idx[i:i + step] = ic
+    return y, idx
 
 
 def _flat(t, d):

@@ -112,6 +112,33 @@ def test_max_pool_nan_wins_its_windows_like_torch():
     assert_same_as_torch(F.max_pool2d, TF.max_pool2d, x.requires_grad_(), 3, 1, 1, 1, False, True)
 
 
+@pytest.mark.parametrize("args", MAX2D)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_pool2d_channels_last_route_gives_torchs_values_and_indices_bit_for_bit(monkeypatch, args, dtype):
+    """8+ channels, contiguous NCHW: the forward pools channels-last copies of a few samples at a
+    time. Small chunks here (three samples), ties (ReLU zeros, repeated values) and NaNs, against
+    torch's own NCHW kernel."""
+    from manualgrad.ops import pooling
+
+    monkeypatch.setattr(pooling, "_CL_CHUNK", 3 * 9 * 7 * 6)
+    x = torch.randn(7, 9, 7, 6, dtype=dtype).relu_()
+    x[1, :, 2:4] = 0.5  # a block of equal values
+    x[2, 3, 1, 1] = x[4, 8].view(-1)[::4] = float("nan")
+    assert pooling._pool_channels_last(x)
+    ours_y, ours_i = F.max_pool2d(x, *args, return_indices=True)
+    their_y, their_i = TF.max_pool2d(x, *args, return_indices=True)
+    assert torch.equal(ours_i, their_i)
+    assert torch.equal(ours_y.isnan(), their_y.isnan())
+    assert torch.equal(ours_y.nan_to_num(), their_y.nan_to_num())
+    assert ours_y.is_contiguous() and ours_i.is_contiguous()  # laid out as torch's NCHW outputs
+    # and the gradient goes where torch sends it
+    dy = torch.randn(their_y.shape, dtype=dtype)
+    xg, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    F.max_pool2d(xg, *args).backward(dy)
+    TF.max_pool2d(xt, *args).backward(dy)
+    assert torch.equal(xg.grad, xt.grad)
+
+
 def test_max_pool_window_of_padding_only_gives_minus_inf_and_zero_gradient():
     # dilation 2 with padding 1 over a height of 1: every window's taps miss the single row.
     # torch returns -inf with out-of-range indices (6, 7), and its own backward writes out of
