@@ -9,8 +9,9 @@ each saves for backward (deduplicated by storage, parameters excluded).
 --attribute adds models in which only one family is manualgrad's (Linear, ReLU or
 CrossEntropyLoss; the rest torch's), to see which one the step-time difference comes from.
 
---floor adds a model whose Linear and ReLU layers are pass-through autograd Functions: torch's
-own kernels forward and backward (addmm; mm and sum; relu; threshold_backward), called through
+--floor adds a model whose Linear, ReLU and loss are pass-through autograd Functions: torch's
+own kernels forward and backward (addmm; mm and sum; relu, threshold_backward; log_softmax,
+nll_loss and their backward kernels), called through
 manualgrad's ``apply`` like every manualgrad op. Its ratio is what the Python Function
 machinery alone costs, whatever the backward computes: a floor for any implementation made of
 torch.autograd.Functions.
@@ -70,6 +71,32 @@ class _TorchReLU(torch.autograd.Function):
         return torch.ops.aten.threshold_backward(dy, y, 0)
 
 
+class _TorchCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over class indices with torch's kernels both ways (log_softmax, nll_loss
+    and their backward kernels)."""
+
+    @staticmethod
+    def forward(x, target):
+        logp = torch.log_softmax(x, 1)
+        return torch.nn.functional.nll_loss(logp, target), logp
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[1], output[1])
+
+    @staticmethod
+    def backward(ctx, dloss, _):
+        target, logp = ctx.saved_tensors
+        dlogp = torch.ops.aten.nll_loss_backward(dloss, logp, target, None, 1, -100, dloss.new_tensor(float(len(target))))
+        return torch.ops.aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype), None
+
+
+class _PassCrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def forward(self, input, target):
+        return apply(_TorchCrossEntropy, input, target)[0]
+
+
 class _PassLinear(torch.nn.Linear):
     def forward(self, input):
         return apply(_TorchLinear, input, self.weight, self.bias)
@@ -111,7 +138,7 @@ def main():
             mixed = {n: getattr(mnn if n == family else torch.nn, n) for n in ("Linear", "ReLU", "CrossEntropyLoss")}
             runs[f"{family} only"] = build(types.SimpleNamespace(**mixed), 0)
     if args.floor:
-        floor_nn = types.SimpleNamespace(Linear=_PassLinear, ReLU=_PassReLU, CrossEntropyLoss=torch.nn.CrossEntropyLoss)
+        floor_nn = types.SimpleNamespace(Linear=_PassLinear, ReLU=_PassReLU, CrossEntropyLoss=_PassCrossEntropyLoss)
         runs["torch kernels in Functions"] = build(floor_nn, 0)
 
     for name, (model, loss_fn, _) in runs.items():
