@@ -26,10 +26,16 @@ def relu_forward(x, inplace=False):
 
 
 def relu_backward(dy, y):
-    # dx = dy * 1[x > 0] = dy * sign(y), as y = max(x, 0) >= 0 has sign 0 or 1     (*) like x
+    # dx = dy * 1[x > 0] = dy * sign(y), as y = max(x, 0) >= 0 has sign 0 or 1, and dy where
+    # x is nan (torch's rule, y <= 0 ? 0 : dy, sends nan to dy): nan counts as 1   (*) like x
     # (sign stays in y's dtype: a bool mask `y > 0` costs a slow compare and a cast on CPU)
-    s = y.sign()
+    s = _relu_step(y)
     return s.mul_(dy) if can_write_inplace(s, dy) else dy * s
+
+
+def _relu_step(y):
+    # 1.0 where y > 0 or y is nan, 0.0 where y = 0 (y = relu(x))       (*) like y
+    return y.nan_to_num(1.0).sign_()
 
 
 class ReLUFunction(torch.autograd.Function):
@@ -58,7 +64,7 @@ class ReLUFunction(torch.autograd.Function):
     def jvp(ctx, dx, _):
         (y,) = ctx.saved_tensors
         # An in-place op must update its input's tangent in place too.
-        return dx.mul_(y.sign()) if ctx.inplace else relu_backward(dx, y)
+        return dx.mul_(_relu_step(y)) if ctx.inplace else relu_backward(dx, y)
 
     @staticmethod
     def vmap(info, in_dims, x, inplace):
@@ -92,6 +98,12 @@ def _step(t, at=0.0):
     return (t - at).sign_().clamp_min_(0) if at else t.sign().clamp_min_(0)
 
 
+def _step_nan_high(t):
+    """1.0 where t > 0 or t is nan, else 0.0: the second branch of torch's ``t <= 0 ? a : b``,
+    which a nan takes (elu's rule). Zero derivative, attached to t's graph, as _step."""
+    return t.nan_to_num(1.0).sign_().clamp_min_(0)
+
+
 _CHUNK = 1 << 17
 
 
@@ -117,9 +129,14 @@ def _ones(t):
 
 
 def _step_into(out, t, at=0.0):
-    # out = 1.0 where t > at, else 0.0 (nan where t is nan): _step without an allocation
+    # out = 1.0 where t > at, else 0.0 (0.0 where t is nan): _step without an allocation
     (torch.sub(t, at, out=out) if at else torch.sign(t, out=out)).sign_().clamp_min_(0)
     return out
+
+
+def _step_nan_high_into(out, t):
+    # out = 1.0 where t > 0 or t is nan, else 0.0: _step_nan_high without an allocation
+    return torch.nan_to_num(t, 1.0, out=out).sign_().clamp_min_(0)
 
 
 def _plain(dy, x):
@@ -209,10 +226,10 @@ def elu_forward(x, alpha=1.0, inplace=False):
 
 def _elu_body(alpha):
     def body(out, tmp, x, dy):
-        # tmp = alpha exp(min(x, 0)),  out = 1[x > 0]          (chunk)
-        torch.clamp_max(x, 0, out=tmp).exp_().mul_(alpha)
-        _step_into(out, x)
-        # dx = dy where x > 0, else dy alpha e^x             (chunk)
+        # tmp = alpha exp(min(x, 0)) (1 where x is nan),  out = 1[x > 0 or x nan]   (chunk)
+        torch.nan_to_num(x, 0.0, out=tmp).clamp_max_(0).exp_().mul_(alpha)
+        _step_nan_high_into(out, x)
+        # dx = dy where x > 0 or x is nan (torch's x <= 0 ? ... : dy), else dy alpha e^x   (chunk)
         torch.mul(tmp.lerp_(_ones(tmp), out), dy, out=out)
     return body
 
@@ -220,11 +237,11 @@ def _elu_body(alpha):
 def elu_backward(dy, x, alpha):
     if _plain(dy, x):
         return _chunked(_elu_body(alpha), dy, x)
-    # e = exp(min(x, 0)): e^x where it is used (x <= 0), finite where not, else double
-    # backward would get 0 * inf = nan there                 (*) like x
-    e = x.clamp_max(0).exp_()
-    # dx = dy where x > 0, else dy * alpha * e^x             (*)
-    return torch.lerp((dy * e).mul_(alpha), dy, _step(x))
+    # e = exp(min(x, 0)): e^x where it is used (x <= 0), finite where not (nan included), else
+    # double backward would get 0 * inf = nan there, and lerp a nan it weighs by 0   (*) like x
+    e = x.nan_to_num(0.0).clamp_max_(0).exp_()
+    # dx = dy where x > 0 or x is nan (torch's x <= 0 ? ... : dy), else dy * alpha * e^x   (*)
+    return torch.lerp((dy * e).mul_(alpha), dy, _step_nan_high(x))
 
 
 def elu_backward_from_output(dy, y, alpha):
@@ -232,8 +249,9 @@ def elu_backward_from_output(dy, y, alpha):
 
     Less precise than elu_backward for very negative x in float32 (y + alpha cancels), as torch's is.
     """
-    # dx = dy where y > 0, else dy * (y + alpha)   (alpha e^x = y + alpha for x <= 0)   (*) like x
-    return torch.lerp(dy * (y + alpha), dy, _step(y))
+    # dx = dy where y > 0 or y is nan, else dy * (y + alpha)   (alpha e^x = y + alpha for x <= 0;
+    # min(y, 0) there, so that the unused branch stays finite for y = inf or nan)   (*) like x
+    return torch.lerp(dy * (y.nan_to_num(0.0).clamp_max(0) + alpha), dy, _step_nan_high(y))
 
 
 class ELUFunction(torch.autograd.Function):
@@ -622,10 +640,12 @@ def hardswish_forward(x, inplace=False):
 
 
 def hardswish_backward(dy, x):
-    # f'(x) = 0 for x <= -3, x / 3 + 1/2 for -3 < x < 3, 1 for x >= 3 (torch's values at the kinks)   (*) like x
-    # (nan stays nan: nan * 0 in the first weight, and lerp keeps a nan end)
-    above = 1 - _step(-x, -3.0)  # 1.0 where x >= 3
-    d = torch.lerp((x * (1 / 3)).add_(0.5).mul_(_step(x, -3.0)), torch.ones_like(x), above)
+    # f'(x) = 0 for x <= -3, x / 3 + 1/2 for -3 < x < 3, 1 for x >= 3 and for nan (torch's values
+    # at the kinks; its rule, x < 3 ? ... : 1, sends nan to 1)   (*) like x
+    above = 1 - _step(-x, -3.0)  # 1.0 where x >= 3 or x is nan
+    # the middle piece, finite everywhere (x = +-inf or nan would make lerp's weight-0 end nan)
+    mid = (x.nan_to_num(0.0).clamp(-3.0, 3.0) * (1 / 3)).add_(0.5).mul_(_step(x, -3.0))
+    d = torch.lerp(mid, torch.ones_like(x), above)
     # dx = dy f'(x)                                           (*)
     return dy * d
 

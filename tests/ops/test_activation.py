@@ -293,6 +293,40 @@ def test_activation_propagates_nan(case):
     torch.testing.assert_close(y, torch_fn(x, **kwargs), equal_nan=True)
 
 
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.0, -3.0, 2.5, -2.0, 1e4]
+
+
+def _special_cases():
+    cases = [(name, kwargs, False) for name, kwargs, _ in OUT_OF_PLACE + [("relu", {}, 0.0)]]
+    cases += [(name, kwargs, True) for name, kwargs, _ in IN_PLACE + [("relu", {}, 0.0)]]
+    cases += [(name, {}, inplace) for name in ("hardswish", "mish") for inplace in (False, True)]
+    return cases
+
+
+@pytest.mark.parametrize("case", _special_cases(), ids=lambda c: case_id(c[:2] + (None,)) + ("-inplace" if c[2] else ""))
+@pytest.mark.parametrize("mode", ["plain", "graph", "forward"])
+def test_activation_gradient_at_nan_inf_and_kinks_is_torchs(case, mode):
+    """nan, +-inf, signed zeros and the kinks: the gradient (a plain backward, one with a graph for
+    double backward) and the tangent are torch's, nan where torch's is nan and finite where it is
+    finite (torch's piecewise rules send a nan down one branch: relu and elu pass dy, hardswish 1)."""
+    name, kwargs, inplace = case
+    fn, torch_fn = ops(name)
+    if inplace:
+        kwargs = dict(kwargs, inplace=True)
+    x0 = torch.tensor(SPECIAL, requires_grad=True)
+    dy = torch.arange(1.0, len(SPECIAL) + 1)
+    if mode == "forward":
+        with fwAD.dual_level():
+            outs = [fwAD.unpack_dual(f(fwAD.make_dual(x0.detach().clone(), dy), **kwargs)).tangent
+                    for f in (fn, torch_fn)]
+    else:
+        outs = [torch.autograd.grad(f(x0 * 1, **kwargs), x0, dy, create_graph=mode == "graph")[0]
+                for f in (fn, torch_fn)]
+    ours, theirs = outs
+    assert torch.equal(ours.isnan(), theirs.isnan()), f"nan pattern: ours {ours.tolist()}, torch {theirs.tolist()}"
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
 @pytest.mark.parametrize("approximate", ["exact", "TANH", ""])
 def test_gelu_rejects_unknown_approximation_like_torch(approximate):
     assert_raises_like_torch(F.gelu, TF.gelu, torch.randn(3), approximate=approximate, match="none or tanh")
