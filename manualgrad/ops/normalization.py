@@ -279,21 +279,28 @@ def _trailing_dims(x, normalized_shape):
     return tuple(range(x.dim() - k, x.dim())), tuple(range(x.dim() - k))
 
 
-def layer_norm_forward(x, normalized_shape, w, b, eps):
+def layer_norm_forward(x, normalized_shape, w, b, eps, stats=False):
+    """y; with ``stats``, (y, mean, r): torch's kernel also returns each row's mean and
+    r = 1 / sqrt(var + eps), shaped (*L, 1, ...) (kept, as torch keeps them, for the plain backward)."""
+    if stats:
+        return torch.native_layer_norm(x, normalized_shape, w, b, eps)
     return TF.layer_norm(x, normalized_shape, w, b, eps)
 
 
 _CHUNK = 1 << 18  # elements of a row block: a block's few buffers stay in the cache
 
 
-def _layer_norm_backward_plain(dy, x, w, normalized_shape, eps, needs):
+def _layer_norm_backward_plain(dy, x, w, normalized_shape, eps, needs, mean=None, r=None):
     """layer_norm_backward for a plain backward (no graph, no transform), on rows of S = prod(normalized_shape).
 
     Blocks of rows, so that the dozen passes below run in the cache; one buffer per block, dx's,
     holds x_hat, then dy x_hat (for the reductions), then dx (a fresh CPU tensor costs page faults);
-    the row reductions with w are matrix-vector products."""
+    the row reductions with w are matrix-vector products. ``mean`` and ``r``: forward's row stats,
+    or None to compute them here."""
     s = math.prod(normalized_shape)
     x2, dy2 = x.reshape(-1, s), dy.reshape(-1, s)
+    mean2 = None if mean is None else mean.reshape(-1, 1)
+    r2 = None if r is None else r.reshape(-1, 1)
     w1 = None if w is None else w.reshape(s)
     rows = x2.shape[0]
     dx = torch.empty_like(x2) if needs[0] else None
@@ -306,9 +313,12 @@ def _layer_norm_backward_plain(dy, x, w, normalized_shape, eps, needs):
         xb, dyb = x2[i:j], dy2[i:j]
         buf = dx[i:j] if needs[0] else scratch[: j - i]
         # mean = mean_S(x),  r = 1 / sqrt(|x - mean|^2 / S + eps)      (B, 1)
-        mean = xb.mean(-1, keepdim=True)
+        mean = xb.mean(-1, keepdim=True) if mean2 is None else mean2[i:j]
         torch.sub(xb, mean, out=buf)
-        r = torch.linalg.vector_norm(buf, dim=-1, keepdim=True).square_().div_(s).add_(eps).rsqrt_()
+        if r2 is None:
+            r = torch.linalg.vector_norm(buf, dim=-1, keepdim=True).square_().div_(s).add_(eps).rsqrt_()
+        else:
+            r = r2[i:j]
         # buf = p = dy x_hat = dy (x - mean) r                         (B, S)
         buf.mul_(r).mul_(dyb)
         if needs[1]:
@@ -332,10 +342,12 @@ def _layer_norm_backward_plain(dy, x, w, normalized_shape, eps, needs):
     return dx, dw, db
 
 
-def layer_norm_backward(dy, x, w, normalized_shape, eps, needs=(True, True, True), center=True):
-    """Gradients (dx, dw, db) of layer_norm; ``center=False`` is rms_norm's (no mean, no bias)."""
-    if center and can_write_inplace(dy, x, w):
-        return _layer_norm_backward_plain(dy, x, w, tuple(normalized_shape), eps, needs)
+def layer_norm_backward(dy, x, w, normalized_shape, eps, needs=(True, True, True), center=True, mean=None, r=None):
+    """Gradients (dx, dw, db) of layer_norm; ``center=False`` is rms_norm's (no mean, no bias).
+    ``mean``, ``r``: forward's row stats, used by the plain backward only (with a graph or a
+    transform they would be constants: the other path recomputes them from x)."""
+    if center and can_write_inplace(dy, x, w, mean, r):
+        return _layer_norm_backward_plain(dy, x, w, tuple(normalized_shape), eps, needs, mean, r)
     dims, lead = _trailing_dims(x, normalized_shape)
     x_hat, r = _stats(x, dims, eps, center)
     dx = dw = db = None
@@ -366,27 +378,35 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, normalized_shape, w, b, eps):
-        return layer_norm_forward(x, normalized_shape, w, b, eps)
+        return layer_norm_forward(x, normalized_shape, w, b, eps, stats=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, normalized_shape, w, b, eps = inputs
+        _, mean, r = output
+        ctx.mark_non_differentiable(mean, r)
+        ctx.set_materialize_grads(False)  # no zero gradients made for mean and r; a missing dy is None
         ctx.normalized_shape, ctx.eps, ctx.has_bias = tuple(normalized_shape), eps, b is not None
-        ctx.save_for_backward(x, w)
+        # the row stats (2 numbers a row, as torch saves) spare the plain backward two passes over x;
+        # kept in float32/64 only (a half x goes through in_float32, which recomputes them)
+        stats = (None, None) if x.dtype in _LOW_PRECISION else (mean, r)
+        ctx.save_for_backward(x, w, *stats)
         ctx.save_for_forward(x, w)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
+    def backward(ctx, dy, _dmean, _dr):
+        x, w, mean, r = ctx.saved_tensors
+        if dy is None:
+            return (None,) * 5
         need = ctx.needs_input_grad
         needs = (need[0], w is not None and need[2], ctx.has_bias and need[3])
-        dx, dw, db = in_float32(layer_norm_backward, dy, x, w, ctx.normalized_shape, ctx.eps, needs)
+        dx, dw, db = in_float32(layer_norm_backward, dy, x, w, ctx.normalized_shape, ctx.eps, needs, True, mean, r)
         return dx, None, dw, db, None
 
     @staticmethod
     def jvp(ctx, dx, _shape, dw, db, _eps):
         x, w = ctx.saved_tensors
-        return layer_norm_jvp(dx, dw, db, x, w, ctx.normalized_shape, ctx.eps)
+        return layer_norm_jvp(dx, dw, db, x, w, ctx.normalized_shape, ctx.eps), None, None
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -394,7 +414,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
     A normalized_shape that does not match the input's trailing dims fails in torch's forward.
     """
-    return apply(LayerNormFunction, input, normalized_shape, weight, bias, eps)
+    return apply(LayerNormFunction, input, normalized_shape, weight, bias, eps)[0]
 
 
 def rms_norm_forward(x, normalized_shape, w, eps):
