@@ -59,6 +59,16 @@ def dropout_forward(x, p, inplace=False, vmap_dims=()):
     if p == 1:
         # y = x * 0 (torch multiplies by a zero too: -0 and nan come out as in torch)   (*) like x
         return (x.mul_(0) if inplace else x * 0), torch.empty(0, dtype=torch.uint8, device=x.device)
+    if not inplace and x.device.type in FUSED_DEVICES:
+        if vmap_dims:
+            raise NotImplementedError(
+                f"dropout under vmap on {x.device.type}: torch draws the mask inside its fused kernel "
+                "(native_dropout's batching rule), which manualgrad does not reproduce; use inplace=True "
+                "(torch's in-place dropout draws with bernoulli_ there too) or the CPU"
+            )
+        # torch's out-of-place dropout there is native_dropout, whose kernel draws the mask: run it
+        y, mask = torch.native_dropout(x, p, True)
+        return y, _pack_mask(mask, vmap_dims)
     mask = _draw_mask(x, p, vmap_dims)
     scale = dropout_scale(p, x.dtype)
     # y = x * (1 / (1 - p)) * mask     (* 0/1 bytes: faster than * bool)         (*) like x
@@ -71,6 +81,11 @@ def dropout_backward(dy, packed, mask_shape, p, vmap_dims=()):
     if p == 1:
         return dy * 0
     return (dy * dropout_scale(p, dy.dtype)).mul_(_unpack_mask(packed, mask_shape, vmap_dims))
+
+
+# Devices where torch's out-of-place dropout runs the fused native_dropout kernel instead of
+# bernoulli_ (Dropout.cpp, is_fused_kernel_acceptable); its in-place dropout_ never does.
+FUSED_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
 
 
 def _draw_mask(x, p, vmap_dims):
@@ -182,12 +197,13 @@ class DropoutFunction(torch.autograd.Function):
 
 
 def _apply(x, p, inplace, vmap_dims):
-    """DropoutFunction on x; in place on a view, out of place and then copied into the view:
-    autograd refuses a Function that writes into a view and returns two tensors (y and the
-    mask). The draws and values are the same; copy_ records the write into the view (and so
-    into its base's history) as torch's own in-place ops do."""
+    """DropoutFunction on x; in place on a view, in place on a copy of the view, then copied
+    into it: autograd refuses a Function that writes into a view and returns two tensors (y and
+    the mask). The copy has the view's layout, so the draws and values are the same; copy_
+    records the write into the view (and so into its base's history) as torch's own in-place
+    ops do."""
     if inplace and x._is_view():
-        y, packed = apply(DropoutFunction, x, p, False, vmap_dims)
+        y, packed = apply(DropoutFunction, x.clone(), p, True, vmap_dims)
         return x.copy_(y), packed
     return apply(DropoutFunction, x, p, inplace, vmap_dims)
 

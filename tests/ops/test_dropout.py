@@ -137,6 +137,25 @@ def test_inplace_module_on_a_view_matches_torch_bitwise():
         assert_bitwise_equal(a, b, what)
 
 
+def test_out_of_place_on_a_fused_kernel_device_takes_native_dropouts_mask(monkeypatch):
+    # On CUDA (no CUDA here: the CPU stands in for it) torch's out-of-place dropout is the
+    # fused native_dropout, whose kernel draws the mask; its in-place dropout_ draws with bernoulli_.
+    monkeypatch.setattr("manualgrad.ops.dropout.FUSED_DEVICES", ("cpu",))
+    x, dy = torch.randn(7, 13, dtype=torch.float64), torch.randn(7, 13, dtype=torch.float64)
+    y, dx = run_seeded(F.dropout, x, dy, seed=0, p=0.3)
+    torch.manual_seed(0)
+    ref, mask = torch.native_dropout(x, 0.3, True)
+    after = torch.rand(4)
+    assert_bitwise_equal(y, ref, "output")
+    torch.testing.assert_close(dx, torch.ops.aten.native_dropout_backward(dy, mask, 1 / 0.7))
+    torch.manual_seed(0)
+    F.dropout(x, 0.3)
+    assert torch.equal(torch.rand(4), after), "the generator advanced otherwise than native_dropout's"
+    assert_same_as_torch_bitwise(x, inplace=True, p=0.3)  # in place: bernoulli_, as torch's dropout_
+    with pytest.raises(NotImplementedError, match="native_dropout"):
+        vmap(lambda t: F.dropout(t, 0.3), randomness="different")(x)
+
+
 def test_inplace_on_a_leaf_that_requires_grad_raises_like_torch():
     x = torch.randn(3, 4, requires_grad=True)
     assert_raises_like_torch(F.dropout, TF.dropout, x, 0.5, inplace=True, match="leaf")
