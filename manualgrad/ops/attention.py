@@ -15,9 +15,10 @@ Shapes: Q (*, L, E), K (*, S, E), V (*, S, Ev), O (*, L, Ev); ``*`` batch dims t
 
 Memory: backward recomputes P from the saved inputs Q, K (and the mask) instead of keeping the
 (L x S) attention matrix, and redraws the dropout mask from the generator state it was drawn
-from (a few KB): nothing of size L x S is saved. Recomputing from inputs also keeps double backward right: P is then a differentiable
-function of Q and K, not a constant. A fully masked row gives O = 0 and zero gradients, as
-torch's kernels give (torch's math path uses a "safe" softmax there).
+from (a few KB): nothing of size L x S is saved. Recomputing from inputs also keeps double
+backward right: P is then a differentiable function of Q and K, not a constant. A fully
+masked row gives O = 0 and zero gradients, as torch's kernels give (torch's math path uses a
+"safe" softmax there).
 
 The forward without dropout is torch's own fused kernel; with dropout, the math above.
 

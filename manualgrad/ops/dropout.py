@@ -4,8 +4,8 @@ The mask is drawn exactly as torch's CPU dropout draws it (``bernoulli_(1 - p)``
 tensor laid out like the input, aten/src/ATen/native/Dropout.cpp; under vmap on a contiguous
 (*batch, *sample) tensor, as torch's batching rules draw it), and the scale is rounded as
 torch rounds it, so under the same seed outputs and gradients equal torch's bit for bit.
-In place on a view, the Function runs out of place and the result is copied into the view
-(see ``_apply``).
+In place on a view, the Function runs in place on a copy of the view, then copy_ writes the
+result into the view (see ``_apply``).
 
 What is saved for backward is the mask bit-packed: ceil(numel / 8) bytes, where torch keeps
 a float copy of the scaled mask (numel * element_size bytes).
@@ -68,7 +68,7 @@ def dropout_forward(x, p, inplace=False, vmap_dims=()):
             )
         # torch's out-of-place dropout there is native_dropout, whose kernel draws the mask: run it
         y, mask = torch.native_dropout(x, p, True)
-        return y, _pack_mask(mask, vmap_dims)
+        return y, _pack_mask(mask, ())
     mask = _draw_mask(x, p, vmap_dims)
     scale = dropout_scale(p, x.dtype)
     # y = x * (1 / (1 - p)) * mask     (* 0/1 bytes: faster than * bool)         (*) like x
