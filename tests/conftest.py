@@ -2,6 +2,7 @@ import pathlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import settings
 
 # Property tests draw the same examples on every run: CI is repeatable, and a new failing
@@ -63,8 +64,6 @@ def inplace_on_view(op, make_view, leaf, w, v, seed=0):
     assert out is view, "an in-place op returns its input"
     (x * w).sum().backward()
     results.update(output=out.detach(), base=x.detach(), grad=leaf_.grad)
-
-    import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():
         x = fwAD.make_dual(leaf.detach(), v) * 1
