@@ -2,6 +2,7 @@ import pathlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import settings
 
 # Property tests draw the same examples on every run: CI is repeatable, and a new failing
@@ -33,3 +34,53 @@ def noncontiguous(t):
     if t.dim() < 2:
         return t.repeat_interleave(2)[::2].detach().requires_grad_(t.requires_grad)
     return t.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_(t.requires_grad)
+
+
+# In-place ops on views. Each view is of a (4, 6) tensor x = leaf * 1 (not a leaf: in place needs
+# that), so the op writes into x and autograd must route gradients through x's history.
+VIEWS = {
+    "slice": lambda x: x[:, 1:],
+    "row": lambda x: x[1],
+    "view": lambda x: x.view(3, 8),
+    "t": lambda x: x.t(),
+    "strided-slice-of-t": lambda x: x.t()[1:, ::2],
+}
+
+
+def inplace_on_view(op, make_view, leaf, w, v, seed=0):
+    """``op`` (in place) on ``make_view(leaf * 1)``, run three ways, each after torch.manual_seed(seed):
+
+    - backward: the op's output, x afterwards and the gradient of sum(x * w) w.r.t. the leaf
+      (w covers the whole base, the part outside the view too);
+    - forward mode: x afterwards and its tangent, for the leaf's tangent v;
+    - torch.func: vmap over the first dim (randomness "different") of x afterwards and its vjp for w.
+    """
+    results = {}
+    leaf_ = leaf.detach().clone().requires_grad_()
+    x = leaf_ * 1
+    view = make_view(x)
+    torch.manual_seed(seed)
+    out = op(view)
+    assert out is view, "an in-place op returns its input"
+    (x * w).sum().backward()
+    results.update(output=out.detach(), base=x.detach(), grad=leaf_.grad)
+
+    with fwAD.dual_level():
+        x = fwAD.make_dual(leaf.detach(), v) * 1
+        torch.manual_seed(seed)
+        op(make_view(x))
+        results["forward_base"], results["forward_tangent"] = fwAD.unpack_dual(x)
+
+    def one(l, g):
+        def f(t):
+            x = t * 1
+            op(make_view(x))
+            return x
+
+        x, pull = torch.func.vjp(f, l)
+        return x, pull(g)[0]
+
+    torch.manual_seed(seed)
+    batch = torch.stack([leaf.detach(), leaf.detach().flip(0)])
+    results["vmap_base"], results["vmap_grad"] = torch.func.vmap(one, randomness="different")(batch, torch.stack([w, w]))
+    return results

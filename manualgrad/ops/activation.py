@@ -437,6 +437,7 @@ class SiLUFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, inplace, x0 = inputs
         ctx.inplace = inplace
+        ctx.overwrote_a_view = inplace and x._is_view()
         if inplace:
             ctx.mark_dirty(x)
         else:
@@ -451,7 +452,7 @@ class SiLUFunction(torch.autograd.Function):
             if x0 is None:
                 raise RuntimeError(_SILU_NO_COPY)
             # the gradient goes to the connected copy x0; the overwritten x gets none
-            return None, None, (silu_backward(dy, x0) if ctx.needs_input_grad[2] else None)
+            return _overwritten(ctx, dy), None, (silu_backward(dy, x0) if ctx.needs_input_grad[2] else None)
         return silu_backward(dy, x0), None, None
 
     @staticmethod
@@ -469,6 +470,14 @@ class SiLUFunction(torch.autograd.Function):
             # x0 is a clone of x, so batched like x: only its batch dim's position may differ.
             x0 = x0.movedim(in_dims[2], in_dims[0])
         return SiLUFunction.apply(x, inplace, x0), in_dims[0]
+
+
+def _overwritten(ctx, dy):
+    """The gradient of the input an in-place op overwrote: nothing of its old values reaches y
+    (backward goes through the copy x0), so None; but zeros for a view, because autograd drops
+    the gradient of the view's whole base (outside the view too) when a Function that wrote
+    into the view returns None for it."""
+    return torch.zeros_like(dy) if ctx.overwrote_a_view and ctx.needs_input_grad[0] else None
 
 
 def _tracks_gradients(t):
@@ -680,6 +689,7 @@ class _CopyInplaceFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, inplace, x0 = inputs
         ctx.inplace = inplace
+        ctx.overwrote_a_view = inplace and x._is_view()
         if inplace:
             ctx.mark_dirty(x)
         else:
@@ -693,7 +703,7 @@ class _CopyInplaceFunction(torch.autograd.Function):
         if ctx.inplace:
             if x0 is None:
                 raise RuntimeError(_SILU_NO_COPY.replace("silu", cls._name))
-            return None, None, (cls._backward(dy, x0) if ctx.needs_input_grad[2] else None)
+            return _overwritten(ctx, dy), None, (cls._backward(dy, x0) if ctx.needs_input_grad[2] else None)
         return cls._backward(dy, x0), None, None
 
     @classmethod

@@ -14,13 +14,23 @@ Shapes: Q (*, L, E), K (*, S, E), V (*, S, Ev), O (*, L, Ev); ``*`` batch dims t
     dQ = scale dS K,   dK = scale dS^T Q,   dmask = dS (summed to the mask's shape)
 
 Memory: backward recomputes P from the saved inputs Q, K (and the mask) instead of keeping the
-(L x S) attention matrix, and redraws the dropout mask from a saved seed: nothing of size L x S
-is saved. Recomputing from inputs also keeps double backward right: P is then a differentiable
-function of Q and K, not a constant. A fully masked row gives O = 0 and zero gradients, as
-torch's kernels give (torch's math path uses a "safe" softmax there).
+(L x S) attention matrix, and redraws the dropout mask from the generator state it was drawn
+from (a few KB): nothing of size L x S is saved. Recomputing from inputs also keeps double
+backward right: P is then a differentiable function of Q and K, not a constant. A fully
+masked row gives O = 0 and zero gradients, as torch's kernels give (torch's math path uses a
+"safe" softmax there).
 
-The forward without dropout is torch's own fused kernel; with dropout, the math above (torch's
-kernel would draw its mask where backward cannot redraw it).
+The forward without dropout is torch's own fused kernel; with dropout, the math above.
+
+Dropout draws torch's mask: on the CPU torch runs SDPA with dropout through its math path
+(``_scaled_dot_product_attention_math``, aten/src/ATen/native/transformers/attention.cpp), which
+applies ``at::dropout`` to P: ``bernoulli_(1 - p)`` on a contiguous tensor of P's shape and dtype
+from the global generator, divided by (1 - p). Forward draws exactly that, so under the same
+seed the output, the gradients and the generator's state afterwards are torch's; backward and
+jvp replay the draw from the state saved before it, in a private generator. p = 1 draws
+nothing, as in torch. Elsewhere (CUDA...) torch's fused kernels draw the mask inside the
+kernel with their own counter-based generator, which cannot be replayed here: dropout there
+raises NotImplementedError.
 """
 import math
 
@@ -50,15 +60,19 @@ def _sum_to(g, shape):
     return g if g.shape == shape else g.sum_to_size(shape)
 
 
-def dropout_keep(shape, p, seed, dtype, device):
-    """D = keep / (1 - p), keep ~ Bernoulli(1 - p), drawn from a generator seeded with ``seed``
-    (so backward redraws the very mask forward used)."""
+def dropout_keep(probs, p, state=None):
+    """D = keep / (1 - p), keep ~ Bernoulli(1 - p): torch's at::dropout noise for the attention
+    probabilities ``probs``, drawn as torch draws it (``empty_like(P).bernoulli_(1 - p)``, also
+    under vmap) from the global generator (state None: forward), or replayed from ``state``, the
+    global generator's state before forward drew it (backward, jvp), in a private generator."""
     if p == 1:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    keep = torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p, generator=g)
-    return keep.mul_(1 / (1 - p))
+        return torch.zeros_like(probs)
+    g = None
+    if state is not None:
+        g = torch.Generator(device=probs.device)
+        g.set_state(state.tensor)
+    keep = torch.empty_like(probs).bernoulli_(1 - p, generator=g)
+    return keep.div_(1 - p)  # in P's dtype, rounded as torch's noise.div_(1 - p)
 
 
 def _fits(mask, s):
@@ -96,7 +110,7 @@ def attention_probs(q, k, mask, is_causal, scale):
     return p.masked_fill_(dead, 0) if inplace else p.masked_fill(dead, 0)
 
 
-def sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed):
+def sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     if dropout_p == 0:
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
@@ -105,10 +119,10 @@ def sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed):
     kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)
     p = attention_probs(q, kr, mask, is_causal, _scale(q, scale))
     # O = (P * D) V                                          (*, L, Ev)
-    return torch.matmul(p.mul_(dropout_keep(p.shape, dropout_p, seed, p.dtype, p.device)), vr)
+    return torch.matmul(p.mul_(dropout_keep(p, dropout_p)), vr)
 
 
-def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed, needs):
+def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state, needs):
     """Gradients (dQ, dK, dV, dmask); ``needs`` says which to compute."""
     dq = dk = dv = dmask = None
     scale = _scale(q, scale)
@@ -116,7 +130,7 @@ def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, se
     kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)
     # P recomputed from the inputs (not saved)               (*, L, S)
     p = attention_probs(q, kr, mask, is_causal, scale)
-    d = dropout_keep(p.shape, dropout_p, seed, p.dtype, p.device) if dropout_p else None
+    d = dropout_keep(p, dropout_p, state) if dropout_p else None
     if needs[2]:
         pd = p if d is None else p * d  #                    (*, L, S)
         # dV = Pd^T dO  (then summed over repeated heads and broadcast dims)   (*, S, Ev)
@@ -142,12 +156,12 @@ def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, se
     return dq, dk, dv, dmask
 
 
-def sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed):
+def sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state):
     scale = _scale(q, scale)
     h = q.size(-3) if q.dim() >= 3 else None
     kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)
     p = attention_probs(q, kr, mask, is_causal, scale)
-    d = dropout_keep(p.shape, dropout_p, seed, p.dtype, p.device) if dropout_p else None
+    d = dropout_keep(p, dropout_p, state) if dropout_p else None
     # dS = scale (dQ K^T + Q dK^T) + dmask                   (*, L, S)
     ds = None
     if dq is not None:
@@ -173,21 +187,23 @@ def sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, dropout_p, is_causal, scale, enab
 
 
 class ScaledDotProductAttentionFunction(torch.autograd.Function):
-    """``apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed)``: seed is the
-    dropout generator's seed (drawn by the functional from torch's global generator)."""
+    """``apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state)``: state is the
+    global generator's state before forward draws the dropout mask (a GeneratorState, None
+    without dropout)."""
     autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list)
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed):
-        return sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, seed)
+    def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state):
+        return sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, mask, *options = inputs
         ctx.options = options
-        # the inputs only: P is recomputed in backward (no L x S tensor saved)
+        # the inputs only: P is recomputed in backward (no L x S tensor saved), the dropout
+        # mask redrawn from the generator state
         ctx.save_for_backward(q, k, v, mask)
         ctx.save_for_forward(q, k, v, mask)
 
@@ -222,13 +238,37 @@ def scaled_dot_product_attention(
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with a hand-written
     backward that recomputes the attention matrix instead of saving it.
 
-    With ``dropout_p > 0`` the mask is drawn from a generator seeded from torch's global one:
-    reproducible under ``torch.manual_seed``, but not the same mask torch would draw.
+    With ``0 < dropout_p < 1`` the mask is torch's CPU mask, drawn from torch's global generator
+    as torch draws it (same seed, same output, gradients and generator state afterwards); on
+    other devices it raises NotImplementedError (see the module docstring).
     """
-    seed = 0
+    state = None
     if dropout_p:
         _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-        seed = int(torch.randint(2**62, ()).item())
+        if dropout_p < 1:
+            state = _generator_state(query.device)
     return apply(
-        ScaledDotProductAttentionFunction, query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, seed
+        ScaledDotProductAttentionFunction, query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, state
     )
+
+
+def _generator_state(device):
+    """The state of the global generator forward's dropout draws from, for backward to replay."""
+    if device.type == "meta":  # no data, nothing drawn
+        return None
+    if device.type != "cpu":
+        raise NotImplementedError(
+            f"scaled_dot_product_attention with dropout on {device.type}: torch's fused kernels draw the "
+            "dropout mask inside the kernel, which manualgrad cannot reproduce (its mask is torch's CPU one); "
+            "use dropout_p=0.0 or run on the CPU"
+        )
+    return GeneratorState(torch.default_generator.get_state())
+
+
+class GeneratorState:
+    """A generator's state (a uint8 tensor) as a plain object: an option of the Function, not a
+    tensor input, which autograd and the torch.func transforms would track and wrap."""
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor

@@ -1,8 +1,11 @@
 """dropout: y = x * mask / (1 - p), mask ~ Bernoulli(1 - p) elementwise; dx = dy * mask / (1 - p).
 
 The mask is drawn exactly as torch's CPU dropout draws it (``bernoulli_(1 - p)`` on a
-tensor laid out like the input, aten/src/ATen/native/Dropout.cpp), and the scale is rounded
-as torch rounds it, so under the same seed outputs and gradients equal torch's bit for bit.
+tensor laid out like the input, aten/src/ATen/native/Dropout.cpp; under vmap on a contiguous
+(*batch, *sample) tensor, as torch's batching rules draw it), and the scale is rounded as
+torch rounds it, so under the same seed outputs and gradients equal torch's bit for bit.
+In place on a view, the Function runs in place on a copy of the view, then copy_ writes the
+result into the view (see ``_apply``).
 
 What is saved for backward is the mask bit-packed: ceil(numel / 8) bytes, where torch keeps
 a float copy of the scaled mask (numel * element_size bytes).
@@ -56,11 +59,17 @@ def dropout_forward(x, p, inplace=False, vmap_dims=()):
     if p == 1:
         # y = x * 0 (torch multiplies by a zero too: -0 and nan come out as in torch)   (*) like x
         return (x.mul_(0) if inplace else x * 0), torch.empty(0, dtype=torch.uint8, device=x.device)
-    if any(same for _, same in vmap_dims):
-        mask = torch.empty(_mask_shape(x.shape, vmap_dims), dtype=torch.bool, device=x.device)
-    else:
-        mask = torch.empty_like(x, dtype=torch.bool)  # laid out like x, as torch's noise
-    mask.bernoulli_(1 - p)
+    if not inplace and x.device.type in FUSED_DEVICES:
+        if vmap_dims:
+            raise NotImplementedError(
+                f"dropout under vmap on {x.device.type}: torch draws the mask inside its fused kernel "
+                "(native_dropout's batching rule), which manualgrad does not reproduce; use inplace=True "
+                "(torch's in-place dropout draws with bernoulli_ there too) or the CPU"
+            )
+        # torch's out-of-place dropout there is native_dropout, whose kernel draws the mask: run it
+        y, mask = torch.native_dropout(x, p, True)
+        return y, _pack_mask(mask, ())
+    mask = _draw_mask(x, p, vmap_dims)
     scale = dropout_scale(p, x.dtype)
     # y = x * (1 / (1 - p)) * mask     (* 0/1 bytes: faster than * bool)         (*) like x
     y = x.mul_(scale) if inplace else x * scale
@@ -72,6 +81,26 @@ def dropout_backward(dy, packed, mask_shape, p, vmap_dims=()):
     if p == 1:
         return dy * 0
     return (dy * dropout_scale(p, dy.dtype)).mul_(_unpack_mask(packed, mask_shape, vmap_dims))
+
+
+# Devices where torch's out-of-place dropout runs the fused native_dropout kernel instead of
+# bernoulli_ (Dropout.cpp, is_fused_kernel_acceptable); its in-place dropout_ never does.
+FUSED_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
+
+
+def _draw_mask(x, p, vmap_dims):
+    """keep ~ Bernoulli(1 - p), drawn as torch draws it: outside vmap on a tensor laid out like x
+    (torch's noise is empty_like(x)); under vmap on a contiguous (*batch, *sample) tensor, the
+    batch dims outermost level first (size 1 where randomness="same"), whatever x's layout, as
+    torch's vmap batching rules draw it; then moved to the dims of x they belong to."""
+    if not vmap_dims:
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    levels = vmap_dims[::-1]  # outermost first
+    dims = [d for d, _ in levels]
+    batch = [1 if same else x.shape[d] for d, same in levels]
+    sample = [s for d, s in enumerate(x.shape) if d not in dims]
+    mask = torch.empty((*batch, *sample), dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    return mask.movedim(list(range(len(dims))), dims)
 
 
 def _mask_shape(shape, vmap_dims):
@@ -158,13 +187,25 @@ class DropoutFunction(torch.autograd.Function):
         # The batch dims of one sample as dims of the batched x, then this level's batch dim.
         same = info.randomness == "same"
         vmap_dims = tuple((d + (d >= bdim), s) for d, s in vmap_dims) + ((bdim, same),)
-        y, packed = DropoutFunction.apply(x, p, inplace, vmap_dims)
+        y, packed = _apply(x, p, inplace, vmap_dims)
         if not random:
             return (y, packed), (bdim, None)
         k = len(vmap_dims) - 1  # packed is (*batch, bytes), this level's batch dim last
         if same:  # drawn once: size 1 there, expanded (a view) to the batch
             packed = packed.expand(*packed.shape[:k], info.batch_size, *packed.shape[k + 1 :])
         return (y, packed), (bdim, k)
+
+
+def _apply(x, p, inplace, vmap_dims):
+    """DropoutFunction on x; in place on a view, in place on a copy of the view, then copied
+    into it: autograd refuses a Function that writes into a view and returns two tensors (y and
+    the mask). The copy has the view's layout, so the draws and values are the same; copy_
+    records the write into the view (and so into its base's history) as torch's own in-place
+    ops do."""
+    if inplace and x._is_view():
+        y, packed = apply(DropoutFunction, x.clone(), p, True, vmap_dims)
+        return x.copy_(y), packed
+    return apply(DropoutFunction, x, p, inplace, vmap_dims)
 
 
 def dropout(input, p=0.5, training=True, inplace=False):
@@ -183,4 +224,4 @@ def dropout(input, p=0.5, training=True, inplace=False):
         if input.is_complex():  # torch: bernoulli_ is not implemented for complex
             raise NotImplementedError(f"dropout: complex input ({input.dtype}) is not supported, as in torch")
         raise RuntimeError(f"dropout: expected a floating point input, got {input.dtype}")
-    return apply(DropoutFunction, input, p, inplace, ())[0]
+    return _apply(input, p, inplace, ())[0]

@@ -152,8 +152,8 @@ def multi_head_attention_forward(
     query (L, N, E) or unbatched (L, E); key (S, N, kdim), value (S, N, vdim) (or (S, kdim),
     (S, vdim)). Returns (out (L, N, E) or (L, E), weights or None): weights (N, L, S) averaged
     over heads or (N, H, L, S) per head, without the N for unbatched input. Bool masks: True =
-    masked; float masks are added to the scores. With dropout and need_weights=False the dropout
-    mask is manualgrad's sdpa's (seeded from torch's generator), not the one torch would draw.
+    masked; float masks are added to the scores. Dropout draws torch's mask in either path
+    (need_weights=True: dropout on the weights; False: sdpa's dropout_p, as torch's).
     Nested tensors raise NotImplementedError.
     """
     reject_nested("multi_head_attention_forward", query, key, value)

@@ -138,7 +138,7 @@ def test_batchnorm_running_stats_under_checkpoint_update_twice_as_torchs_do():
 
 
 def test_checkpoint_restores_the_dropout_draws_of_manualgrad_sdpa():
-    """sdpa's attention dropout draws its seed from torch's generator: the recomputation,
+    """sdpa's attention dropout draws from torch's generator: the recomputation,
     run from the restored RNG state, must rebuild the very mask forward used."""
     block = SDPABlock(sdpa=MF.scaled_dot_product_attention, dropout_p=0.5)
     manualgrad.convert(block, strict=True)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import manualgrad.functional as F
 from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
-from tests.conftest import noncontiguous
+from tests.conftest import VIEWS, inplace_on_view, noncontiguous
 
 SHAPES = [(1,), (7, 13), (2, 3, 257)]
 
@@ -169,6 +169,24 @@ def test_activation_inplace_gradients(case, non_contiguous):
         x = noncontiguous(x)  # t.clone() keeps the strides, so the op runs in place on a strided tensor
     # torch's batched forward-AD check cannot see an in-place tangent update (see testing.py).
     check_gradients(in_place(getattr(F, name), **kwargs), x, batched_forward_grad=False)
+
+
+INPLACE_ON_VIEWS = {
+    "relu": {}, "leaky_relu": dict(negative_slope=0.1), "elu": dict(alpha=0.5), "silu": {}, "hardswish": {}, "mish": {},
+}
+
+
+@pytest.mark.parametrize("view", VIEWS.values(), ids=VIEWS.keys())
+@pytest.mark.parametrize("name", INPLACE_ON_VIEWS)
+def test_inplace_on_a_view_matches_torch(name, view):
+    # silu, hardswish and mish gave the view's gradient but lost the rest of the base's
+    fn, torch_fn = ops(name)
+    kwargs = INPLACE_ON_VIEWS[name]
+    leaf, w, v = (torch.randn(4, 6, dtype=torch.float64) * 2 for _ in range(3))
+    ours = inplace_on_view(lambda t: fn(t, inplace=True, **kwargs), view, leaf, w, v)
+    theirs = inplace_on_view(lambda t: torch_fn(t, inplace=True, **kwargs), view, leaf, w, v)
+    for what in theirs:
+        torch.testing.assert_close(ours[what], theirs[what], msg=lambda m, what=what: f"{what}: {m}")
 
 
 def test_inplace_ops_reject_a_leaf_that_requires_grad_like_torch():

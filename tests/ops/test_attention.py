@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import inspect
 
@@ -135,6 +136,141 @@ def test_sdpa_dropout_drops_whole_attention_entries_and_rescales():
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, dropout_p=p), pd)
     torch.manual_seed(4)
     assert not torch.equal(F.scaled_dot_product_attention(q, k, v, dropout_p=p).detach(), pd)
+
+
+DROPOUT_CASES = {
+    "plain": (((2, 3, 5, 4), (2, 3, 7, 4), 6), {}),
+    "unbatched-causal": (((5, 4), (7, 4), 3), dict(is_causal=True)),
+    "broadcast-batch": (((2, 3, 5, 4), (3, 7, 4), 3), {}),
+    "gqa": (((2, 6, 5, 4), (2, 2, 7, 4), 3), dict(enable_gqa=True)),
+    "bool-mask-dead-row": (((2, 2, 5, 4), (2, 2, 7, 4), 3), dict(attn_mask=bool_mask(5, 7, dead_row=2))),
+    "float-mask-scale": (((2, 2, 5, 4), (2, 2, 7, 4), 3), dict(attn_mask=torch.randn(2, 1, 5, 7), scale=1.0)),
+}
+
+
+def run_seeded_sdpa(sdpa, q, k, v, dy, seed=3, **kwargs):
+    """Output, q/k/v gradients and the next torch.rand(8) after torch.manual_seed(seed)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(seed)
+    out = sdpa(q, k, v, **kwargs)
+    after = torch.rand(8)
+    out.backward(dy)
+    return out.detach(), q.grad, k.grad, v.grad, after
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", DROPOUT_CASES.values(), ids=DROPOUT_CASES.keys())
+def test_sdpa_dropout_draws_torchs_mask_under_the_same_seed(case, dtype):
+    # HF BERT/GPT-2/T5 (sdpa attention) under enable() gave another loss than torch's SDPA:
+    # the mask came from a private generator seeded from the global one
+    shapes, kwargs = case
+    q, k, v = qkv(*shapes, dtype=dtype)
+    dy = torch.randn_like(TF.scaled_dot_product_attention(q, k, v, **kwargs))
+    for p in (0.3, 0.9):
+        ours = run_seeded_sdpa(F.scaled_dot_product_attention, q, k, v, dy, dropout_p=p, **kwargs)
+        theirs = run_seeded_sdpa(TF.scaled_dot_product_attention, q, k, v, dy, dropout_p=p, **kwargs)
+        # same kept entries, values within rounding (torch's math path scales q and k by sqrt(scale) each)
+        assert torch.equal(ours[0] == 0, theirs[0] == 0) or dtype == torch.float32
+        for what, a, b in zip(["output", "dq", "dk", "dv"], ours, theirs):
+            torch.testing.assert_close(a, b, msg=lambda m, what=what: f"{what}: {m}")
+        assert torch.equal(ours[4], theirs[4]), "the global generator advanced otherwise than torch's"
+
+
+def test_sdpa_dropout_one_draws_nothing_like_torch():
+    q, k, v = qkv((2, 5, 4), (2, 7, 4), 3)
+    dy = torch.randn(2, 5, 3, dtype=torch.float64)
+    ours = run_seeded_sdpa(F.scaled_dot_product_attention, q, k, v, dy, dropout_p=1.0)
+    theirs = run_seeded_sdpa(TF.scaled_dot_product_attention, q, k, v, dy, dropout_p=1.0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sdpa_dropout_second_derivative_and_forward_mode_match_torch():
+    q, k, v = qkv((1, 3, 2), (1, 4, 2), 2)
+    mask = bool_mask(3, 4)
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+
+    def derivatives(fn):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        torch.manual_seed(5)
+        g = torch.autograd.grad(fn(qq, kk, vv, attn_mask=mask, dropout_p=0.5).square().sum(), (qq, kk, vv),
+                                create_graph=True)
+        hvp = torch.autograd.grad(sum(x.sin().sum() for x in g), (qq, kk, vv))
+        torch.manual_seed(5)
+        jvp = torch.func.jvp(lambda a, b, c: fn(a, b, c, attn_mask=mask, dropout_p=0.5), (q, k, v), tuple(tangents))
+        return (*hvp, *jvp)
+
+    for a, b in zip(derivatives(F.scaled_dot_product_attention), derivatives(TF.scaled_dot_product_attention)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_sdpa_dropout_under_vmap_matches_torch_output_and_per_sample_gradient(randomness):
+    q, k, v = qkv((3, 2, 4, 2), (3, 2, 5, 2), 2)
+    dy = torch.randn(3, 2, 4, 2, dtype=torch.float64)
+
+    def run(sdpa):
+        def one(a, b, c, g):
+            out, pull = torch.func.vjp(lambda *t: sdpa(*t, dropout_p=0.5), a, b, c)
+            return out, *pull(g)
+
+        torch.manual_seed(0)
+        return torch.func.vmap(one, randomness=randomness)(q, k, v, dy)
+
+    ours, theirs = run(F.scaled_dot_product_attention), run(TF.scaled_dot_product_attention)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_sdpa_dropout_off_the_cpu_raises_not_implemented():
+    # torch's fused kernels draw their masks inside the kernel; no CUDA here: the check itself
+    from manualgrad.ops.attention import _generator_state
+
+    with pytest.raises(NotImplementedError, match="dropout"):
+        _generator_state(torch.device("cuda"))
+    assert _generator_state(torch.device("meta")) is None
+
+
+class T5LikeBlock(torch.nn.Module):
+    """The pattern of HF transformers' T5 layers with sdpa attention, in plain torch: q/k/v/o
+    without bias, a learned position bias as a float mask, scale 1, dropout on the attention
+    probabilities (SDPA's dropout_p) and nn.Dropout on the hidden states."""
+
+    def __init__(self, d=8, heads=2, p=0.1):
+        super().__init__()
+        self.heads, self.p = heads, p
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d, bias=False) for _ in range(4))
+        self.bias = torch.nn.Embedding(7, heads)  # relative position buckets
+        self.ff = torch.nn.Sequential(torch.nn.Linear(d, 2 * d, bias=False), torch.nn.ReLU(), torch.nn.Dropout(p),
+                                      torch.nn.Linear(2 * d, d, bias=False))
+        self.dropout = torch.nn.Dropout(p)
+
+    def forward(self, x):
+        n, L, d = x.shape
+        split = lambda t: t.view(n, L, self.heads, -1).transpose(1, 2)  # noqa: E731
+        pos = torch.arange(L)
+        bias = self.bias((pos[None, :] - pos[:, None]).clamp(-3, 3) + 3).permute(2, 0, 1)[None]  # (1, H, L, L)
+        y = TF.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=bias,
+                                            dropout_p=self.p if self.training else 0.0, scale=1.0)
+        x = x + self.dropout(self.o(y.transpose(1, 2).reshape(n, L, d)))
+        return x + self.dropout(self.ff(x))
+
+
+def test_t5_like_block_with_dropout_matches_torch_under_enable():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(T5LikeBlock(), T5LikeBlock()).double().train()
+    ours = mg.convert(copy.deepcopy(model))
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+
+    def run(m, mode):
+        torch.manual_seed(1)
+        with mode:
+            loss = m(x).square().mean()
+        loss.backward()
+        return [loss.detach(), torch.rand(4)] + [p.grad for p in m.parameters()]
+
+    for a, b in zip(run(ours, mg.enable()), run(model, contextlib.nullcontext())):
+        torch.testing.assert_close(a, b)
 
 
 def test_sdpa_backward_saves_no_attention_matrix():
@@ -325,6 +461,13 @@ def test_multihead_attention_dropout_with_weights_matches_torch_under_one_seed()
     # need_weights=True runs torch's F.dropout path, whose mask manualgrad's dropout draws identically
     ours, th = mha_pair(dropout=0.3, batch_first=True)
     assert_same_as_torch(ours, th, *mha_inputs(True, True), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_dropout_without_weights_matches_torch_under_one_seed(batch_first):
+    # need_weights=False runs SDPA with dropout_p, whose mask manualgrad's sdpa draws identically
+    ours, th = mha_pair(dropout=0.3, batch_first=batch_first)
+    assert_same_as_torch(ours, th, *mha_inputs(batch_first, False), atol=1e-5, need_weights=False)
 
 
 def test_multihead_attention_dropout_without_weights_drops_in_training_only():

@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 from torch.func import vjp, vmap
 
 import manualgrad.functional as F
+import manualgrad.nn as mnn
 from manualgrad.ops.dropout import pack_bits, unpack_bits
 from manualgrad.testing import assert_raises_like_torch, check_gradients
-from tests.conftest import noncontiguous
+from tests.conftest import VIEWS, inplace_on_view, noncontiguous
 
 INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
 
@@ -105,6 +106,54 @@ def test_inplace_matches_torch_bitwise_and_overwrites_its_input(p):
     out = F.dropout(h, p, inplace=True)
     assert out is h
     assert_bitwise_equal(h, expected, "input after inplace dropout")
+
+
+@pytest.mark.parametrize("view", VIEWS.values(), ids=VIEWS.keys())
+@pytest.mark.parametrize("p", [0.3, 1.0])
+def test_inplace_on_a_view_matches_torch_bitwise(view, p):
+    # HF MobileNetV2's classifier runs nn.Dropout(inplace=True) on a view; autograd refused a
+    # Function writing into a view that returns two tensors (output and mask)
+    leaf, w, v = (torch.randn(4, 6, dtype=torch.float64) for _ in range(3))
+    ours = inplace_on_view(lambda t: F.dropout(t, p, inplace=True), view, leaf, w, v)
+    theirs = inplace_on_view(lambda t: TF.dropout(t, p, inplace=True), view, leaf, w, v)
+    for what in theirs:
+        if "base" in what or what == "output":
+            assert_bitwise_equal(ours[what], theirs[what], what)
+        else:  # a dropped entry's gradient: +0 here (0 + -0, summed at the base), torch's -0 where dy < 0
+            assert torch.equal(ours[what], theirs[what]), what
+
+
+def test_inplace_module_on_a_view_matches_torch_bitwise():
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for dropout in (mnn.Dropout(0.4, inplace=True), torch.nn.Dropout(0.4, inplace=True)):
+        torch.manual_seed(0)
+        h = x * 1
+        out = dropout(h[:, 2:])  # a view: the flattened features of a classifier head, say
+        h.sum().backward()
+        results.append((out.detach(), h.detach(), x.grad))
+        x.grad = None
+    for what, a, b in zip(["output", "base", "grad"], *results):
+        assert_bitwise_equal(a, b, what)
+
+
+def test_out_of_place_on_a_fused_kernel_device_takes_native_dropouts_mask(monkeypatch):
+    # On CUDA (no CUDA here: the CPU stands in for it) torch's out-of-place dropout is the
+    # fused native_dropout, whose kernel draws the mask; its in-place dropout_ draws with bernoulli_.
+    monkeypatch.setattr("manualgrad.ops.dropout.FUSED_DEVICES", ("cpu",))
+    x, dy = torch.randn(7, 13, dtype=torch.float64), torch.randn(7, 13, dtype=torch.float64)
+    y, dx = run_seeded(F.dropout, x, dy, seed=0, p=0.3)
+    torch.manual_seed(0)
+    ref, mask = torch.native_dropout(x, 0.3, True)
+    after = torch.rand(4)
+    assert_bitwise_equal(y, ref, "output")
+    torch.testing.assert_close(dx, torch.ops.aten.native_dropout_backward(dy, mask, 1 / 0.7))
+    torch.manual_seed(0)
+    F.dropout(x, 0.3)
+    assert torch.equal(torch.rand(4), after), "the generator advanced otherwise than native_dropout's"
+    assert_same_as_torch_bitwise(x, inplace=True, p=0.3)  # in place: bernoulli_, as torch's dropout_
+    with pytest.raises(NotImplementedError, match="native_dropout"):
+        vmap(lambda t: F.dropout(t, 0.3), randomness="different")(x)
 
 
 def test_inplace_on_a_leaf_that_requires_grad_raises_like_torch():
@@ -282,6 +331,34 @@ def test_vmap_matches_torch_bitwise_output_and_per_sample_gradient(randomness, i
     assert_bitwise_equal(dx, th_dx, "gradient")
     masks_differ = any(not torch.equal(y[0] != 0, y[i] != 0) for i in range(1, 4))
     assert masks_differ == (randomness == "different")
+
+
+VMAP_LAYOUTS = {  # name: (vmapped function of one (3, 4, 6) batch)
+    "transposed-sample": lambda f, r: vmap(lambda t: f(t.t()), randomness=r),
+    "batch-dim-1": lambda f, r: vmap(f, in_dims=1, randomness=r),
+    "nested": lambda f, r: vmap(vmap(f, randomness=r), randomness=r),
+    "nested-inner-dim-1": lambda f, r: vmap(vmap(f, in_dims=1, randomness=r), randomness=r),
+    "nested-same-outside": lambda f, r: vmap(vmap(f, randomness=r), randomness="same"),
+    "nested-same-inside": lambda f, r: vmap(vmap(f, randomness="same"), randomness=r),
+}
+
+
+@pytest.mark.parametrize("layout", VMAP_LAYOUTS.values(), ids=VMAP_LAYOUTS.keys())
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_vmap_draws_torchs_mask_whatever_the_batch_dims_and_layout(layout, randomness):
+    # torch draws under vmap on a contiguous (*batch, *sample) tensor, not in x's memory order
+    x = torch.rand(3, 4, 6) + 0.5
+
+    def run(fn):
+        def one(t):
+            out, pull = vjp(lambda u: fn(u, 0.5), t)
+            return out, pull(torch.ones_like(out))[0]
+
+        torch.manual_seed(0)
+        return layout(one, randomness)(x)
+
+    for what, a, b in zip(["output", "gradient"], run(F.dropout), run(TF.dropout)):
+        assert_bitwise_equal(a, b, what)
 
 
 @pytest.mark.parametrize("outer", ["different", "same"])
