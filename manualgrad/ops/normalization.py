@@ -63,6 +63,14 @@ def normalized_vjp(g, x_hat, r, dims, center=True):
     return t.mul_(r) if inplace else t * r
 
 
+def _no_elements(x, param_shape, needs):
+    """(dx, dw, db) for an x without elements: dx empty like x, dw and db sums over nothing, zeros
+    of the parameters' shape (as torch; the statistics of nothing are nan and must not reach them)."""
+    return (torch.zeros_like(x) if needs[0] else None,
+            x.new_zeros(param_shape) if needs[1] else None,
+            x.new_zeros(param_shape) if needs[2] else None)
+
+
 def _sum(t, dims):
     # t.sum(()) would sum over every dim: no dims to sum is t itself
     return t.sum(dims) if dims else t
@@ -168,6 +176,8 @@ def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, need
     """Gradients (dx, dw, db). ``training``: normalized with the batch stats (else the running ones).
     ``mean``, ``r``: forward's batch stats (C,), used by the plain backward only: with a graph (double
     backward) or a transform they would be constants, so that path recomputes them from x."""
+    if x.numel() == 0:
+        return _no_elements(x, x.shape[1:2], needs)
     if training and can_write_inplace(dy, x, w, mean, r):
         return _batch_norm_backward_plain(dy, x, w, eps, needs, mean, r)
     dims, shape = _channel_dims(x)
@@ -346,6 +356,8 @@ def layer_norm_backward(dy, x, w, normalized_shape, eps, needs=(True, True, True
     """Gradients (dx, dw, db) of layer_norm; ``center=False`` is rms_norm's (no mean, no bias).
     ``mean``, ``r``: forward's row stats, used by the plain backward only (with a graph or a
     transform they would be constants: the other path recomputes them from x)."""
+    if x.numel() == 0:
+        return _no_elements(x, tuple(normalized_shape), needs)
     if center and can_write_inplace(dy, x, w, mean, r):
         return _layer_norm_backward_plain(dy, x, w, tuple(normalized_shape), eps, needs, mean, r)
     dims, lead = _trailing_dims(x, normalized_shape)
@@ -499,6 +511,8 @@ def _group_norm_backward_plain(dy, x, w, num_groups, eps, needs):
 
 
 def group_norm_backward(dy, x, w, num_groups, eps, needs=(True, True, True)):
+    if x.numel() == 0:
+        return _no_elements(x, x.shape[1:2], needs)
     if can_write_inplace(dy, x, w):
         return _group_norm_backward_plain(dy, x, w, num_groups, eps, needs)
     n = x.shape[0]
