@@ -125,8 +125,8 @@ def _batch_norm_backward_plain(dy, x, w, eps, needs, mean=None, r=None):
         dx = r w (dy - sdy / M - x_hat sdyx / M) = (r w) dy + k xc + c,  k = -r w r sdyx / M,  c = -r w sdy / M
 
     s is summed from the centred product (a sum of x dy less mean sdy cancels to nothing when
-    |mean| >> std and dy has a mean of its own); dx is written k x + (c - k mean), which rounds
-    like torch's forward x alpha + beta (relative errors ~ eps |mean| / std per element)."""
+    |mean| >> std and dy has a mean of its own), and dx is formed from it too, as torch's kernel
+    does: k x and k mean would cancel to k xc, with errors ~ eps |mean| / std relative to it."""
     n, c = x.shape[:2]
     x3, dy3 = x.reshape(n, c, -1), dy.reshape(n, c, -1)
     m = x3.numel() // c
@@ -146,9 +146,9 @@ def _batch_norm_backward_plain(dy, x, w, eps, needs, mean=None, r=None):
         rw = r if w is None else r * w
         # k = -r w r sdyx / M,  c = -r w sdy / M                       (C,)
         k = (rw * r).mul_(sdyx).div_(-m)
-        c0 = (rw * sdy).div_(-m).sub_(k * mean)
-        # dx = k x + (c - k mean) + r w dy                             (N, C, H) -> like x
-        torch.mul(x3, k.view(1, c, 1), out=buf).add_(c0.view(1, c, 1))
+        c0 = (rw * sdy).div_(-m)
+        # dx = k (x - mean) + c + r w dy                               (N, C, H) -> like x
+        torch.sub(x3, mean3, out=buf).mul_(k.view(1, c, 1)).add_(c0.view(1, c, 1))
         dx = buf.addcmul_(dy3, rw.view(1, c, 1)).view(x.shape)
     # dw = sum_D dy x_hat,  db = sum_D dy                              (C,)
     return dx, (sdyx if needs[1] else None), (sdy if needs[2] else None)
@@ -186,12 +186,15 @@ def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, need
     else:
         # r = 1 / sqrt(running_var + eps)                    (1, C, 1, ...)
         r = (running_var + eps).rsqrt().view(shape)
-        # x_hat = (x - running_mean) r  (only dw needs it)   like x
-        x_hat = (x - running_mean.view(shape)) * r if needs[1] else None
     # sdy = sum_D dy                                         (1, C, 1, ...)
     sdy = dy.sum(dims, keepdim=True) if needs[2] or (training and needs[0]) else None
-    # sdyx = sum_D dy x_hat                                  (1, C, 1, ...)
-    sdyx = (dy * x_hat).sum(dims, keepdim=True) if needs[1] or (training and needs[0]) else None
+    sdyx = None
+    if training and (needs[0] or needs[1]):
+        # sdyx = sum_D dy x_hat                              (1, C, 1, ...)
+        sdyx = (dy * x_hat).sum(dims, keepdim=True)
+    elif needs[1]:
+        # sdyx = sum_D dy x_hat = r sum_D dy (x - running_mean)  (r constant over D: one rounding, as torch)
+        sdyx = (dy * (x - running_mean.view(shape))).sum(dims, keepdim=True) * r
     dx = dw = db = None
     if needs[0]:
         # s = r w                                            (1, C, 1, ...)
