@@ -230,7 +230,7 @@ def float32_errors(fn, torch_fn, *inputs, grad_output=None, **kwargs):
     kwargs = {k: _as(v, torch.float32) for k, v in kwargs.items()}
     if grad_output is None:
         with torch.random.fork_rng():
-            probe = _outputs(torch_fn(*[_copy_input(t) for t in inputs], **{k: _copy_input(v) for k, v in kwargs.items()}))
+            probe = _outputs(torch_fn(*map(_copy_input, inputs), **{k: _copy_input(v) for k, v in kwargs.items()}))
         grad_output = tuple(torch.randn_like(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else None
                             for o in probe)
     grad_outputs = _outputs(grad_output)

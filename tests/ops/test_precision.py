@@ -58,6 +58,15 @@ def _sdpa(mask=None, **kw):
 SDPA_SHAPES = [(1, 1, 3, 6, 8), (2, 3, 5, 7, 8), (2, 2, 16, 16, 16)]
 
 
+def _sdpa_3d(mask=None):
+    # (B, L, E), no head dim: torch runs its math path (matmuls and softmax), not the flash kernel
+    def build(b, l, s, e):
+        (q, k, v), kwargs = _sdpa(mask)(b, 1, l, s, e)
+        return tuple(leaf(t[:, 0]) for t in (q, k, v)), kwargs
+    return build
+
+
+
 def _offset(*shape):
     """Means far from 0: 100-200, one per statistic (the dims of size 1 are normalized over)."""
     return 100 * (1 + torch.rand(shape))
@@ -149,6 +158,8 @@ CASES = {
     "sdpa-bool-mask": ("scaled_dot_product_attention", _sdpa("bool"), SDPA_SHAPES),
     "sdpa-causal": ("scaled_dot_product_attention", _sdpa(is_causal=True), SDPA_SHAPES),
     "sdpa-scale": ("scaled_dot_product_attention", _sdpa(scale=0.7), SDPA_SHAPES),
+    "sdpa-3d": ("scaled_dot_product_attention", _sdpa_3d(), [(1, 3, 6, 8), (4, 5, 7, 8)]),
+    "sdpa-3d-float-mask": ("scaled_dot_product_attention", _sdpa_3d("float"), [(1, 3, 6, 8), (4, 5, 7, 8)]),
     "softmax": ("softmax", lambda n, c: ((_logits(n, c),), dict(dim=-1)), LOSS_SHAPES),
     "log_softmax": ("log_softmax", lambda n, c: ((_logits(n, c),), dict(dim=-1)), LOSS_SHAPES),
     "layer_norm": ("layer_norm", _layer_norm, NORM_SHAPES),
