@@ -10,14 +10,16 @@ Two helpers cover what every op needs:
   and compares the output and every gradient: inputs that require grad, and parameters by
   name when both callables are modules.
 
-``assert_raises_like_torch`` checks that bad input fails the way torch fails.
+``assert_raises_like_torch`` checks that bad input fails the way torch fails, and
+``assert_error_within_torch`` that float32 results are as close to the float64 truth as torch's.
 """
 from __future__ import annotations
 
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-__all__ = ["check_gradients", "assert_same_as_torch", "assert_raises_like_torch", "as_float64", "saved_bytes"]
+__all__ = ["check_gradients", "assert_same_as_torch", "assert_raises_like_torch", "assert_error_within_torch",
+           "float32_errors", "as_float64", "saved_bytes"]
 
 
 def as_float64(t):
@@ -195,6 +197,81 @@ def assert_raises_like_torch(fn, torch_fn, *args, match=None, **kwargs):
             assert re.search(match, str(e)), f"message {str(e)!r} does not match {match!r}"
         return e
     raise AssertionError(f"no exception; torch raises {expected.__name__}")
+
+
+def _as(t, dtype):
+    # a leaf of this dtype with the same values and requires_grad; other objects unchanged
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return t
+    return t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+def _outputs_and_gradients(fn, inputs, kwargs, grad_outputs, dtype):
+    """fn's outputs and the gradients of its inputs that require grad (positional, then keyword),
+    under grad_outputs, all computed in ``dtype``; named for messages."""
+    inputs = [_as(t, dtype) for t in inputs]
+    kwargs = {k: _as(v, dtype) for k, v in kwargs.items()}
+    out = _run(fn, inputs, kwargs, [None if g is None else g.to(dtype) for g in grad_outputs])
+    results = [(f"output {i}", o) for i, o in enumerate(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    results += [(f"gradient of input {i}", t.grad) for i, t in enumerate(inputs)
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+    results += [(f"gradient of {k}=", t.grad) for k, t in kwargs.items()
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+    return results
+
+
+def float32_errors(fn, torch_fn, *inputs, grad_output=None, **kwargs):
+    """{name: (manualgrad's error, torch's error, scale)} for every output and input gradient.
+
+    ``fn`` and ``torch_fn`` run in float32, and ``torch_fn`` in float64 (the truth), from the same
+    float32-rounded inputs and upstream gradient (by default a random one). An error is the max
+    abs difference from the truth, the scale the truth's max abs value."""
+    inputs = [_as(t, torch.float32) for t in inputs]
+    kwargs = {k: _as(v, torch.float32) for k, v in kwargs.items()}
+    if grad_output is None:
+        with torch.random.fork_rng():
+            probe = _outputs(torch_fn(*map(_copy_input, inputs), **{k: _copy_input(v) for k, v in kwargs.items()}))
+        grad_output = tuple(torch.randn_like(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else None
+                            for o in probe)
+    grad_outputs = _outputs(grad_output)
+    truth = _outputs_and_gradients(torch_fn, inputs, kwargs, grad_outputs, torch.float64)
+    ours = _outputs_and_gradients(fn, inputs, kwargs, grad_outputs, torch.float32)
+    theirs = _outputs_and_gradients(torch_fn, inputs, kwargs, grad_outputs, torch.float32)
+    assert [n for n, _ in ours] == [n for n, _ in truth], f"{[n for n, _ in ours]} != torch's {[n for n, _ in truth]}"
+    errors = {}
+    for (name, t64), (_, a), (_, b) in zip(truth, ours, theirs):
+        if t64 is None or t64.numel() == 0:
+            continue
+        errors[name] = ((a.double() - t64).abs().max().item(), (b.double() - t64).abs().max().item(),
+                        t64.abs().max().item())
+    return errors
+
+
+def assert_error_within_torch(fn, torch_fn, draws, factor=2.0, ulps=4):
+    """manualgrad in float32 is on average at most ``factor`` times as far from the float64 truth
+    as torch in float32, for every output and input gradient (see ``float32_errors``).
+
+    ``draws`` is an iterable of (inputs, kwargs): random inputs of one kind. The errors are summed
+    over the draws before they are compared: one draw's error is mostly luck (where a gradient
+    cancels, a last-bit difference in an intermediate decides it), so that the ratio of two
+    equally accurate implementations ranges over 0.1-10x from draw to draw, while the ratio of
+    the sums over a few dozen draws stays near 1 and a systematic loss of accuracy shows.
+    Allowed: factor * torch's summed error + ``ulps`` float32 ulps of each draw's result scale
+    (so that results torch happens to get exactly right do not demand the same of manualgrad).
+    Returns {name: (manualgrad's summed error, torch's)}."""
+    eps = torch.finfo(torch.float32).eps
+    sums = {}
+    for inputs, kwargs in draws:
+        for name, (ours, theirs, scale) in float32_errors(fn, torch_fn, *inputs, **kwargs).items():
+            s = sums.setdefault(name, [0.0, 0.0, 0.0])
+            s[0], s[1], s[2] = s[0] + ours, s[1] + theirs, s[2] + scale
+    assert sums, "no draws"
+    for name, (ours, theirs, scale) in sums.items():
+        allowed = factor * theirs + ulps * eps * scale
+        assert ours <= allowed, (
+            f"{name}: summed error {ours:.3g} against float64, torch's float32 error {theirs:.3g} "
+            f"(ratio {ours / max(theirs, 1e-300):.2f}, allowed {factor} x + {ulps} ulps of the scales)")
+    return {name: (ours, theirs) for name, (ours, theirs, _) in sums.items()}
 
 
 def saved_bytes(fn, *args, exclude=(), **kwargs):

@@ -5,6 +5,8 @@ run only where that is free and possible: concrete CPU tensors outside torch.com
 outside torch.func transforms. Elsewhere the op itself fails (gather raises on CUDA through a
 device-side assert), as torch's own kernels do.
 """
+import math
+
 import torch
 from torch.nn import _reduction as _legacy
 
@@ -84,3 +86,9 @@ def can_write_inplace(*operands):
             return False
         dtype = t.dtype
     return True
+
+
+def rows(t):
+    """t as (rows, last): the leading dims folded into one. Their product is spelled out, as
+    reshape's -1 cannot tell the row count of a tensor with no elements."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])

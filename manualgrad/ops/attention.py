@@ -42,6 +42,8 @@ from .softmax import softmax_backward, softmax_jvp
 
 
 def _scale(q, scale):
+    if scale is None and q.size(-1) == 0:
+        return 1.0  # E = 0: every score is an empty sum, 0 whatever the scale
     return 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
 
 
@@ -103,8 +105,8 @@ def attention_probs(q, k, mask, is_causal, scale):
         # S = S + mask                                         (*, L, S)
         s = s.add_(mask) if inplace and _fits(mask, s) else s + mask
     p = torch.softmax(s, -1)
-    if is_causal:
-        return p  # every row sees key 0
+    if is_causal or s.size(-1) == 0:
+        return p  # every row sees key 0, or there are no keys
     # P = 0 on rows where every score is -inf (softmax gives nan there)   (*, L, S)
     dead = s.amax(-1, keepdim=True) == -math.inf
     return p.masked_fill_(dead, 0) if inplace else p.masked_fill(dead, 0)
@@ -125,6 +127,11 @@ def sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
 def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state, needs):
     """Gradients (dQ, dK, dV, dmask); ``needs`` says which to compute."""
     dq = dk = dv = dmask = None
+    if do.numel() == 0 or k.size(-2) == 0:
+        # no output or no keys (O = 0): every gradient is a sum over nothing, 0; torch's kernel
+        # leaves the mask out of the graph then (no dmask)
+        zeros = [t.new_zeros(t.shape) if need else None for t, need in zip((q, k, v), needs)]
+        return (*zeros, None)
     scale = _scale(q, scale)
     h = q.size(-3) if q.dim() >= 3 else None
     kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)

@@ -127,6 +127,10 @@ def _check_index_target(input, target, weight):
         raise RuntimeError(
             f"Expected target size {[input.shape[0], *input.shape[2:]]}, got {list(target.shape)}"
         )
+    elif input.shape[1] == 0 and target.numel():
+        # torch folds the spatial dims of an input without classes to none ("size mismatch")
+        raise RuntimeError(f"size mismatch: an input of shape {list(input.shape)} has no classes for the "
+                           f"targets of shape {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
     _check_weight(input, weight)

@@ -226,7 +226,7 @@ class ConvFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, w, b, stride, padding, extra, dilation, groups = inputs
         ctx.args = (stride, padding, extra, dilation, groups)
-        ctx.x_shape, ctx.k_size, ctx.out_shape = x.shape, w.shape[2:], output.shape
+        ctx.x_shape, ctx.w_shape, ctx.out_shape = x.shape, w.shape, output.shape
         ctx.has_bias = b is not None
         # Save only what a gradient we will compute needs: dx needs W, dW needs x.
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -237,7 +237,13 @@ class ConvFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        dx, dw, db = conv_backward(dy, x, w, ctx.x_shape, ctx.k_size, *ctx.args, needs=needs)
+        if dy.numel() == 0:
+            # no output: every gradient is a sum over nothing, 0 (torch's output for x without
+            # channels has none either, whatever W's)
+            dx, dw, db = (dy.new_zeros(s) if need else None
+                          for s, need in zip((ctx.x_shape, ctx.w_shape, ctx.w_shape[:1]), needs))
+        else:
+            dx, dw, db = conv_backward(dy, x, w, ctx.x_shape, ctx.w_shape[2:], *ctx.args, needs=needs)
         return dx, dw, db, None, None, None, None, None
 
     @staticmethod

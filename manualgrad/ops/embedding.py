@@ -25,7 +25,7 @@ def embedding_forward(idx, w):
 
 def embedding_backward(dy, idx, num, padding_idx=None, scale_grad_by_freq=False):
     flat = idx.reshape(-1)  #                                (n,)
-    dy2 = dy.reshape(-1, dy.shape[-1])  #                    (n, D)
+    dy2 = dy.reshape(flat.shape[0], dy.shape[-1])  #         (n, D)
     dw = dy.new_zeros(num, dy.shape[-1])
     # dW[j] = sum_{i: idx_i = j} dy_i                        (num, D)
     # (in place on a fresh zero table, except under a transform, which cannot write a batched
@@ -81,11 +81,12 @@ def _check(input, weight, padding_idx):
             f"but got {input.dtype} instead (while checking arguments for embedding)"
         )
     if padding_idx is not None:
+        # torch's checks (AssertionError, as torch): 0 always passes, even with no embeddings
         num = weight.size(0)
-        if not -num <= padding_idx < num:
-            # torch raises AssertionError here too
+        if not -num <= padding_idx < max(num, 1):
             raise AssertionError(f"Padding_idx must be within num_embeddings: got {padding_idx} for {num} embeddings")
-        padding_idx = padding_idx % num
+        if padding_idx < 0:
+            padding_idx += num
     return padding_idx
 
 

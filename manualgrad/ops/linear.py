@@ -6,6 +6,7 @@ leading dims, including none (a single vector x of shape (in,)).
 import torch
 
 from ._apply import LOWER, apply
+from ._checks import rows
 
 
 def linear_forward(x, w, b=None):
@@ -19,7 +20,7 @@ def linear_forward(x, w, b=None):
 def linear_backward(dy, x, w, needs=(True, True, True)):
     """Gradients of y = x W^T + b. ``needs`` says which of (dx, dW, db) to compute."""
     dx = dw = db = None
-    dy2 = dy.reshape(-1, dy.shape[-1])  #                    (rows, out)
+    dy2 = rows(dy)  #                                       (rows, out)
     if needs[2]:
         # db = sum over rows of dy                           (out,)
         # (first, while dy is still in cache from the op that made it: as torch's addmm backward)
@@ -29,7 +30,7 @@ def linear_backward(dy, x, w, needs=(True, True, True)):
         dx = torch.matmul(dy, w)
     if needs[1]:
         # dW = sum over rows of dy^T x                       (out, in)
-        dw = dy2.t().mm(x.reshape(-1, x.shape[-1]))
+        dw = dy2.t().mm(rows(x))
     return dx, dw, db
 
 

@@ -18,7 +18,7 @@ and batch under vmap (``generate_vmap_rule``).
 import torch
 
 from ._apply import LOWER, apply
-from ._checks import can_write_inplace
+from ._checks import can_write_inplace, rows
 
 # (product, fused add-product) for plain matrices and for a batch of them
 _KERNELS = {False: (torch.mm, torch.addmm), True: (torch.bmm, torch.baddbmm)}
@@ -206,7 +206,7 @@ def matmul_backward(dy, a, b, a_shape, b_shape, needs=(True, True)):
         a2 = a.unsqueeze(0) if len(a_shape) == 1 else a
         if len(b2_shape) == 2 and dy.dim() > 2:
             # B is shared by every batch: dB = sum_batch A^T dY, one mm over the folded rows  (m, p)
-            db = a2.reshape(-1, a2.shape[-1]).t().mm(dy.reshape(-1, dy.shape[-1]))
+            db = rows(a2).t().mm(rows(dy))
         else:
             # dB = A^T dY, summed over the batch dims B was broadcast along  (*B, m, p)
             db = torch.matmul(a2.mT, dy).sum_to_size(b2_shape)

@@ -63,6 +63,14 @@ def normalized_vjp(g, x_hat, r, dims, center=True):
     return t.mul_(r) if inplace else t * r
 
 
+def _no_elements(x, param_shape, needs):
+    """(dx, dw, db) for an x without elements: dx empty like x, dw and db sums over nothing, zeros
+    of the parameters' shape (as torch; the statistics of nothing are nan and must not reach them)."""
+    return (torch.zeros_like(x) if needs[0] else None,
+            x.new_zeros(param_shape) if needs[1] else None,
+            x.new_zeros(param_shape) if needs[2] else None)
+
+
 def _sum(t, dims):
     # t.sum(()) would sum over every dim: no dims to sum is t itself
     return t.sum(dims) if dims else t
@@ -117,8 +125,8 @@ def _batch_norm_backward_plain(dy, x, w, eps, needs, mean=None, r=None):
         dx = r w (dy - sdy / M - x_hat sdyx / M) = (r w) dy + k xc + c,  k = -r w r sdyx / M,  c = -r w sdy / M
 
     s is summed from the centred product (a sum of x dy less mean sdy cancels to nothing when
-    |mean| >> std and dy has a mean of its own); dx is written k x + (c - k mean), which rounds
-    like torch's forward x alpha + beta (relative errors ~ eps |mean| / std per element)."""
+    |mean| >> std and dy has a mean of its own), and dx is formed from it too, as torch's kernel
+    does: k x and k mean would cancel to k xc, with errors ~ eps |mean| / std relative to it."""
     n, c = x.shape[:2]
     x3, dy3 = x.reshape(n, c, -1), dy.reshape(n, c, -1)
     m = x3.numel() // c
@@ -138,9 +146,9 @@ def _batch_norm_backward_plain(dy, x, w, eps, needs, mean=None, r=None):
         rw = r if w is None else r * w
         # k = -r w r sdyx / M,  c = -r w sdy / M                       (C,)
         k = (rw * r).mul_(sdyx).div_(-m)
-        c0 = (rw * sdy).div_(-m).sub_(k * mean)
-        # dx = k x + (c - k mean) + r w dy                             (N, C, H) -> like x
-        torch.mul(x3, k.view(1, c, 1), out=buf).add_(c0.view(1, c, 1))
+        c0 = (rw * sdy).div_(-m)
+        # dx = k (x - mean) + c + r w dy                               (N, C, H) -> like x
+        torch.sub(x3, mean3, out=buf).mul_(k.view(1, c, 1)).add_(c0.view(1, c, 1))
         dx = buf.addcmul_(dy3, rw.view(1, c, 1)).view(x.shape)
     # dw = sum_D dy x_hat,  db = sum_D dy                              (C,)
     return dx, (sdyx if needs[1] else None), (sdy if needs[2] else None)
@@ -168,6 +176,8 @@ def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, need
     """Gradients (dx, dw, db). ``training``: normalized with the batch stats (else the running ones).
     ``mean``, ``r``: forward's batch stats (C,), used by the plain backward only: with a graph (double
     backward) or a transform they would be constants, so that path recomputes them from x."""
+    if x.numel() == 0:
+        return _no_elements(x, x.shape[1:2], needs)
     if training and can_write_inplace(dy, x, w, mean, r):
         return _batch_norm_backward_plain(dy, x, w, eps, needs, mean, r)
     dims, shape = _channel_dims(x)
@@ -176,12 +186,15 @@ def batch_norm_backward(dy, x, w, running_mean, running_var, training, eps, need
     else:
         # r = 1 / sqrt(running_var + eps)                    (1, C, 1, ...)
         r = (running_var + eps).rsqrt().view(shape)
-        # x_hat = (x - running_mean) r  (only dw needs it)   like x
-        x_hat = (x - running_mean.view(shape)) * r if needs[1] else None
     # sdy = sum_D dy                                         (1, C, 1, ...)
     sdy = dy.sum(dims, keepdim=True) if needs[2] or (training and needs[0]) else None
-    # sdyx = sum_D dy x_hat                                  (1, C, 1, ...)
-    sdyx = (dy * x_hat).sum(dims, keepdim=True) if needs[1] or (training and needs[0]) else None
+    sdyx = None
+    if training and (needs[0] or needs[1]):
+        # sdyx = sum_D dy x_hat                              (1, C, 1, ...)
+        sdyx = (dy * x_hat).sum(dims, keepdim=True)
+    elif needs[1]:
+        # sdyx = sum_D dy x_hat = r sum_D dy (x - running_mean)  (r constant over D: one rounding, as torch)
+        sdyx = (dy * (x - running_mean.view(shape))).sum(dims, keepdim=True) * r
     dx = dw = db = None
     if needs[0]:
         # s = r w                                            (1, C, 1, ...)
@@ -346,6 +359,8 @@ def layer_norm_backward(dy, x, w, normalized_shape, eps, needs=(True, True, True
     """Gradients (dx, dw, db) of layer_norm; ``center=False`` is rms_norm's (no mean, no bias).
     ``mean``, ``r``: forward's row stats, used by the plain backward only (with a graph or a
     transform they would be constants: the other path recomputes them from x)."""
+    if x.numel() == 0:
+        return _no_elements(x, tuple(normalized_shape), needs)
     if center and can_write_inplace(dy, x, w, mean, r):
         return _layer_norm_backward_plain(dy, x, w, tuple(normalized_shape), eps, needs, mean, r)
     dims, lead = _trailing_dims(x, normalized_shape)
@@ -499,6 +514,8 @@ def _group_norm_backward_plain(dy, x, w, num_groups, eps, needs):
 
 
 def group_norm_backward(dy, x, w, num_groups, eps, needs=(True, True, True)):
+    if x.numel() == 0:
+        return _no_elements(x, x.shape[1:2], needs)
     if can_write_inplace(dy, x, w):
         return _group_norm_backward_plain(dy, x, w, num_groups, eps, needs)
     n = x.shape[0]

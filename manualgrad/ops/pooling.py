@@ -96,7 +96,8 @@ def _max_pool2d_channels_last(x, kernel_size, stride, padding, dilation, ceil_mo
 
 def _flat(t, d):
     # the last d dims as one (reshape, not flatten: the legacy vmap of gradcheck has no flatten rule)
-    return t.reshape(t.shape[:-d] + (-1,)) if d > 1 else t
+    # (their product spelled out: reshape's -1 cannot tell it for a tensor with no elements)
+    return t.reshape(t.shape[:-d] + (math.prod(t.shape[-d:]),)) if d > 1 else t
 
 
 def max_pool_backward(dy, idx, x_shape, d, live=None):
