@@ -291,8 +291,11 @@ def test_group_norm_gradients_non_contiguous_weight_only():
     check_gradients(F.group_norm, x, 2, *_affine(4, "weight"))
 
 
-@pytest.mark.parametrize("shape", [(7, 12), (2, 6, 13), (3, 6, 7, 5)])
-@pytest.mark.parametrize("groups", [1, 2, 3, 6])
+@pytest.mark.parametrize(
+    "shape, groups",
+    [(shape, groups) for shape in [(7, 12), (2, 6, 13), (3, 6, 7, 5)] for groups in [1, 2, 3, 6]
+     if shape[1] // groups * torch.Size(shape[2:]).numel() > 2],  # see FEW_VALUES: (7, 12) in 6 groups is out
+)
 @pytest.mark.parametrize("affine", ["both", "none"])
 def test_group_norm_matches_torch(shape, groups, affine):
     w, b = _affine(shape[1], affine, torch.float32)
