@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from train.data import load_digits, load_mnist, read_idx
+from train.data import epoch_shifts, load_digits, load_mnist, read_idx, shift_images
 
 
 def _write_idx(path, tensor, code, fmt):
@@ -69,3 +69,27 @@ def test_digits_split_is_fixed_and_disjoint():
     assert len(ytr) + len(yev) == 1797 and xtr.shape[1:] == (8, 8)
     assert torch.equal(xtr, xtr2)
     assert float(xtr.max()) == 1.0 and float(xtr.min()) == 0.0
+
+
+def test_shift_images_moves_each_image_by_its_own_shift_and_fills_the_background():
+    x = torch.randn(4, 5, 7) - 3.0
+    shifts = torch.tensor([[0, 0], [2, -1], [-2, 2], [1, 1]])
+    out = shift_images(x, shifts)
+    for n, (dy, dx) in enumerate(shifts.tolist()):
+        background = x[n].min()
+        for i in range(5):
+            for j in range(7):  # output (i, j) shows input (i - dy, j - dx), or the background
+                si, sj = i - dy, j - dx
+                want = x[n, si, sj] if 0 <= si < 5 and 0 <= sj < 7 else background
+                assert out[n, i, j] == want, (n, i, j)
+
+
+def test_epoch_shifts_are_a_function_of_seed_epoch_and_image_only():
+    a = epoch_shifts(1000, 2, seed=0, epoch=3)
+    assert torch.equal(a, epoch_shifts(1000, 2, seed=0, epoch=3))
+    assert not torch.equal(a, epoch_shifts(1000, 2, seed=0, epoch=4))
+    assert not torch.equal(a, epoch_shifts(1000, 2, seed=1, epoch=3))
+    assert a.min() == -2 and a.max() == 2  # every shift in [-2, 2] occurs
+    state = torch.get_rng_state()
+    epoch_shifts(10, 2, seed=0, epoch=0)
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone

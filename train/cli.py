@@ -34,6 +34,20 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def _positive_float(text):
     value = float(text)
     if not value > 0:
@@ -64,9 +78,14 @@ def build_parser():
     p.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam", "adamw"], default="adamw")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (the peak, with onecycle)")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.01)
+    p.add_argument("--label-smoothing", type=_fraction, default=0.1, metavar="E",
+                   help="cross-entropy with label smoothing E (the evaluation loss is the plain one)")
     p.add_argument("--schedule", choices=["none", "onecycle", "cosine"], default="onecycle")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="per process and per micro-batch")
     p.add_argument("--epochs", type=_positive_int, default=None, help="default 8 on mnist, 30 on digits")
+    p.add_argument("--shift", type=_non_negative_int, default=None, metavar="S",
+                   help="augment: move each training image by up to S pixels in each direction, a fresh "
+                        "draw every epoch (default 2 on mnist, 0 on digits)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +118,8 @@ def parse_args(argv=None):
         args.dataset = "mnist" if mnist_available(args.data_dir) else "digits"
     if args.epochs is None:
         args.epochs = 8 if args.dataset == "mnist" else 30
+    if args.shift is None:
+        args.shift = 2 if args.dataset == "mnist" else 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     if args.resume and args.checkpoint_dir is None:

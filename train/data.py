@@ -130,6 +130,35 @@ def load_digits(eval_fraction=0.2, seed=0):
     return (x[tr], y[tr]), (x[ev], y[ev])
 
 
+def shift_images(x, shifts):
+    """Translate each image by whole pixels, filling with the background (the image's minimum).
+
+    x (N, H, W); shifts (N, 2) integers (dy, dx), each in [-s, s]: image n moves down by dy and
+    right by dx. Pixels moved in from outside take the background value, which for normalised
+    MNIST is the (negative) value of a black pixel, so a shifted digit looks like any other.
+    """
+    n, h, w = x.shape
+    s = int(shifts.abs().max()) if shifts.numel() else 0
+    if s == 0:
+        return x
+    background = x.amin(dim=(1, 2), keepdim=True)
+    padded = background.expand(n, h + 2 * s, w + 2 * s).clone()
+    padded[:, s : s + h, s : s + w] = x
+    # output pixel (i, j) of image n is padded pixel (s + i - dy, s + j - dx)
+    rows = torch.arange(h, device=x.device) + s - shifts[:, :1]          # (N, H)
+    cols = torch.arange(w, device=x.device) + s - shifts[:, 1:]          # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def epoch_shifts(n, max_shift, seed, epoch):
+    """One (dy, dx) per training image for an epoch, from a generator of its own seeded by
+    (seed, epoch): the same shifts whatever the number of processes, the batch size or the
+    point a run was resumed from, and the global RNG is left alone."""
+    g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+    return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
+
+
 def mnist_available(data_dir=None):
     data_dir = pathlib.Path(data_dir) if data_dir is not None else SHARED_MNIST
     return _find(data_dir, MNIST_FILES["test"][0]) is not None

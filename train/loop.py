@@ -18,7 +18,7 @@ from manualgrad.monitor import GradientMonitor
 
 from .checkpoint import CheckpointError, load_latest, save_checkpoint
 from .cli import UsageError
-from .data import load_digits, load_mnist
+from .data import epoch_shifts, load_digits, load_mnist, shift_images
 from .models import build_model, modules_for
 
 
@@ -27,7 +27,8 @@ class TrainingError(Exception):
 
 
 # The arguments a checkpoint must agree with to be resumed.
-RESUME_KEYS = ("model", "impl", "dataset", "optimizer", "schedule", "batch_size", "accum_steps", "epochs", "seed")
+RESUME_KEYS = ("model", "impl", "dataset", "optimizer", "schedule", "batch_size", "accum_steps", "epochs", "seed",
+               "shift")
 
 
 def _distributed(device):
@@ -132,7 +133,7 @@ def run(args):
     except NotImplementedError as e:
         raise UsageError(str(e)) from None
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    loss_fn = modules_for(args.impl).CrossEntropyLoss()
+    loss_fn = modules_for(args.impl).CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = make_optimizer(args.optimizer, args.impl, model.parameters(), args.lr, args.weight_decay)
 
     sampler = torch.utils.data.DistributedSampler(
@@ -183,7 +184,9 @@ def run(args):
     log(f"training {what} on {args.dataset}: {len(ytr)} train / {len(yev)} eval images, "
         f"{args.optimizer} lr {args.lr:g}, {args.schedule} schedule, batch {args.batch_size}"
         f"{f' x {world} processes' if world > 1 else ''}"
-        f"{f' x {args.accum_steps} accumulated' if args.accum_steps > 1 else ''}, {args.epochs} epochs")
+        f"{f' x {args.accum_steps} accumulated' if args.accum_steps > 1 else ''}, {args.epochs} epochs"
+        f"{f', label smoothing {args.label_smoothing:g}' if args.label_smoothing else ''}"
+        f"{f', shifts up to {args.shift} px' if args.shift else ''}")
 
     def checkpoint(epoch, micro):
         if is_main and args.checkpoint_dir is not None:
@@ -208,13 +211,15 @@ def run(args):
             break
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler))
+        shifts = epoch_shifts(len(ytr), args.shift, args.seed, epoch) if args.shift else None
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         first = start_micro if epoch == start_epoch else 0
         for micro in range(first, steps_per_epoch * args.accum_steps):
             idx = order[micro * args.batch_size : (micro + 1) * args.batch_size]
-            xb, yb = xtr[idx].to(device, non_blocking=True), ytr[idx].to(device, non_blocking=True)
+            xb = xtr[idx] if shifts is None else shift_images(xtr[idx], shifts[idx])
+            xb, yb = xb.to(device, non_blocking=True), ytr[idx].to(device, non_blocking=True)
             last_micro = (micro + 1) % args.accum_steps == 0
             sync = net.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
             with sync:
