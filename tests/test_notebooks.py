@@ -58,6 +58,7 @@ def _read(path):
 
 
 @pytest.mark.slow
+@pytest.mark.trajectory
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_top_to_bottom_without_error(path):
     nbclient = _require("nbclient")

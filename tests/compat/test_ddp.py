@@ -26,9 +26,10 @@ import manualgrad
 import manualgrad.functional as MF
 from tests.compat._models import cnn, mlp
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch built without the gloo backend"
-)
+pytestmark = [
+    pytest.mark.trajectory,  # follows a trajectory: run again under other CPUs' kernels
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch built without the gloo backend"),
+]
 torch.set_num_threads(1)
 WORLD, STEPS, TOL = 2, 3, 1e-5
 # scenario: (model builder, input shape, classes, "ours" | "torch" | "ours_after_wrap")

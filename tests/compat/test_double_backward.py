@@ -16,6 +16,8 @@ from torch import nn
 
 from tests.compat._models import converted_pair
 
+pytestmark = pytest.mark.trajectory  # follows a trajectory: run again under other CPUs' kernels
+
 torch.set_num_threads(1)
 RTOL, ATOL = 1e-4, 1e-5
 GP_WEIGHT = 10.0

@@ -17,6 +17,8 @@ from torch.optim import lr_scheduler
 import manualgrad.optim as mo
 from manualgrad.testing import assert_raises_like_torch
 
+pytestmark = pytest.mark.trajectory  # follows a trajectory: run again under other CPUs' kernels
+
 TWINS = {
     "SGD": (mo.SGD, torch.optim.SGD),
     "RMSprop": (mo.RMSprop, torch.optim.RMSprop),
