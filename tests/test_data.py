@@ -69,3 +69,11 @@ def test_digits_split_is_fixed_and_disjoint():
     assert len(ytr) + len(yev) == 1797 and xtr.shape[1:] == (8, 8)
     assert torch.equal(xtr, xtr2)
     assert float(xtr.max()) == 1.0 and float(xtr.min()) == 0.0
+
+
+def test_load_digits_without_scikit_learn_names_the_extra_that_brings_it(uninstalled):
+    uninstalled("sklearn")
+    with pytest.raises(ModuleNotFoundError) as e:
+        load_digits()
+    assert str(e.value) == "the digits data set needs scikit-learn: pip install 'manualgrad[digits]'"
+    assert e.value.name == "sklearn"
