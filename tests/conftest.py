@@ -1,4 +1,5 @@
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -27,6 +28,19 @@ def mnist_dir():
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real MNIST not found at {MNIST_DIR}")
     return MNIST_DIR
+
+
+@pytest.fixture
+def uninstalled(monkeypatch):
+    """``uninstalled("sklearn")``: for this test, that package (and each of its modules) does not
+    import, as if it were not installed: ModuleNotFoundError with ``name == "sklearn"``."""
+
+    def hide(top):
+        for name in [n for n in sys.modules if n.startswith(top + ".")]:
+            monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, top, None)
+
+    return hide
 
 
 def noncontiguous(t):

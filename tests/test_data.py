@@ -93,3 +93,11 @@ def test_epoch_shifts_are_a_function_of_seed_epoch_and_image_only():
     state = torch.get_rng_state()
     epoch_shifts(10, 2, seed=0, epoch=0)
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
+
+
+def test_load_digits_without_scikit_learn_names_the_extra_that_brings_it(uninstalled):
+    uninstalled("sklearn")
+    with pytest.raises(ModuleNotFoundError) as e:
+        load_digits()
+    assert str(e.value) == "the digits data set needs scikit-learn: pip install 'manualgrad[digits]'"
+    assert e.value.name == "sklearn"

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from manualgrad._extras import installed, message
+
 from .data import SHARED_MNIST, mnist_available
 
 
@@ -114,8 +116,12 @@ def parse_args(argv=None):
         args.data_dir = pathlib.Path(args.data_dir)
         if args.dataset == "mnist" and not args.data_dir.is_dir():
             raise UsageError(f"--data-dir {args.data_dir} does not exist")
+    chosen = args.dataset is not None
     if args.dataset is None:
         args.dataset = "mnist" if mnist_available(args.data_dir) else "digits"
+    if args.dataset == "digits" and not installed("sklearn"):
+        why = "" if chosen else f" (the default: no MNIST files in {args.data_dir})"
+        raise UsageError(message("sklearn", f"--dataset digits{why}"))
     if args.epochs is None:
         args.epochs = 8 if args.dataset == "mnist" else 30
     if args.shift is None:

@@ -11,6 +11,8 @@ import struct
 
 import torch
 
+from manualgrad._extras import require
+
 # IDX type codes -> (torch dtype, bytes per element); data is big-endian.
 _IDX_TYPES = {0x08: (torch.uint8, 1), 0x09: (torch.int8, 1), 0x0B: (torch.int16, 2), 0x0C: (torch.int32, 4),
               0x0D: (torch.float32, 4), 0x0E: (torch.float64, 8)}
@@ -117,11 +119,12 @@ def load_mnist(data_dir=None, download=True, log=print):
 def load_digits(eval_fraction=0.2, seed=0):
     """scikit-learn's bundled 8x8 digits (1,797 real scans) as ((x_train, y_train), (x_eval, y_eval)).
 
-    Images (N, 8, 8) float32 scaled to [0, 1]; a fixed seeded split.
+    Images (N, 8, 8) float32 scaled to [0, 1]; a fixed seeded split. Needs scikit-learn
+    (``pip install 'manualgrad[digits]'``); without it, a ModuleNotFoundError saying so.
     """
-    from sklearn.datasets import load_digits as _sk_digits
+    datasets = require("sklearn.datasets", "the digits data set")
 
-    d = _sk_digits()
+    d = datasets.load_digits()
     x = torch.tensor(d.images, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))

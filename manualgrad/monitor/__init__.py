@@ -1,6 +1,7 @@
 """Gradient monitoring hooks that log to TensorBoard.
 
-    writer = torch.utils.tensorboard.SummaryWriter("runs/exp1")
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard comes with manualgrad
+    writer = SummaryWriter("runs/exp1")
     with manualgrad.monitor.GradientMonitor(model, writer, optimizer=opt, every=50, hist_every=1000):
         for x, y in loader:
             loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward(); opt.step()

@@ -1,4 +1,5 @@
-"""A picture of a finished run: ``python -m manualgrad.monitor.plot LOGDIR -o out.png``.
+"""A picture of a finished run: ``python -m manualgrad.monitor.plot LOGDIR -o out.png``
+(needs matplotlib: ``pip install 'manualgrad[plot]'``).
 
 Three panels from the event files GradientMonitor wrote: per-layer gradient norm over steps,
 per-layer update:data ratio with the usual 1e-3 reference line, and a heat-map of the fraction
@@ -7,6 +8,8 @@ of dead units (layers x steps; present when the run logged activations).
 from __future__ import annotations
 
 import argparse
+
+from .._extras import MissingExtra, require
 
 
 def read_scalars(logdir):
@@ -27,8 +30,8 @@ def _by_module(scalars, prefix):
 
 
 def plot_run(logdir, out):
-    import matplotlib
-
+    """Draw the run in ``logdir`` to the image ``out``. Needs matplotlib (``pip install 'manualgrad[plot]'``)."""
+    matplotlib = require("matplotlib", "plotting a run")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -84,7 +87,10 @@ def main(argv=None):
     p.add_argument("logdir", help="a run directory written by GradientMonitor")
     p.add_argument("-o", "--out", default="monitor.png", help="output image (default monitor.png)")
     args = p.parse_args(argv)
-    print(plot_run(args.logdir, args.out))
+    try:
+        print(plot_run(args.logdir, args.out))
+    except MissingExtra as e:  # one line on stderr, exit code 1
+        raise SystemExit(f"python -m manualgrad.monitor.plot: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -403,6 +403,17 @@ def test_plot_writes_a_picture(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path, uninstalled):
+    from manualgrad.monitor import plot
+
+    uninstalled("matplotlib")
+    with pytest.raises(ModuleNotFoundError, match=r"^plotting a run needs matplotlib: pip install 'manualgrad\[plot\]'$"):
+        plot.plot_run(str(tmp_path), str(tmp_path / "out.png"))
+    with pytest.raises(SystemExit) as e:  # python -m manualgrad.monitor.plot: this line on stderr, exit code 1
+        plot.main([str(tmp_path), "-o", str(tmp_path / "out.png")])
+    assert e.value.code == "python -m manualgrad.monitor.plot: error: plotting a run needs matplotlib: pip install 'manualgrad[plot]'"
+
+
 def test_seed_mlp_module_names():
     # the seed MLP from the demo is monitored per Linear (Flatten and ReLU have no parameters)
     model = seed_mlp(in_features=64, width=16)

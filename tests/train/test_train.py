@@ -176,6 +176,22 @@ def test_bad_arguments_give_one_line_and_exit_code_2(argv, says, capsys):
     assert len(err) == 1 and says in err[0], err
 
 
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["--dataset", "digits"], "--dataset digits needs scikit-learn: pip install 'manualgrad[digits]'"),
+        ([], "--dataset digits (the default: no MNIST files in {tmp}) needs scikit-learn: pip install 'manualgrad[digits]'"),
+    ],
+)
+def test_digits_without_scikit_learn_is_one_line_naming_the_extra(argv, says, tmp_path, uninstalled, capsys):
+    uninstalled("sklearn")
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--data-dir", str(tmp_path), "--logdir", str(tmp_path / "tb")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m train: error: " + says.format(tmp=tmp_path)]
+
+
 def test_command_line_exit_code_and_message_for_a_missing_mnist_folder(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--logdir", str(tmp_path / "tb")],
