@@ -41,6 +41,9 @@ from .ops.pooling import (
     max_pool2d,
 )
 
+# padding
+from .ops.padding import pad
+
 # normalization
 from .ops.normalization import batch_norm, group_norm, layer_norm, rms_norm
 

@@ -83,6 +83,7 @@ SAMPLES = {
                                                 _x(1, 1, 8), _x(1, 1, 8), True, 0.0, _x(8, 8), _x(8)),
                                                dict(need_weights=False)), None),
     "nll_loss": (lambda: ((_x(5, 4), _cls(5, 4)), {}), None),
+    "pad": (lambda: ((_x(2, 3, 7, 6), (2, 1, -1, 3)), dict(mode="reflect")), None),
     "relu": (lambda: ((_x(4, 6),), {}), None),
     "rms_norm": (lambda: ((_x(3, 5, 4), (4,), _x(4)), {}), None),
     "scaled_dot_product_attention": (lambda: ((_x(2, 2, 5, 4), _x(2, 2, 6, 4), _x(2, 2, 6, 4)), dict(is_causal=True)), None),

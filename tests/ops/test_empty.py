@@ -138,6 +138,10 @@ CASES = {
     "max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(kernel_size=2)))],
     "adaptive_avg_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
     "adaptive_max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
+    # padding
+    "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))
+            for mode in ("constant", "reflect", "replicate", "circular")] + [
+        ("constant-value", ACT, _act(pad=(-1, 2), value=3.0))],
     "batch_norm": [
         ("train", ACT, _bn(True)), ("train-2d", ACT, _bn(True, spatial=False)),
         ("train-no-stats", ACT, _bn(True, stats=False)), ("train-no-affine", ACT, _bn(True, affine=False)),
