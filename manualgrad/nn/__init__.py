@@ -50,6 +50,9 @@ from .padding import (
     ZeroPad3d,
 )
 
+# rearrangements
+from .shuffle import ChannelShuffle, Fold, PixelShuffle, PixelUnshuffle, Unfold
+
 # normalization
 from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 
