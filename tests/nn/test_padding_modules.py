@@ -63,3 +63,17 @@ def test_circular_pad_modules_check_the_input_dim_like_torch(name, shape):
 def test_padding_module_bad_input_raises_like_torch(name, shape):
     ours, theirs = _pair(name, (2,))
     assert_raises_like_torch(ours, theirs, torch.randn(shape))
+
+
+def test_the_mode_routes_an_unconverted_padding_module_to_the_hand_written_backward():
+    model = torch.nn.Sequential(torch.nn.ReflectionPad2d(2), torch.nn.CircularPad1d(1))
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    with mg.enable():
+        y = model(x)
+    names = {type(n).__name__ for n in (y.grad_fn, y.grad_fn.next_functions[0][0])}
+    assert names == {"PadFunctionBackward", "ReflectReplicatePadFunctionBackward"}
+    dy = torch.randint(-16, 17, y.shape) / 4
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x2 = x.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(model(x2), x2, dy)
+    assert torch.equal(dx, expected)

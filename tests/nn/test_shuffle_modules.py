@@ -47,3 +47,25 @@ def test_convert_swaps_an_espcn_style_super_resolution_net_and_matches_torch():
     report = mg.coverage(model, x, mode=False)
     assert report.torch_ops == [], report
     assert_same_as_torch(model, reference, x.requires_grad_(), atol=1e-5)
+
+
+def test_converted_padding_conv_and_shuffle_net_compiles_without_graph_breaks_and_matches_eager():
+    model = torch.nn.Sequential(
+        torch.nn.ReflectionPad2d((1, 2, 1, 0)), torch.nn.Conv2d(2, 8, 3, padding=1, padding_mode="circular"),
+        torch.nn.ChannelShuffle(2), torch.nn.PixelShuffle(2), torch.nn.ReplicationPad2d(1),
+        torch.nn.Unfold(2, stride=2), torch.nn.Fold((14, 10), (2, 1), stride=(2, 1)))  # 8 x 70 columns: (4, 14, 10)
+    mg.convert(model, strict=True)
+    x = torch.randn(2, 2, 5, 6)
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    compiled = torch.compile(model, backend="aot_eager")
+    outs, grads = [], []
+    for m in (model, compiled):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(torch.ones_like(y))
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b)

@@ -231,3 +231,14 @@ def test_pad_of_the_wrong_type_raises_like_torch():
     x = torch.randn(1, 2, 3)
     assert_raises_like_torch(F.pad, TF.pad, x, (1.5, 1), "reflect", match="must be tuple of ints")
     assert_raises_like_torch(F.pad, TF.pad, x, torch.tensor([1, 1]), "circular", match="must be tuple of ints")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pad_saves_nothing_for_backward_and_torch_saves_no_less(mode):
+    # the backward needs only shapes and pads (torch's reflect/replicate save the input)
+    from manualgrad.testing import saved_bytes
+
+    x = torch.randn(2, 3, 6, 7, requires_grad=True)
+    ours, _ = saved_bytes(F.pad, x, (1, 2, 2, 1), mode)
+    theirs, _ = saved_bytes(TF.pad, x, (1, 2, 2, 1), mode)
+    assert ours == 0 <= theirs

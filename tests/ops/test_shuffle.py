@@ -225,3 +225,13 @@ def test_rearrangements_under_autocast_keep_the_input_dtype_like_torch(name, sha
             ours, theirs = getattr(F, name)(x, *args), getattr(TF, name)(x, *args)
         assert ours.dtype == theirs.dtype == dtype
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name, shape, args", [("pixel_shuffle", (2, 8, 3, 5), (2,)), ("pixel_unshuffle", (2, 3, 4, 6), (2,)),
+                                               ("channel_shuffle", (2, 8, 3), (2,)), ("unfold", (2, 3, 5, 5), (2,)),
+                                               ("fold", (2, 12, 6), ((3, 4), 2))])
+def test_rearrangements_save_nothing_for_backward(name, shape, args):
+    from manualgrad.testing import saved_bytes
+
+    ours, _ = saved_bytes(getattr(F, name), torch.randn(shape, requires_grad=True), *args)
+    assert ours == 0
