@@ -216,8 +216,12 @@ def test_bad_fold_and_unfold_raise_like_torch(name, shape, args, match):
     assert_raises_like_torch(getattr(F, name), getattr(TF, name), torch.randn(shape), *args, match=match)
 
 
-@pytest.mark.parametrize("name, shape, args", [("pixel_shuffle", (2, 8, 3, 5), (2,)), ("channel_shuffle", (2, 8, 3), (2,)),
-                                               ("unfold", (2, 3, 5, 5), (2,)), ("fold", (2, 12, 6), ((3, 4), 2))])
+# one call per op: (name, input shape, arguments after the input)
+ONE_CALL = [("pixel_shuffle", (2, 8, 3, 5), (2,)), ("pixel_unshuffle", (2, 3, 4, 6), (2,)),
+            ("channel_shuffle", (2, 8, 3), (2,)), ("unfold", (2, 3, 5, 5), (2,)), ("fold", (2, 12, 6), ((3, 4), 2))]
+
+
+@pytest.mark.parametrize("name, shape, args", ONE_CALL)
 def test_rearrangements_under_autocast_keep_the_input_dtype_like_torch(name, shape, args):
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(shape, dtype=dtype)
@@ -227,9 +231,7 @@ def test_rearrangements_under_autocast_keep_the_input_dtype_like_torch(name, sha
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("name, shape, args", [("pixel_shuffle", (2, 8, 3, 5), (2,)), ("pixel_unshuffle", (2, 3, 4, 6), (2,)),
-                                               ("channel_shuffle", (2, 8, 3), (2,)), ("unfold", (2, 3, 5, 5), (2,)),
-                                               ("fold", (2, 12, 6), ((3, 4), 2))])
+@pytest.mark.parametrize("name, shape, args", ONE_CALL)
 def test_rearrangements_save_nothing_for_backward(name, shape, args):
     from manualgrad.testing import saved_bytes
 
