@@ -13,6 +13,8 @@ coordinates:
                (a = max(-pl, 0) before, b = max(-pr, 0) after, L' = L - a - b) and then wraps the
                cropped signal of length L' (needs every positive pad <= L')
 (the non-constant modes pad 1, 2 or 3 trailing dims of a (N, C, *S) or unbatched (C, *S) input).
+For x = [a b c] and (pl, pr) = (2, 1): reflect gives [c b a b c b], replicate [a a a b c c],
+circular [b c a b c a]; with (-1, 2) circular crops to [b c] and wraps it: [b c b c].
 
 Each padded dim is a gather y = x[src] along that dim, with src one index per output position
 (``source_index``); the dims are independent, so y is these gathers one dim after the other.

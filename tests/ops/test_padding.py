@@ -242,3 +242,17 @@ def test_pad_saves_nothing_for_backward_and_torch_saves_no_less(mode):
     ours, _ = saved_bytes(F.pad, x, (1, 2, 2, 1), mode)
     theirs, _ = saved_bytes(TF.pad, x, (1, 2, 2, 1), mode)
     assert ours == 0 <= theirs
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_sample_gradients_under_vmap_match_torch(mode):
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64)
+
+    def loss(fn):
+        return lambda t: (fn(t, (1, 2, 2, -1), mode) ** 2).sum()
+    ours = torch.func.vmap(torch.func.grad(loss(F.pad)))(x)
+    # (float64: the summation order of the replicated edges differs from torch's in the last bits)
+    torch.testing.assert_close(ours, torch.func.vmap(torch.func.grad(loss(TF.pad)))(x))
+    # and vmap over a padded dim: the pad moves to the dims left
+    ours = torch.func.vmap(lambda t: F.pad(t, (2, 1), mode), in_dims=3)(x)
+    assert torch.equal(ours, torch.func.vmap(lambda t: TF.pad(t, (2, 1), mode), in_dims=3)(x))
