@@ -1,4 +1,4 @@
-"""Forward + backward (or, with --backward-only, backward) time of manualgrad's normalization, activation and convolution ops against torch's.
+"""Forward + backward (or, with --backward-only, backward) time of manualgrad's normalization, activation, convolution and padding ops against torch's.
 
 Prints ours / torch for each op at a realistic size (single thread by default). Each rep times
 one forward and backward of ours and of torch in alternation; the ratio is of the medians, so a
@@ -79,6 +79,12 @@ def cases():
         ("elu (64,128,1024)", lambda x: F.elu(x), lambda x: TF.elu(x), act_inputs),
         ("leaky_relu (64,128,1024)", lambda x: F.leaky_relu(x), lambda x: TF.leaky_relu(x), act_inputs),
         ("softplus (64,128,1024)", lambda x: F.softplus(x), lambda x: TF.softplus(x), act_inputs),
+        # reflect padding as in image-to-image generators: ReflectionPad2d(1) inside the residual
+        # blocks, ReflectionPad2d(3) before the 7x7 stem
+        ("pad reflect 1 (32,64,32,32)", lambda x: F.pad(x, (1, 1, 1, 1), "reflect"),
+         lambda x: TF.pad(x, (1, 1, 1, 1), "reflect"), pool_inputs((32, 64, 32, 32))),
+        ("pad reflect 3 (8,3,128,128)", lambda x: F.pad(x, (3, 3, 3, 3), "reflect"),
+         lambda x: TF.pad(x, (3, 3, 3, 3), "reflect"), pool_inputs((8, 3, 128, 128))),
     ]
 
 

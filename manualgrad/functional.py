@@ -41,6 +41,12 @@ from .ops.pooling import (
     max_pool2d,
 )
 
+# padding
+from .ops.padding import pad
+
+# rearrangements: pixel and channel shuffles, fold / unfold
+from .ops.shuffle import channel_shuffle, fold, pixel_shuffle, pixel_unshuffle, unfold
+
 # normalization
 from .ops.normalization import batch_norm, group_norm, layer_norm, rms_norm
 

@@ -99,12 +99,15 @@ def test_convert_strict_lists_unsupported_modules_and_changes_nothing():
 
 
 def test_convert_leaves_a_configuration_the_twin_cannot_run_and_strict_names_it():
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), torch.nn.Conv2d(2, 2, 3))
-    with pytest.raises(NotImplementedError, match=r"0: Conv2d \(padding_mode='reflect'"):
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3, sparse=True), torch.nn.Embedding(5, 3, max_norm=1.0),
+                                torch.nn.Embedding(5, 3))
+    with pytest.raises(NotImplementedError, match=r"0: Embedding \(sparse=True.*1: Embedding \(max_norm=1.0"):
         mg.convert(model, strict=True)
     mg.convert(model)
-    assert type(model[0]) is torch.nn.Conv2d and type(model[1]) is mnn.Conv2d
-    model(torch.randn(1, 1, 5, 5)).sum().backward()  # still runs: the reflect conv is torch's
+    assert type(model[0]) is type(model[1]) is torch.nn.Embedding and type(model[2]) is mnn.Embedding
+    idx = torch.tensor([1, 3])
+    for m in model:  # still runs: the sparse and max_norm embeddings are torch's
+        m(idx).sum().backward()
 
 
 def test_convert_strict_accepts_multihead_attention_whose_out_proj_it_does_not_call():

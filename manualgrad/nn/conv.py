@@ -3,35 +3,27 @@ import torch
 from .. import functional as F
 
 
-def _unsupported(module):
-    """Why manualgrad cannot run this conv module (None if it can): convert() reads this."""
-    # torch pads with F.pad for the other modes, whose backward would be torch's.
-    if module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r} (only 'zeros')"
-    return None
-
-
-def _zeros_only(module):
-    reason = _unsupported(module)
-    if reason is not None:
-        raise NotImplementedError(f"manualgrad {type(module).__name__} does not support {reason}")
-
-
 class Conv1d(torch.nn.Conv1d):
-    """Drop-in for ``torch.nn.Conv1d`` (padding_mode='zeros') with a hand-written backward."""
+    """Drop-in for ``torch.nn.Conv1d`` with a hand-written backward, every ``padding_mode``.
 
-    unsupported = staticmethod(_unsupported)
+    As torch's: 'zeros' pads inside the convolution; 'reflect', 'replicate' and 'circular' pad
+    the input first (``F.pad``, hand-written backward too) and convolve it without padding."""
 
     def forward(self, input):
-        _zeros_only(self)
+        if self.padding_mode != "zeros":
+            # torch's _reversed_padding_repeated_twice: (before, after) per spatial dim, last
+            # first, the odd one after for padding='same'
+            x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class Conv2d(torch.nn.Conv2d):
-    """Drop-in for ``torch.nn.Conv2d`` (padding_mode='zeros') with a hand-written backward."""
-
-    unsupported = staticmethod(_unsupported)
+    """Drop-in for ``torch.nn.Conv2d`` with a hand-written backward, every ``padding_mode``
+    (see Conv1d)."""
 
     def forward(self, input):
-        _zeros_only(self)
+        if self.padding_mode != "zeros":
+            x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -25,6 +25,8 @@ forward and backward compute in exactly the dtypes chosen here (nothing inside i
 - ``FLOAT32``: float32: the losses.
 - ``FLOAT32_ON_CUDA``: float32 on CUDA, the input's dtype elsewhere (softmax, log_softmax,
   the norms, softplus): torch's CPU list leaves them alone, its CUDA list runs them in float32.
+- ``FLOAT32_ON_CPU``: the other way round (reflect pads of 1 and 2 dims, replicate pads): on
+  torch's CPU float32 list, on no CUDA list.
 - ``INPUT``: no cast, the dtype the input arrives in (the other elementwise ops, pooling,
   dropout, embedding); ops with float32 parameters (the norms) mix dtypes like torch's kernels.
 
@@ -42,12 +44,14 @@ except (ImportError, AttributeError, KeyError):  # a torch without them: the sta
 
 
 INPUT, LOWER, FLOAT32, FLOAT32_ON_CUDA = "input", "lower", "float32", "float32 on cuda"
+FLOAT32_ON_CPU = "float32 on cpu"
 
 
 def _autocast_dtype(policy, device_type):
     if policy == LOWER:
         return torch.get_autocast_dtype(device_type)
-    if policy == FLOAT32 or (policy == FLOAT32_ON_CUDA and device_type == "cuda"):
+    if policy == FLOAT32 or (policy == FLOAT32_ON_CUDA and device_type == "cuda") or (
+            policy == FLOAT32_ON_CPU and device_type == "cpu"):
         return torch.float32
     return None
 

@@ -269,11 +269,7 @@ def test_convert_swaps_conv_modules_for_manualgrad():
     torch.testing.assert_close(fn(model, x), fn(reference, x))
 
 
-@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
-def test_conv_module_raises_for_non_zero_padding_mode(mode):
-    m = mnn.Conv2d(2, 3, 3, padding=1, padding_mode=mode)
-    with pytest.raises(NotImplementedError, match=f"padding_mode='{mode}'"):
-        m(torch.randn(1, 2, 5, 5))
+# padding_mode reflect / replicate / circular: tests/nn/test_conv_padding_mode.py
 
 
 # The weight gradient has two formulations (ops/conv.py): a matrix product over the unfolded input

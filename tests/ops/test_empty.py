@@ -138,6 +138,17 @@ CASES = {
     "max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(kernel_size=2)))],
     "adaptive_avg_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
     "adaptive_max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
+    # padding
+    "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))
+            for mode in ("constant", "reflect", "replicate", "circular")] + [
+        ("constant-value", ACT, _act(pad=(-1, 2), value=3.0))],
+    # rearrangements
+    "pixel_shuffle": [("", dict(N=2, C=2, H=2, W=3), lambda N, C, H, W: ((x(N, 4 * C, H, W), 2), {}))],
+    "pixel_unshuffle": [("", dict(N=2, C=2, H=2, W=3), lambda N, C, H, W: ((x(N, C, 2 * H, 2 * W), 2), {}))],
+    "channel_shuffle": [("", dict(N=2, C=2, L=3), lambda N, C, L: ((x(N, 2 * C, L), 2), {}))],
+    "unfold": [("", dict(N=2, C=2, H=3, W=4), lambda N, C, H, W: ((x(N, C, H, W), 2), dict(padding=1)))],
+    "fold": [("", dict(N=2, C=2, H=3, W=4),
+              lambda N, C, H, W: ((x(N, 4 * C, (H + 1) * (W + 1)), (H, W), 2), dict(padding=1)))],
     "batch_norm": [
         ("train", ACT, _bn(True)), ("train-2d", ACT, _bn(True, spatial=False)),
         ("train-no-stats", ACT, _bn(True, stats=False)), ("train-no-affine", ACT, _bn(True, affine=False)),
@@ -196,6 +207,10 @@ TORCH_DIFFERS = {
     # torch's backward kernel refuses the channel-less gradient of the output its forward made
     ("adaptive_avg_pool1d", "", "C"): "raises",
     ("adaptive_avg_pool2d", "", "C"): "raises",
+    # rearrangements: torch's pixel_(un)shuffle return an empty input in its own shape, which its
+    # backward then refuses; its channel_shuffle backward asks for C / g = 0 groups
+    **{(name, "", dim): "raises" for name in ("pixel_shuffle", "pixel_unshuffle") for dim in "NCHW"},
+    ("channel_shuffle", "", "C"): "raises",
     # torch's dW of groups without elements is nan (its 1/std of nothing, times an empty sum)
     ("group_norm", "", "L"): "nan",
 }
