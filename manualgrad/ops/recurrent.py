@@ -83,10 +83,9 @@ def _bias_sum(b_ih, b_hh):
 
 def _tangent_proj(x, dx, w, dw, db=None):
     """Tangent of x W^T + b: dx W^T + x dW^T + db, skipping absent tangents (None if all are)."""
-    out = None
-    for term in (None if dx is None else dx.matmul(w.t()), None if dw is None else x.matmul(dw.t()), db):
-        if term is not None:
-            out = term if out is None else out + term
+    out = _sum(None if dx is None else dx.mm(w.t()), None if dw is None else x.mm(dw.t()))
+    if db is not None:
+        out = db.expand(x.shape[0], db.shape[0]) if out is None else out + db
     return out
 
 
@@ -96,6 +95,11 @@ def _sum(*terms):
         if t is not None:
             out = t if out is None else out + t
     return out
+
+
+def _zeros_for_none(grads, likes):
+    """Zeros for the outputs that received no gradient (h_n unused, say)."""
+    return tuple(torch.zeros_like(t) if d is None else d for d, t in zip(grads, likes))
 
 
 def _weight_grads(dgi, dgh, x, h_prev, needs):
@@ -160,6 +164,14 @@ def lstm_backward(dy, dh_n, dc_n, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w
     H = w_hh.shape[0] // 4
     c_prev = _previous(cs, c0, batch_sizes, reverse)  # c_{t-1} of every step    (N, H)
     tanh_c = cs.tanh()  #                                                    (N, H)
+    i, f, g, o = act.chunk(4, 1)
+    # The local derivatives of every step, all steps at once (they need no carried gradient):
+    #   dc_t = dc carried + dh_t * o (1 - tanh^2 c_t)                         k  (N, H)
+    #   pre-activation gradients [di, df, dg, do] = [dc_t, dc_t, dc_t, dh_t] * m     (N, 4H)
+    #   with m = [g i (1 - i), c_{t-1} f (1 - f), i (1 - g^2), tanh(c_t) o (1 - o)]
+    #   (sigma' = s (1 - s), tanh' = 1 - t^2)
+    k = o * (1 - tanh_c * tanh_c)
+    m = torch.cat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], 1)
     dh, dc = dh_n, dc_n  # carried: dL/dh, dL/dc of the state after the step   (B, P), (B, H)
     dgates, dhs = [], []
     for rows, n in reversed(_steps(batch_sizes, reverse)):
@@ -169,17 +181,13 @@ def lstm_backward(dy, dh_n, dc_n, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w
             dhs.append(dh_t)
             # through the projection: dh_t W_hr             (n, H)
             dh_t = dh_t.mm(w_hr)
-        i, f, g, o = act[rows].chunk(4, 1)
-        tc = tanh_c[rows]
-        # dc_t = dc carried + dh_t o (1 - tanh^2 c_t)       (n, H)
-        dc_t = dc[:n] + dh_t * o * (1 - tc * tc)
-        # pre-activation gradients, sigma' = s (1 - s), tanh' = 1 - t^2:
-        #   di = dc_t g, df = dc_t c_{t-1}, dg = dc_t i, do = dh_t tanh(c_t)    (n, 4H)
-        da = torch.cat([dc_t * g * i * (1 - i), dc_t * c_prev[rows] * f * (1 - f),
-                        dc_t * i * (1 - g * g), dh_t * tc * o * (1 - o)], 1)
+        # dc_t = dc carried + dh_t k_t                      (n, H)
+        dc_t = dc[:n] + dh_t * k[rows]
+        # [di, df, dg, do] = [dc_t, dc_t, dc_t, dh_t] m_t    (n, 4H)
+        da = torch.cat([dc_t, dc_t, dc_t, dh_t], 1) * m[rows]
         dgates.append(da)
         # dh_{t-1} = da W_hh,  dc_{t-1} = dc_t f            (n, P), (n, H)
-        dh, dc = _merge(da.mm(w_hh), dh, n), _merge(dc_t * f, dc, n)
+        dh, dc = _merge(da.mm(w_hh), dh, n), _merge(dc_t * f[rows], dc, n)
     dgates = _in_time_order(dgates[::-1], reverse)  #                         (N, 4H)
     # dx = dG W_ih                                          (N, I)
     dx = dgates.mm(w_ih) if needs[0] else None
@@ -188,7 +196,7 @@ def lstm_backward(dy, dh_n, dc_n, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w
     dw_hr = None
     if w_hr is not None and needs[7]:
         # dW_hr = dH^T (o tanh c) over all steps            (P, H)
-        dw_hr = _in_time_order(dhs[::-1], reverse).t().mm(act[:, 3 * H:] * tanh_c)
+        dw_hr = _in_time_order(dhs[::-1], reverse).t().mm(o * tanh_c)
     return (dx, dh if needs[1] else None, dc if needs[2] else None, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
 
 
@@ -237,6 +245,7 @@ class LSTMFunction(torch.autograd.Function):
         x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = inputs
         y, _, _, act, cs = output
         ctx.mark_non_differentiable(act, cs)
+        ctx.set_materialize_grads(False)  # no zeros for act and cs; the others are made below
         ctx.biases = (b_ih, b_hh)  # only None-ness and values for recomputation
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, act, cs)
         ctx.save_for_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, act, cs)
@@ -244,6 +253,7 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, _act, _cs):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, act, cs = ctx.saved_tensors
+        dy, dh_n, dc_n = _zeros_for_none((dy, dh_n, dc_n), (y, h0, c0))
         if torch.is_grad_enabled():  # double backward: the saved activations, as functions of the inputs
             act, cs = _lstm_recompute(x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y)
         needs = [ctx.needs_input_grad[i] for i in (0, 3, 4, 5, 6, 7, 8, 9)]
@@ -366,12 +376,14 @@ class GRUFunction(torch.autograd.Function):
         x, ctx.batch_sizes, ctx.reverse, h0, w_ih, w_hh, b_ih, b_hh = inputs
         y, _, saved = output
         ctx.mark_non_differentiable(saved)
+        ctx.set_materialize_grads(False)  # no zeros for the saved gates; the others are made below
         ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, y, saved)
         ctx.save_for_forward(x, h0, w_ih, w_hh, b_ih, b_hh, y, saved)
 
     @staticmethod
     def backward(ctx, dy, dh_n, _saved):
         x, h0, w_ih, w_hh, b_ih, b_hh, y, saved = ctx.saved_tensors
+        dy, dh_n = _zeros_for_none((dy, dh_n), (y, h0))
         if torch.is_grad_enabled():  # double backward: the saved gates, as functions of the inputs
             saved = _gru_recompute(x, ctx.batch_sizes, ctx.reverse, h0, w_ih, w_hh, b_ih, b_hh, y)
         needs = [ctx.needs_input_grad[i] for i in (0, 3, 4, 5, 6, 7)]

@@ -283,3 +283,23 @@ def test_convert_strict_swaps_recurrent_layers_and_keeps_what_they_compute():
     mg.convert(model, strict=True)
     assert [type(m).__module__ for m in model.values()] == ["manualgrad.nn.recurrent"] * 6
     torch.testing.assert_close(run(model, x), run(reference, x), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_per_sample_gradients_under_vmap_match_a_loop(name):
+    """torch.func.vmap(grad(...)) over sequences (the vmapped dim is run through the batched
+    Function; its rule is generated): each sample's parameter gradients as computed one by one."""
+    from torch.func import functional_call, grad, vmap
+
+    module = getattr(mnn, name)(3, 4, num_layers=2, bidirectional=True)
+    params = dict(module.named_parameters())
+    x = torch.randn(5, 6, 3)  # 5 samples of 6 steps
+
+    def loss(p, seq):
+        return functional_call(module, p, (seq.unsqueeze(1),))[0].pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for k, seq in enumerate(x):
+        expected = torch.autograd.grad(loss(params, seq), list(params.values()))
+        for (pname, g), e in zip(per_sample.items(), expected):
+            torch.testing.assert_close(g[k], e, rtol=RTOL, atol=ATOL, msg=pname)
