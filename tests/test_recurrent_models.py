@@ -98,3 +98,56 @@ def test_loss_and_every_gradient_match_torch_over_optimizer_steps(case):
                                        msg=lambda m, n=name: f"step {step} grad {n}: {m}")
         for opt in opts:
             opt.step()
+
+
+class LSTMLanguageModel(torch.nn.Module):
+    def __init__(self, vocab=VOCAB, dim=8, hidden=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.lstm = torch.nn.LSTM(dim, hidden, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.lstm(self.emb(tokens))[0])
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_monitor_logs_the_clip_fraction_of_an_lstm_language_model(tmp_path, clip):
+    """Recurrent weights scaled up (x3) make the gradient through time larger: the monitor logs
+    its norm as computed here, and clipping with manualgrad.utils.clip_grad_norm_ below it shows
+    as clip fraction 1 and a logged (clipped) gradient norm of max_norm."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from manualgrad.monitor import GradientMonitor
+    from manualgrad.utils import clip_grad_norm_
+
+    model = manualgrad.convert(LSTMLanguageModel(), strict=True)
+    with torch.no_grad():
+        for name, p in model.lstm.named_parameters():
+            if name.startswith("weight_hh"):
+                p.mul_(3)
+    ce = manualgrad.nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    text = torch.randint(0, VOCAB, (3, 4, 25))
+    writer = SummaryWriter(tmp_path)
+    norms = []
+    with GradientMonitor(model, writer, optimizer=opt, every=1):
+        for t in text:
+            opt.zero_grad()
+            ce(model(t[:, :-1]).flatten(0, 1), t[:, 1:].flatten()).backward()
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+            if clip is not None:
+                clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+    writer.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    ea.Reload()
+    logged = {e.step: e.value for e in ea.Scalars("global/grad_norm")}
+    assert min(norms) > 2 * 0.05  # well above the clip threshold below
+    if clip is None:
+        assert "global/clip_fraction" not in ea.Tags()["scalars"]
+        assert list(logged.values()) == pytest.approx(norms, rel=1e-4)
+    else:
+        assert set({e.step: e.value for e in ea.Scalars("global/clip_fraction")}.values()) == {1.0}
+        assert list(logged.values()) == pytest.approx([clip] * len(norms), rel=1e-4)
