@@ -19,6 +19,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import manualgrad
 from manualgrad.coverage import graph_nodes
 
+pytestmark = pytest.mark.trajectory  # optimizer steps: run again under other CPUs' kernels by make test
+
 RTOL, ATOL = 1e-4, 1e-5
 VOCAB = 30
 
