@@ -315,22 +315,26 @@ def _gru_recompute(x, batch_sizes, reverse, h0, w_ih, w_hh, b_ih, b_hh, y):
 def gru_backward(dy, dh_n, x, batch_sizes, reverse, h0, w_ih, w_hh, y, saved, needs):
     """Gradients of (x, h0, w_ih, w_hh, b_ih, b_hh); ``needs`` says which are wanted."""
     h_prev = _previous(y, h0, batch_sizes, reverse)  # h_{t-1} of every step     (N, H)
+    r, z, nt, hn = saved.chunk(4, 1)
+    # The local derivatives of every step, all steps at once (they need no carried gradient):
+    #   n's pre-activation:  da_n = dh_t (1 - z) (1 - n^2)
+    #   z's:                 da_z = dh_t (h_{t-1} - n) z (1 - z)
+    #   r's:                 da_r = da_n hn r (1 - r)
+    #   so [da_r, da_z, da_n] = [dh_t, dh_t, dh_t] * m,  m = [k_n hn r (1 - r), k_z, k_n]     (N, 3H)
+    k_n = (1 - z) * (1 - nt * nt)
+    m = torch.cat([k_n * hn * r * (1 - r), (h_prev - nt) * z * (1 - z), k_n], 1)
+    # the hidden projection's gradient scales n's part by r: dGh = dGi * [1, 1, r]       (N, 3H)
+    scale_h = torch.cat([torch.ones_like(r), torch.ones_like(z), r], 1)
     dh, dgi, dgh = dh_n, [], []
     for rows, n in reversed(_steps(batch_sizes, reverse)):
         # dh_t = dy_t + dh carried from the step after     (n, H)
         dh_t = dy[rows] + dh[:n]
-        r, z, nt, hn = saved[rows].chunk(4, 1)
-        # n's pre-activation: dh_t (1 - z) (1 - n^2)         (n, H)
-        da_n = dh_t * (1 - z) * (1 - nt * nt)
-        # z's: dh_t (h_{t-1} - n) z (1 - z)                   (n, H)
-        da_z = dh_t * (h_prev[rows] - nt) * z * (1 - z)
-        # r's: da_n hn r (1 - r)                              (n, H)
-        da_r = da_n * hn * r * (1 - r)
-        # gate gradients of the input and hidden projections (r scales hn's)     (n, 3H)
-        dgi_t, dgh_t = torch.cat([da_r, da_z, da_n], 1), torch.cat([da_r, da_z, da_n * r], 1)
+        # gate gradients of the input projection [da_r, da_z, da_n] and the hidden one  (n, 3H)
+        dgi_t = torch.cat([dh_t, dh_t, dh_t], 1) * m[rows]
+        dgh_t = dgi_t * scale_h[rows]
         dgi.append(dgi_t), dgh.append(dgh_t)
         # dh_{t-1} = dh_t z + dGh W_hh                        (n, H)
-        dh = _merge(torch.addmm(dh_t * z, dgh_t, w_hh), dh, n)
+        dh = _merge(torch.addmm(dh_t * z[rows], dgh_t, w_hh), dh, n)
     dgi, dgh = _in_time_order(dgi[::-1], reverse), _in_time_order(dgh[::-1], reverse)  # (N, 3H) each
     # dx = dGi W_ih                                       (N, I)
     dx = dgi.mm(w_ih) if needs[0] else None
