@@ -183,12 +183,12 @@ def _functional(module, batch_sizes, sorted_indices, unsorted_indices):
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
 def test_layer_gradients_through_packed_bidirectional_stack(name):
-    module = getattr(mnn, name)(2, 2, num_layers=2, bidirectional=True).double()
+    module = getattr(mnn, name)(1, 1, num_layers=2, bidirectional=True).double()
     for p in module.parameters():
         p.requires_grad_(False)  # the parameters' gradients: tests/ops and the float32 comparisons
-    padded = torch.randn(3, 3, 2, dtype=torch.float64)
+    padded = torch.randn(3, 3, 1, dtype=torch.float64)
     packed = pack_padded_sequence(padded, [2, 3, 1], batch_first=True, enforce_sorted=False)
-    states = _states(name, dict(num_layers=2, bidirectional=True), 3, hidden=2)
+    states = _states(name, dict(num_layers=2, bidirectional=True), 3, hidden=1)
     states = states if isinstance(states, tuple) else (states,)
     fn = _functional(module, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
     check_gradients(fn, packed.data.requires_grad_(), *(s.detach().double().requires_grad_() for s in states))
