@@ -162,6 +162,8 @@ def _forward(module, input, hx):
         # (T, B, I) as T * B rows, step after step                          (T B, I)
         seq = input.transpose(0, 1) if module.batch_first else input
         steps = seq.size(0)
+        if steps == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # torch's message
         y, h_n, c_n = _run_layers(module, seq.reshape(steps * batch, seq.size(2)), (batch,) * steps, h0, c0)
         output = y.view(steps, batch, y.size(1))
         if module.batch_first:

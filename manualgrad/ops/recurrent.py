@@ -103,10 +103,10 @@ def _zeros_for_none(grads, likes):
 
 
 def _weight_grads(dgi, dgh, x, h_prev, needs):
-    """dx, dW_ih, dW_hh, db_ih, db_hh from the stacked gate gradients of all steps.
+    """dW_ih, dW_hh, db_ih, db_hh from the stacked gate gradients of all steps, dG_i of the input
+    projection and dG_h of the hidden one (the same tensor for an LSTM and an RNN).
 
-    ``needs`` says which of (x, w_ih, w_hh, b_ih, b_hh) want a gradient."""
-    # dx = dG_i W_ih                                      (N, I)  (w_ih from the caller)
+    ``needs`` says which of (x, w_ih, w_hh, b_ih, b_hh) want a gradient (x's is the caller's)."""
     # dW_ih = dG_i^T x                                    (G H, I)
     # dW_hh = dG_h^T h_prev                               (G H, P)
     # db_ih = sum over rows of dG_i, db_hh of dG_h        (G H,)
@@ -246,7 +246,6 @@ class LSTMFunction(torch.autograd.Function):
         y, _, _, act, cs = output
         ctx.mark_non_differentiable(act, cs)
         ctx.set_materialize_grads(False)  # no zeros for act and cs; the others are made below
-        ctx.biases = (b_ih, b_hh)  # only None-ness and values for recomputation
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, act, cs)
         ctx.save_for_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, act, cs)
 

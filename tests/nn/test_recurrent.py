@@ -235,6 +235,13 @@ def test_layer_rejects_bad_input_like_torch(name):
     flat = (torch.randn(2, HID), torch.randn(2, HID)) if name == "LSTM" else torch.randn(2, HID)
     assert_raises_like_torch(ours, theirs, torch.randn(6, 3, IN), flat, match="3-D")
     assert_raises_like_torch(ours, theirs, torch.randn(6, 3, IN, dtype=torch.float64), match="dtype")
+    assert_raises_like_torch(ours, theirs, torch.randn(0, 3, IN), match="sequence length")
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_layer_on_an_empty_batch_matches_torch(name):
+    ours, theirs = _pair(name, IN, HID, num_layers=2, bidirectional=True)
+    assert_module_matches_torch(ours, theirs, torch.randn(5, 0, IN, requires_grad=True))
 
 
 def test_packed_input_rejects_an_unsorted_batch_and_increasing_batch_sizes():
