@@ -59,12 +59,13 @@ def assert_module_matches_torch(ours, theirs, *args, rtol=RTOL, atol=ATOL):
     out = ours(*ours_args)
     torch.manual_seed(1)
     ref = theirs(*their_args)
-    assert type(out) is type(ref) and type(out[0]) is type(ref[0]) if isinstance(ref, tuple) else True
+    assert type(out) is type(ref)
+    if isinstance(ref, tuple):  # (output, h_n) or (output, (h_n, c_n)); output a PackedSequence or not
+        assert [type(o) for o in out] == [type(r) for r in ref]
     outs, refs = _tensors(out), _tensors(ref)
     assert len(outs) == len(refs)
     for a, b in zip(outs, refs):
-        assert a.shape == b.shape and a.stride() == b.stride() or a.is_contiguous() == b.is_contiguous()
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)  # shapes, dtypes and values
     if isinstance(ref[0], PackedSequence):
         for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
             torch.testing.assert_close(getattr(out[0], field), getattr(ref[0], field))
