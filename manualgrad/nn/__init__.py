@@ -63,5 +63,8 @@ from .embedding import Embedding
 # fused linear + cross-entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss
 
+# recurrent layers and cells
+from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
 # The module classes only (dir() would also list the submodules: activation, loss, ...).
 __all__ = [name for name, value in list(globals().items()) if isinstance(value, type)]
