@@ -43,6 +43,24 @@ def uninstalled(monkeypatch):
     return hide
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny ops (use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``). torch splits even tiny inputs over
+    its OpenMP threads; on a loaded 2-core machine each of the thousands of calls a gradgradcheck
+    makes then waits milliseconds at a barrier for the other thread (10-50x slower). Results do
+    not depend on it; the thread count is restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def exact_dy(shape):
+    """Multiples of 1/4 in [-4, 4]: any sum of a few is exact in float32, whatever the order."""
+    return torch.randint(-16, 17, shape).float() / 4
+
+
 def noncontiguous(t):
     """The same values as t in a non-contiguous layout (a transposed copy, transposed back)."""
     if t.dim() < 2:

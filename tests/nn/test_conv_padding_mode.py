@@ -10,13 +10,7 @@ import manualgrad.nn as mnn
 from manualgrad.testing import assert_same_as_torch, check_gradients
 from tests.conftest import noncontiguous
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one intra-op thread (see tests/ops/test_conv.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 # as tests/ops/test_conv.py: sums of C/g prod(K) products in another order than torch's kernels

@@ -20,15 +20,7 @@ SMOOTHING = [0.0, 0.25, 1.0]
 IGNORE = ["none", "out_of_range", "in_range"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On this 2-core machine, shared with other test runs, torch's OpenMP regions on tiny
-    # tensors (softmax of 7x13) stall for milliseconds waiting for the second thread, which
-    # made the gradchecks 10x slower. Results do not depend on the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 def n_classes(shape):

@@ -15,15 +15,7 @@ from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, c
 from tests.conftest import noncontiguous
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These shapes are tiny: one intra-op thread. With two, each of the thousands of small
-    convolutions in a gradgradcheck waits at an OpenMP barrier, ~20 ms a call (not 5 us) when
-    the cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 # float32 parity: each output is a sum over C/g * prod(K) products (and dW over N * prod(Lo)),

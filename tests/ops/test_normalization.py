@@ -15,15 +15,7 @@ from tests.conftest import noncontiguous
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """torch's CPU norm kernels split even tiny inputs over threads: on a loaded 2-core machine
-    each call then waits ~10 ms for the other thread, and gradcheck makes thousands of calls.
-    One intra-op thread for this file (restored after) runs the same math ~50x faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 # float32 parity: torch's kernels reduce in a different order (Welford, blocked sums) than

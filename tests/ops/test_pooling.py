@@ -12,14 +12,7 @@ from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, c
 from tests.conftest import noncontiguous
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are many tiny ops: on a busy machine torch's intra-op thread pool makes each take
-    milliseconds of waiting. One thread per test here; the setting is restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 def distinct(*shape, dtype=torch.float64):

@@ -22,14 +22,7 @@ from manualgrad.testing import assert_error_within_torch
 SEEDS = range(64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of tiny ops: with torch's intra-op threads on a loaded machine each waits for the
-    other thread (~10x slower); one thread for this file, restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 def leaf(t):

@@ -12,22 +12,13 @@ import torch.nn.functional as TF
 
 import manualgrad.functional as F
 from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
-from tests.conftest import noncontiguous
+from tests.conftest import exact_dy, noncontiguous
 
 EXACT = dict(rtol=0, atol=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
-
-def exact_dy(shape):
-    """Multiples of 1/4 in [-4, 4]: any sum of a few is exact in float32."""
-    return torch.randint(-16, 17, shape).float() / 4
 
 
 def same_as_torch(name, x, *args):
