@@ -28,7 +28,7 @@ from .ops.binary_loss import binary_cross_entropy, binary_cross_entropy_with_log
 from .ops.classification_loss import cross_entropy, nll_loss
 
 # convolution
-from .ops.conv import conv1d, conv2d
+from .ops.conv import conv1d, conv2d, conv3d
 
 # pooling
 from .ops.pooling import (

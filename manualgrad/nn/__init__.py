@@ -16,7 +16,7 @@ from .loss import (
     SmoothL1Loss,
 )
 # convolution
-from .conv import Conv1d, Conv2d
+from .conv import Conv1d, Conv2d, Conv3d
 
 # pooling
 from .pooling import (

@@ -131,6 +131,12 @@ CASES = {
                 lambda N, Ci, Co, L: ((x(N, Ci, L), x(Co, Ci, 3), x(Co)), dict(padding=1)))],
     "conv2d": [("", dict(N=2, Ci=2, Co=3, H=4, W=5),
                 lambda N, Ci, Co, H, W: ((x(N, Ci, H, W), x(Co, Ci, 3, 3), x(Co)), dict(padding=1)))],
+    # conv3d and the transposed convolutions (one block)
+    "conv3d": [("", dict(N=2, Ci=2, Co=3, D=3, H=4, W=2),
+                lambda N, Ci, Co, D, H, W: ((x(N, Ci, D, H, W), x(Co, Ci, 2, 3, 1), x(Co)), dict(padding=1))),
+               ("groups", dict(N=2, G=2, D=3, H=3, W=3),
+                lambda N, G, D, H, W: ((x(N, 2 * G, D, H, W), x(2 * G, 2, 3, 3, 3)), dict(groups=G, padding=1)))],
+    # end of conv3d and the transposed convolutions
     "avg_pool1d": [("", ACT, _act(kernel_size=2))],
     "max_pool1d": [("", ACT, _act(kernel_size=2)), ("indices", ACT, _act(kernel_size=2, return_indices=True))],
     "adaptive_avg_pool1d": [("", ACT, _act(output_size=2))],
