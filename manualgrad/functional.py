@@ -30,6 +30,9 @@ from .ops.classification_loss import cross_entropy, nll_loss
 # convolution
 from .ops.conv import conv1d, conv2d, conv3d
 
+# transposed convolution
+from .ops.conv_transpose import conv_transpose1d, conv_transpose2d, conv_transpose3d
+
 # pooling
 from .ops.pooling import (
     adaptive_avg_pool1d,

@@ -18,6 +18,9 @@ from .loss import (
 # convolution
 from .conv import Conv1d, Conv2d, Conv3d
 
+# transposed convolution
+from .conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
+
 # pooling
 from .pooling import (
     AdaptiveAvgPool1d,
