@@ -33,6 +33,9 @@ from .ops.conv import conv1d, conv2d, conv3d
 # transposed convolution
 from .ops.conv_transpose import conv_transpose1d, conv_transpose2d, conv_transpose3d
 
+# 3-d max pooling (the 3-D CNN's pooling; the pooling family's Function)
+from .ops.pooling import max_pool3d
+
 # pooling
 from .ops.pooling import (
     adaptive_avg_pool1d,

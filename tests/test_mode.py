@@ -143,6 +143,8 @@ CASES = [
      lambda: leaves((2, 3, 4, 3), (3, 2, 3, 2), (2,)), "ConvTransposeFunctionBackward"),
     ("ConvTranspose1d output_size", lambda x, m=torch.nn.ConvTranspose1d(3, 2, 3, stride=2).double(): m(x, [10]),
      lambda: leaves((2, 3, 4)), "ConvTransposeFunctionBackward"),
+    ("F.max_pool3d", lambda x: F.max_pool3d(x, 2, padding=1), lambda: leaves((1, 2, 3, 4, 3)),
+     "MaxPool3dFunctionBackward"),
     # end of conv3d and the transposed convolutions
 ]
 

@@ -139,8 +139,8 @@ def _dcgan_generator(nz=8, ngf=4, nc=3):
 
 
 def _cnn3d_features():
-    """The convolutional part of a small 3-D CNN (Conv3d + BatchNorm3d + ReLU, strided and
-    padded, one replicate-padded), with a linear head: (N, 1, 8, 8, 8) -> (N, 3)."""
+    """A small 3-D CNN without pooling (Conv3d + BatchNorm3d + ReLU, strided and padded, one
+    replicate-padded, one grouped), with a linear head: (N, 1, 8, 8, 8) -> (N, 3)."""
     return torch.nn.Sequential(
         torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4), torch.nn.ReLU(),
         torch.nn.Conv3d(4, 6, 3, stride=2, padding=1, padding_mode="replicate"), torch.nn.BatchNorm3d(6),
@@ -180,9 +180,17 @@ def test_converted_3d_cnn_matches_torch():
     _assert_step_matches(ours, theirs, x, lambda logits: torch.nn.functional.cross_entropy(logits, y))
 
 
-def test_convert_strict_names_what_still_has_no_twin_in_a_3d_cnn():
-    # MaxPool3d has no twin yet: strict conversion refuses the model and names it
-    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2), torch.nn.ReLU(),
-                                torch.nn.MaxPool3d(2))
-    with pytest.raises(NotImplementedError, match="MaxPool3d"):
-        mg.convert(model, strict=True)
+def test_converted_3d_cnn_with_max_pooling_matches_torch():
+    # Conv3d + BatchNorm3d + ReLU + MaxPool3d blocks (overlapping windows in the second), a
+    # linear head; every layer converts
+    torch.manual_seed(1)
+    nn = torch.nn
+    theirs = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(4, 6, 3, padding=1, bias=False), nn.BatchNorm3d(6), nn.ReLU(), nn.MaxPool3d(3, stride=2, padding=1),
+        nn.Flatten(), nn.Linear(6 * 2 * 2 * 2, 3),
+    )
+    ours = mg.convert(copy.deepcopy(theirs), strict=True)
+    assert all(type(m).__module__.startswith("manualgrad") for m in ours)
+    x, y = torch.randn(3, 1, 8, 8, 8), torch.tensor([0, 2, 1])
+    _assert_step_matches(ours, theirs, x, lambda logits: torch.nn.functional.cross_entropy(logits, y))

@@ -145,6 +145,10 @@ CASES = {
                           lambda N, G, H, W: ((x(N, 2 * G, H, W), x(2 * G, 1, 3, 3)), dict(groups=G)))],
     "conv_transpose3d": [("", dict(N=2, Ci=2, Co=3, D=2, H=3, W=2),
                           lambda N, Ci, Co, D, H, W: ((x(N, Ci, D, H, W), x(Ci, Co, 2, 2, 3), x(Co)), dict(stride=2)))],
+    "max_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                    lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(kernel_size=2, padding=1))),
+                   ("indices", dict(N=2, C=3, D=2, H=2, W=3),
+                    lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(kernel_size=2, return_indices=True)))],
     # end of conv3d and the transposed convolutions
     "avg_pool1d": [("", ACT, _act(kernel_size=2))],
     "max_pool1d": [("", ACT, _act(kernel_size=2)), ("indices", ACT, _act(kernel_size=2, return_indices=True))],
