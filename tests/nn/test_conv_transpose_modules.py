@@ -150,6 +150,15 @@ def _cnn3d_features():
     )
 
 
+def _cnn3d_with_pooling():
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(4, 6, 3, padding=1, bias=False), nn.BatchNorm3d(6), nn.ReLU(), nn.MaxPool3d(3, stride=2, padding=1),
+        nn.Flatten(), nn.Linear(6 * 2 * 2 * 2, 3),
+    )
+
+
 def _assert_step_matches(ours, theirs, x, loss_fn):
     """One training-mode forward/backward: same loss, every parameter gradient and buffer."""
     loss, ref = loss_fn(ours(x)), loss_fn(theirs(x))
@@ -184,13 +193,27 @@ def test_converted_3d_cnn_with_max_pooling_matches_torch():
     # Conv3d + BatchNorm3d + ReLU + MaxPool3d blocks (overlapping windows in the second), a
     # linear head; every layer converts
     torch.manual_seed(1)
-    nn = torch.nn
-    theirs = nn.Sequential(
-        nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.MaxPool3d(2),
-        nn.Conv3d(4, 6, 3, padding=1, bias=False), nn.BatchNorm3d(6), nn.ReLU(), nn.MaxPool3d(3, stride=2, padding=1),
-        nn.Flatten(), nn.Linear(6 * 2 * 2 * 2, 3),
-    )
+    theirs = _cnn3d_with_pooling()
     ours = mg.convert(copy.deepcopy(theirs), strict=True)
     assert all(type(m).__module__.startswith("manualgrad") for m in ours)
     x, y = torch.randn(3, 1, 8, 8, 8), torch.tensor([0, 2, 1])
     _assert_step_matches(ours, theirs, x, lambda logits: torch.nn.functional.cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("case", ["dcgan", "cnn3d"])
+def test_compiled_converted_network_has_no_graph_break_and_gives_eager_gradients(case):
+    # torch.compile traces the hand-written forward and backward whole (tests/test_compile.py)
+    from tests.test_compile import _assert_compiled_matches_eager, _assert_no_graph_break
+
+    torch.manual_seed(0)
+    if case == "dcgan":
+        model = mg.convert(_dcgan_generator(), strict=True)
+        z, target = torch.randn(3, 8, 1, 1), torch.rand(3, 3, 32, 32)
+        loss_fn = lambda m: torch.nn.functional.mse_loss(m(z), target)  # noqa: E731
+    else:
+        model = mg.convert(_cnn3d_with_pooling(), strict=True)
+        x, y = torch.randn(2, 1, 8, 8, 8), torch.tensor([2, 0])
+        loss_fn = lambda m: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    _assert_no_graph_break(lambda: loss_fn(model))
+    _assert_compiled_matches_eager(model, loss_fn)
+    torch._dynamo.reset()

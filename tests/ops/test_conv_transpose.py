@@ -9,7 +9,7 @@ import torch.nn.functional as TF
 
 import manualgrad.functional as F
 from manualgrad.ops.conv import _GEMM_MAX
-from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients, saved_bytes
 from tests.conftest import noncontiguous
 
 
@@ -243,3 +243,16 @@ X2, W2 = torch.randn(2, 4, 5, 5), torch.randn(4, 3, 3, 3)
 ])
 def test_conv_transpose_rejects_bad_input_like_torch(n, args, kwargs, match):
     assert_raises_like_torch(OURS[n], THEIRS[n], *args, match=match, **kwargs)
+
+
+@pytest.mark.parametrize("needs", ["x and W", "W only", "x only"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_conv_transpose_saves_no_more_than_torch(n, needs):
+    # dx needs W, dW needs x: each saved only when that gradient will be computed
+    x = torch.randn(2, 4, *(5, 4, 3)[:n], requires_grad=needs != "W only")
+    w = torch.randn(4, 3, *(3, 2, 2)[:n], requires_grad=needs != "x only")
+    ours, _ = saved_bytes(OURS[n], x, w, None, stride=2, padding=1)
+    theirs, _ = saved_bytes(THEIRS[n], x, w, None, stride=2, padding=1)
+    assert ours <= theirs
+    if needs != "x and W":
+        assert ours == (x if needs == "W only" else w).untyped_storage().nbytes()

@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 import manualgrad as mg
 import manualgrad.functional as F
 import manualgrad.nn as mnn
-from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients, saved_bytes
 from tests.conftest import noncontiguous
 
 
@@ -113,3 +113,11 @@ def test_max_pool3d_module_matches_torch_and_convert_swaps_it(kwargs):
     assert_same_as_torch(ours, theirs, torch.randn(2, 3, 6, 5, 7, requires_grad=True), rtol=0, atol=0)
     model = mg.convert(torch.nn.Sequential(copy.deepcopy(theirs)), strict=True)
     assert type(model[0]) is mnn.MaxPool3d
+
+
+def test_max_pool3d_saves_no_more_than_torch():
+    # only the argmax indices (torch's node keeps the input too)
+    x = torch.randn(2, 3, 6, 5, 7, requires_grad=True)
+    ours, y = saved_bytes(F.max_pool3d, x, 3, 2, 1)
+    theirs, _ = saved_bytes(TF.max_pool3d, x, 3, 2, 1)
+    assert ours == y.numel() * 8 <= theirs  # int64 indices, one per output
