@@ -217,3 +217,52 @@ def test_compiled_converted_network_has_no_graph_break_and_gives_eager_gradients
     _assert_no_graph_break(lambda: loss_fn(model))
     _assert_compiled_matches_eager(model, loss_fn)
     torch._dynamo.reset()
+
+
+def _dcgan_discriminator(nc=3, ndf=4):
+    """The matching discriminator: image (N, nc, 32, 32) -> probability (N, 1, 1, 1)."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 4, 1, 4, 1, 0, bias=False), nn.Sigmoid(),
+    )
+
+
+def test_converted_dcgan_training_steps_match_torch():
+    # Two GAN iterations (Adam): the discriminator on real and detached fake images, then the
+    # generator through the discriminator; losses, every gradient and the BN buffers, each step
+    torch.manual_seed(0)
+    G, D = _dcgan_generator(), _dcgan_discriminator()
+    G2, D2 = mg.convert(copy.deepcopy(G), strict=True), mg.convert(copy.deepcopy(D), strict=True)
+    bce = torch.nn.functional.binary_cross_entropy
+    pairs = []
+    for g, d in ((G2, D2), (G, D)):
+        pairs.append((g, d, torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)))
+    for step in range(2):
+        z, real = torch.randn(4, 8, 1, 1), torch.rand(4, 3, 32, 32) * 2 - 1
+        results = []
+        for g, d, opt_g, opt_d in pairs:
+            opt_d.zero_grad()
+            fake = g(z)
+            p_real, p_fake = d(real).flatten(), d(fake.detach()).flatten()
+            loss_d = bce(p_real, torch.ones(4)) + bce(p_fake, torch.zeros(4))
+            loss_d.backward()
+            grads_d = [p.grad.clone() for p in d.parameters()]
+            opt_d.step()
+            opt_g.zero_grad()
+            loss_g = bce(d(fake).flatten(), torch.ones(4))
+            loss_g.backward()
+            grads_g = [p.grad.clone() for p in g.parameters()]
+            opt_g.step()
+            buffers = [b.clone() for b in list(g.buffers()) + list(d.buffers())]
+            results.append((loss_d.detach(), loss_g.detach(), grads_d, grads_g, buffers))
+        ours, theirs = results
+        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} loss_D: {m}")
+        torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} loss_G: {m}")
+        for what, a, b in (("D", ours[2], theirs[2]), ("G", ours[3], theirs[3])):
+            for i, (x, y) in enumerate(zip(a, b)):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=ATOL, msg=lambda m: f"step {step} {what} grad {i}: {m}")
+        for i, (x, y) in enumerate(zip(ours[4], theirs[4])):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} buffer {i}: {m}")
