@@ -263,6 +263,7 @@ def test_converted_dcgan_training_steps_match_torch():
         torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} loss_G: {m}")
         for what, a, b in (("D", ours[2], theirs[2]), ("G", ours[3], theirs[3])):
             for i, (x, y) in enumerate(zip(a, b)):
-                torch.testing.assert_close(x, y, rtol=1e-4, atol=ATOL, msg=lambda m: f"step {step} {what} grad {i}: {m}")
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=ATOL,
+                                           msg=lambda m: f"step {step} {what} grad {i}: {m}")
         for i, (x, y) in enumerate(zip(ours[4], theirs[4])):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} buffer {i}: {m}")
