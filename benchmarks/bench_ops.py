@@ -85,6 +85,15 @@ def cases():
          lambda x: TF.pad(x, (1, 1, 1, 1), "reflect"), pool_inputs((32, 64, 32, 32))),
         ("pad reflect 3 (8,3,128,128)", lambda x: F.pad(x, (3, 3, 3, 3), "reflect"),
          lambda x: TF.pad(x, (3, 3, 3, 3), "reflect"), pool_inputs((8, 3, 128, 128))),
+        # a DCGAN generator's middle layer (ConvTranspose2d(128, 64, 4, 2, 1)) and a 3-D CNN's
+        # conv and pooling (not yet measured: this session had no CPU for benchmarks)
+        ("conv_transpose2d 128->64 4x4 s2 (32,128,8,8)",
+         lambda x, w: F.conv_transpose2d(x, w, stride=2, padding=1),
+         lambda x, w: TF.conv_transpose2d(x, w, stride=2, padding=1), conv((32, 128, 8, 8), (128, 64, 4, 4))),
+        ("conv3d 16->32 3x3x3 (8,16,16,16,16)", lambda x, w: F.conv3d(x, w, padding=1),
+         lambda x, w: TF.conv3d(x, w, padding=1), conv((8, 16, 16, 16, 16), (32, 16, 3, 3, 3))),
+        ("max_pool3d 2 (8,32,16,16,16)", lambda x: F.max_pool3d(x, 2), lambda x: TF.max_pool3d(x, 2),
+         pool_inputs((8, 32, 16, 16, 16))),
     ]
 
 

@@ -28,7 +28,13 @@ from .ops.binary_loss import binary_cross_entropy, binary_cross_entropy_with_log
 from .ops.classification_loss import cross_entropy, nll_loss
 
 # convolution
-from .ops.conv import conv1d, conv2d
+from .ops.conv import conv1d, conv2d, conv3d
+
+# transposed convolution
+from .ops.conv_transpose import conv_transpose1d, conv_transpose2d, conv_transpose3d
+
+# 3-d max pooling (the 3-D CNN's pooling; the pooling family's Function)
+from .ops.pooling import max_pool3d
 
 # pooling
 from .ops.pooling import (

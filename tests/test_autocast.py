@@ -39,6 +39,15 @@ def _case(name):
         "linear": (lambda m, x, w, b: m.linear(x, w, b), [x3, w, b]),
         "conv2d": (lambda m, x, w: m.conv2d(x, w, padding=1), [_leaf(2, 3, 7, 7), _leaf(4, 3, 3, 3)]),
         "conv1d": (lambda m, x, w: m.conv1d(x, w, stride=2), [_leaf(2, 3, 13), _leaf(4, 3, 3)]),
+        # conv3d and the transposed convolutions (one block)
+        "conv3d": (lambda m, x, w: m.conv3d(x, w, padding=1), [_leaf(2, 3, 5, 4, 3), _leaf(4, 3, 3, 3, 3)]),
+        "conv_transpose2d": (lambda m, x, w, b: m.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1),
+                             [_leaf(2, 4, 5, 6), _leaf(4, 3, 3, 3), _leaf(3)]),
+        "conv_transpose3d": (lambda m, x, w: m.conv_transpose3d(x, w, stride=2),
+                             [_leaf(2, 3, 3, 2, 3), _leaf(3, 2, 2, 2, 2)]),
+        # (on torch's CPU float32 list: bfloat16 from the conv3d, float32 out)
+        "max_pool3d": (lambda m, x, k: m.max_pool3d(m.conv3d(x, k), 2), [_leaf(2, 3, 6, 5, 6), _leaf(4, 3, 3, 2, 3)]),
+        # end of conv3d and the transposed convolutions
         "sdpa": (lambda m, q, k, v: m.scaled_dot_product_attention(q, k, v, is_causal=True),
                  [_leaf(2, 3, 5, 8), _leaf(2, 3, 5, 8), _leaf(2, 3, 5, 8)]),
         "matmul": (lambda m, a, b: (MF.matmul if m is MF else torch.matmul)(a, b), [x3, _leaf(8, 7)]),
@@ -78,7 +87,7 @@ def _case(name):
 
 
 OPS = [
-    "linear", "conv2d", "conv1d", "sdpa", "matmul", "bmm", "addmm", "relu", "relu_fp32", "gelu", "silu",
+    "linear", "conv2d", "conv1d", "conv3d", "conv_transpose2d", "conv_transpose3d", "max_pool3d", "sdpa", "matmul", "bmm", "addmm", "relu", "relu_fp32", "gelu", "silu",
     "softplus", "softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm", "batch_norm", "max_pool2d",
     "avg_pool2d", "adaptive_avg_pool2d", "embedding", "mse_loss", "l1_loss", "huber_loss", "cross_entropy",
     "cross_entropy_probs", "nll_loss", "binary_cross_entropy", "bce_with_logits", "kl_div", "linear_cross_entropy",

@@ -136,6 +136,16 @@ CASES = [
      "EmbeddingFunctionBackward"),
     ("torch.embedding padding", lambda w: torch.embedding(w, torch.tensor([0, 3, 3, 1]), 3), lambda: leaves((4, 3)),
      "EmbeddingFunctionBackward"),
+    # conv3d and the transposed convolutions (one block)
+    ("F.conv3d", lambda x, w: F.conv3d(x, w, None, 2, 1), lambda: leaves((1, 2, 4, 3, 5), (3, 2, 2, 2, 3)),
+     "ConvFunctionBackward"),
+    ("F.conv_transpose2d", lambda x, w, b: F.conv_transpose2d(x, w, b, 2, 1, 1, dilation=(1, 2)),
+     lambda: leaves((2, 3, 4, 3), (3, 2, 3, 2), (2,)), "ConvTransposeFunctionBackward"),
+    ("ConvTranspose1d output_size", lambda x, m=torch.nn.ConvTranspose1d(3, 2, 3, stride=2).double(): m(x, [10]),
+     lambda: leaves((2, 3, 4)), "ConvTransposeFunctionBackward"),
+    ("F.max_pool3d", lambda x: F.max_pool3d(x, 2, padding=1), lambda: leaves((1, 2, 3, 4, 3)),
+     "MaxPool3dFunctionBackward"),
+    # end of conv3d and the transposed convolutions
 ]
 
 

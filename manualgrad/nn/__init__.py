@@ -16,7 +16,13 @@ from .loss import (
     SmoothL1Loss,
 )
 # convolution
-from .conv import Conv1d, Conv2d
+from .conv import Conv1d, Conv2d, Conv3d
+
+# transposed convolution
+from .conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
+
+# 3-d max pooling
+from .pooling import MaxPool3d
 
 # pooling
 from .pooling import (

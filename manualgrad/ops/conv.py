@@ -1,6 +1,6 @@
-"""convolution: y = conv(x, W) + b, in 1 and 2 spatial dims.
+"""convolution: y = conv(x, W) + b, in 1, 2 and 3 spatial dims.
 
-Shapes (n = 1 or 2 spatial dims, g = groups):
+Shapes (n = 1, 2 or 3 spatial dims, g = groups):
     x (N, C, *L) or unbatched (C, *L)     W (O, C/g, *K)     b (O,) or None
     y (N, O, *Lo) with Lo = floor((L + pl + pr - d (K - 1) - 1) / s) + 1 per spatial dim.
 
@@ -28,8 +28,8 @@ import torch.nn.functional as TF
 
 from ._apply import LOWER, apply
 
-_CONV = {1: TF.conv1d, 2: TF.conv2d}
-_CONV_T = {1: TF.conv_transpose1d, 2: TF.conv_transpose2d}
+_CONV = {1: TF.conv1d, 2: TF.conv2d, 3: TF.conv3d}
+_CONV_T = {1: TF.conv_transpose1d, 2: TF.conv_transpose2d, 3: TF.conv_transpose3d}
 
 
 def _pad_after(x, extra):
@@ -213,7 +213,7 @@ def conv_jvp(dx, dw, db, x, w, out_shape, stride, padding, extra, dilation, grou
 
 
 class ConvFunction(torch.autograd.Function):
-    """conv1d / conv2d (the weight's dim says which) with explicit padding (pl, extra)."""
+    """conv1d / conv2d / conv3d (the weight's dim says which) with explicit padding (pl, extra)."""
     autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list)
 
     generate_vmap_rule = True
@@ -311,3 +311,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     Bad shapes and options fail inside torch's convolution with torch's own RuntimeError.
     """
     return _conv(2, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Drop-in for ``torch.nn.functional.conv3d`` with a hand-written backward.
+
+    Bad shapes and options fail inside torch's convolution with torch's own RuntimeError.
+    """
+    return _conv(3, input, weight, bias, stride, padding, dilation, groups)

@@ -1,6 +1,7 @@
-"""Pooling over the last d spatial dims (d = 1 or 2): max, average, adaptive average, adaptive max.
+"""Pooling over the last d spatial dims (d = 1 or 2; max pooling also 3): max, average, adaptive
+average, adaptive max.
 
-Shapes: x (N, C, *S) or unbatched (C, *S), S = (L,) or (H, W); y (N, C, *O) or (C, *O).
+Shapes: x (N, C, *S) or unbatched (C, *S), S = (L,), (H, W) or (D, H, W); y (N, C, *O) or (C, *O).
 
 The forward values (and, for max pooling, the argmax indices) come from torch's forward
 kernels: bit-for-bit torch's numbers, and torch's choice among tied maxima (the first in
@@ -25,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as TF
 
-from ._apply import INPUT, apply
+from ._apply import FLOAT32_ON_CPU, INPUT, apply
 from ._checks import can_write_inplace, is_transformed
 
 
@@ -56,6 +57,8 @@ def max_pool_forward(x, d, kernel_size, stride, padding, dilation, ceil_mode):
     stride = () if stride is None else stride
     if d == 1:
         return torch.max_pool1d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if d == 3:
+        return torch._C._nn.max_pool3d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
     if _pool_channels_last(x):
         return _max_pool2d_channels_last(x, kernel_size, stride, padding, dilation, ceil_mode)
     return torch._C._nn.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
@@ -164,8 +167,11 @@ class MaxPoolFunction(torch.autograd.Function):
     def _live(ctx, device):
         if ctx.live is None:
             return None
+        # the windows live along every dim: the outer "and" of the per-dim masks         (*O)
         live = torch.tensor(ctx.live[0], device=device)
-        return live if ctx.d == 1 else torch.outer(live, torch.tensor(ctx.live[1], device=device))
+        for mask in ctx.live[1:]:
+            live = live.unsqueeze(-1) & torch.tensor(mask, device=device)
+        return live
 
     @staticmethod
     def backward(ctx, dy, _didx):
@@ -179,6 +185,12 @@ class MaxPoolFunction(torch.autograd.Function):
     def jvp(ctx, dx, *_):
         (idx,) = ctx.saved_tensors
         return max_pool_jvp(dx, idx, ctx.d, MaxPoolFunction._live(ctx, dx.device)), None
+
+
+class MaxPool3dFunction(MaxPoolFunction):
+    """MaxPoolFunction with d = 3, for its autocast policy: torch's CPU autocast runs max_pool3d
+    in float32 (on its CPU float32 list, on no CUDA list), unlike max_pool1d/2d."""
+    autocast = FLOAT32_ON_CPU
 
 
 class AdaptiveMaxPoolFunction(torch.autograd.Function):
@@ -221,6 +233,12 @@ def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """Drop-in for ``torch.nn.functional.max_pool2d``; bad arguments fail in torch's kernel."""
     y, idx = apply(MaxPoolFunction, input, 2, kernel_size, stride, padding, dilation, ceil_mode)
+    return (y, idx) if return_indices else y
+
+
+def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """Drop-in for ``torch.nn.functional.max_pool3d``; bad arguments fail in torch's kernel."""
+    y, idx = apply(MaxPool3dFunction, input, 3, kernel_size, stride, padding, dilation, ceil_mode)
     return (y, idx) if return_indices else y
 
 

@@ -57,6 +57,13 @@ SAMPLES = {
     "bmm": (lambda: ((_x(2, 3, 4), _x(2, 4, 5)), {}), torch.bmm),
     "conv1d": (lambda: ((_x(2, 3, 9), _x(4, 3, 3), _x(4)), dict(padding=1)), None),
     "conv2d": (lambda: ((_x(2, 3, 7, 6), _x(4, 3, 3, 3), _x(4)), dict(stride=2, padding=1)), None),
+    # conv3d and the transposed convolutions (one block)
+    "conv3d": (lambda: ((_x(2, 3, 5, 4, 3), _x(4, 3, 3, 2, 2), _x(4)), dict(stride=2, padding=1)), None),
+    "conv_transpose1d": (lambda: ((_x(2, 3, 9), _x(3, 4, 3), _x(4)), dict(stride=2, output_padding=1)), None),
+    "conv_transpose2d": (lambda: ((_x(2, 4, 5, 6), _x(4, 3, 3, 2), _x(6)), dict(stride=2, padding=1, groups=2)), None),
+    "conv_transpose3d": (lambda: ((_x(2, 3, 3, 4, 2), _x(3, 2, 2, 3, 2), _x(2)), dict(stride=(2, 1, 2))), None),
+    "max_pool3d": (lambda: ((_x(2, 3, 5, 4, 3), 2), dict(stride=(2, 1, 2), padding=1)), None),
+    # end of conv3d and the transposed convolutions
     "cross_entropy": (lambda: ((_x(5, 4), _cls(5, 4)), dict(weight=torch.rand(4) + 0.5, label_smoothing=0.1)), None),
     "dropout": (lambda: ((_x(4, 6), 0.3), {}), None),
     "elu": (lambda: ((_x(4, 6),), {}), None),
