@@ -12,6 +12,29 @@ from .ops.linear import linear
 # activation
 from .ops.activation import elu, gelu, glu, hardswish, leaky_relu, mish, relu, sigmoid, silu, softplus, tanh
 
+# more activations (hardtanh ... softmin)
+from .ops.activation_more import (
+    celu,
+    celu_,
+    hardshrink,
+    hardsigmoid,
+    hardtanh,
+    hardtanh_,
+    logsigmoid,
+    prelu,
+    relu6,
+    rrelu,
+    rrelu_,
+    selu,
+    selu_,
+    softmin,
+    softshrink,
+    softsign,
+    tanhshrink,
+    threshold,
+    threshold_,
+)
+
 # softmax
 from .ops.softmax import log_softmax, softmax
 

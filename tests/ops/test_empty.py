@@ -181,6 +181,18 @@ CASES = {
               ("broadcast", dict(M=2, K=3, N=4), lambda M, K, N: ((x(N), x(M, K), x(K, N)), {}))],
     "baddbmm": [("", dict(B=2, M=2, K=3, N=4),
                  lambda B, M, K, N: ((x(B, M, N), x(B, M, K), x(B, K, N)), dict(beta=0.5, alpha=2)))],
+    # more activations (ops/activation_more.py)
+    **{name: [("", ACT, _act())] for name in ("hardsigmoid", "hardtanh", "logsigmoid", "relu6", "selu", "softshrink",
+                                               "hardshrink", "softsign", "tanhshrink", "celu")},
+    "threshold": [("", ACT, _act(threshold=0.1, value=2.0))],
+    "softmin": [("dim=1", ACT, _act(dim=1)), ("dim=-1", ACT, _act(dim=-1))],
+    "prelu": [("one", ACT, lambda N, C, L: ((x(N, C, L), x(1)), {})),
+              ("channels", ACT, lambda N, C, L: ((x(N, C, L), x(C)), {}))],
+    "rrelu": [("train", ACT, _act(training=True)), ("eval", ACT, _act())],
+    # in place: on a tensor that does not require grad (a leaf that does is refused by both)
+    **{name: [("", ACT, lambda N, C, L: ((torch.randn(N, C, L),), {}))]
+       for name in ("hardtanh_", "selu_", "celu_", "rrelu_")},
+    "threshold_": [("", ACT, lambda N, C, L: ((torch.randn(N, C, L), 0.1, 2.0), {}))],
     "matmul": [
         ("2d", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {})),
         ("1d", dict(K=3), lambda K: ((x(K), x(K)), {})),
