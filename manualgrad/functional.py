@@ -35,6 +35,9 @@ from .ops.activation_more import (
     threshold_,
 )
 
+# distances and normalization
+from .ops.distance import cosine_similarity, normalize, pairwise_distance, pdist
+
 # softmax
 from .ops.softmax import log_softmax, softmax
 

@@ -3,6 +3,7 @@
 ``state_dict``, ``repr``, ``reset_parameters`` and ``isinstance`` are torch's own."""
 from .activation import ELU, GELU, GLU, Hardswish, LeakyReLU, LogSoftmax, Mish, ReLU, Sigmoid, SiLU, Softmax, Softplus, Tanh
 from .activation_more import CELU, SELU, Hardshrink, Hardsigmoid, Hardtanh, LogSigmoid, PReLU, ReLU6, RReLU, Softmax2d, Softmin, Softshrink, Softsign, Tanhshrink, Threshold
+from .distance import CosineSimilarity, PairwiseDistance
 from .dropout import Dropout
 from .linear import Linear
 from .loss import (

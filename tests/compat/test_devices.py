@@ -107,6 +107,11 @@ SAMPLES = {
     "softsign": (lambda: ((_x(4, 6),), {}), None),
     "tanhshrink": (lambda: ((_x(4, 6),), {}), None),
     "threshold": (lambda: ((_x(4, 6), 0.1, -2.0), {}), None),
+    # distances and normalization (ops/distance.py)
+    "cosine_similarity": (lambda: ((_x(4, 6), _x(4, 6)), dict(dim=1)), None),
+    "normalize": (lambda: ((_x(4, 6),), dict(p=3.0)), None),
+    "pairwise_distance": (lambda: ((_x(4, 6), _x(4, 6)), dict(p=1.5)), None),
+    "pdist": (lambda: ((_x(5, 3),), {}), None),
 }
 # In-place-only names (hardtanh_ ...): their input cannot be a leaf that requires grad, so they
 # run in test_inplace_variants_stay_on_the_input_device below, on x * 1.

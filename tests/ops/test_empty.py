@@ -193,6 +193,14 @@ CASES = {
     **{name: [("", ACT, lambda N, C, L: ((torch.randn(N, C, L),), {}))]
        for name in ("hardtanh_", "selu_", "celu_", "rrelu_")},
     "threshold_": [("", ACT, lambda N, C, L: ((torch.randn(N, C, L), 0.1, 2.0), {}))],
+    # distances and normalization (ops/distance.py)
+    "normalize": [("dim=1", ACT, _act()), ("p=1 dim=-1", ACT, _act(p=1.0, dim=-1))],
+    "cosine_similarity": [("", ACT, lambda N, C, L: ((x(N, C, L), x(N, C, L)), {})),
+                          ("broadcast", ACT, lambda N, C, L: ((x(N, C, L), x(C, 1)), {}))],
+    "pairwise_distance": [("", dict(N=3, D=4), lambda N, D: ((x(N, D), x(N, D)), {})),
+                          ("p=inf keepdim", dict(N=3, D=4), lambda N, D: ((x(N, D), x(D)), dict(p=float("inf"), keepdim=True)))],
+    # (no N = 0: torch's pdist backward segfaults on zero rows; tests/ops/test_distance.py covers it)
+    "pdist": [("", dict(D=4), lambda D: ((x(3, D),), {})), ("p=1", dict(D=4), lambda D: ((x(3, D),), dict(p=1.0)))],
     "matmul": [
         ("2d", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {})),
         ("1d", dict(K=3), lambda K: ((x(K), x(K)), {})),
