@@ -44,6 +44,9 @@ from .ops.softmax import log_softmax, softmax
 # dropout
 from .ops.dropout import dropout
 
+# more dropouts (alpha, feature alpha, channel-wise)
+from .ops.dropout_more import alpha_dropout, dropout1d, dropout2d, dropout3d, feature_alpha_dropout
+
 # regression losses
 from .ops.regression_loss import huber_loss, l1_loss, mse_loss, smooth_l1_loss
 

@@ -112,6 +112,12 @@ SAMPLES = {
     "normalize": (lambda: ((_x(4, 6),), dict(p=3.0)), None),
     "pairwise_distance": (lambda: ((_x(4, 6), _x(4, 6)), dict(p=1.5)), None),
     "pdist": (lambda: ((_x(5, 3),), {}), None),
+    # more dropouts (ops/dropout_more.py)
+    "alpha_dropout": (lambda: ((_x(4, 6), 0.3, True), {}), None),
+    "feature_alpha_dropout": (lambda: ((_x(4, 6, 3), 0.3, True), {}), None),
+    "dropout1d": (lambda: ((_x(4, 6, 3), 0.3), {}), None),
+    "dropout2d": (lambda: ((_x(2, 4, 3, 3), 0.3), {}), None),
+    "dropout3d": (lambda: ((_x(2, 4, 3, 2, 2), 0.3), {}), None),
 }
 # In-place-only names (hardtanh_ ...): their input cannot be a leaf that requires grad, so they
 # run in test_inplace_variants_stay_on_the_input_device below, on x * 1.

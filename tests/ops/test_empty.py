@@ -201,6 +201,13 @@ CASES = {
                           ("p=inf keepdim", dict(N=3, D=4), lambda N, D: ((x(N, D), x(D)), dict(p=float("inf"), keepdim=True)))],
     # (no N = 0: torch's pdist backward segfaults on zero rows; tests/ops/test_distance.py covers it)
     "pdist": [("", dict(D=4), lambda D: ((x(3, D),), {})), ("p=1", dict(D=4), lambda D: ((x(3, D),), dict(p=1.0)))],
+    # more dropouts (ops/dropout_more.py)
+    "alpha_dropout": [("train", ACT, _act(p=0.5, training=True)), ("eval", ACT, _act(p=0.5))],
+    "feature_alpha_dropout": [("train", ACT, _act(p=0.5, training=True)), ("eval", ACT, _act(p=0.5))],
+    "dropout1d": [("train", ACT, _act(p=0.5)), ("unbatched", dict(C=3, L=4), lambda C, L: ((x(C, L),), dict(p=0.5)))],
+    "dropout2d": [("train", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W),), dict(p=0.5)))],
+    "dropout3d": [("train", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W, 2),), dict(p=0.5))),
+                  ("unbatched", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W),), dict(p=0.5)))],
     "matmul": [
         ("2d", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {})),
         ("1d", dict(K=3), lambda K: ((x(K), x(K)), {})),
