@@ -17,7 +17,7 @@ eps, as torch 2.13 applies it:
 """
 import torch
 
-from ._apply import FLOAT32, FLOAT32_ON_CUDA, apply
+from ._apply import FLOAT32_ON_CUDA, apply
 
 
 def _sum_to(t, shape):
@@ -311,7 +311,7 @@ def pdist_jvp(dx, x, y, p):
 
 
 class PdistFunction(torch.autograd.Function):
-    autocast = FLOAT32  # autocast: float32 (on torch's CPU and CUDA float32 lists)
+    autocast = FLOAT32_ON_CUDA  # autocast: float32 on CUDA; on CPU the input's dtype (bfloat16 fails, as torch's)
     generate_vmap_rule = True
 
     @staticmethod

@@ -208,3 +208,31 @@ def test_simclr_style_step_matches_torch():
     theirs_loss.backward()
     torch.testing.assert_close(ours_loss, theirs_loss)
     torch.testing.assert_close(ours[0].weight.grad, lin.weight.grad)
+
+
+@pytest.mark.parametrize("name,args", [("pdist", lambda: (x(5, 3),)), ("cosine_similarity", lambda: (x(4, 6), x(4, 6))),
+                                       ("pairwise_distance", lambda: (x(4, 6), x(4, 6))), ("normalize", lambda: (x(4, 6),))])
+def test_bfloat16_autocast_gives_torchs_dtypes_and_values(name, args):
+    if name == "pdist":  # a bfloat16 input is not cast up: both refuse it
+        def under_autocast(f):
+            def run(t):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return f(t)
+            return run
+        assert_raises_like_torch(under_autocast(F.pdist), under_autocast(TF.pdist), torch.randn(4, 3).bfloat16())
+    # none is on torch's CPU autocast lists: each runs in its input's dtype (pdist has no bfloat16 CPU kernel)
+    inputs = [t.detach().to(torch.float32 if name == "pdist" else torch.bfloat16).requires_grad_() for t in args()]
+
+    def run(f):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = getattr(f, name)(*leaves)
+        y.float().sum().backward()
+        return y, [t.grad for t in leaves]
+
+    (y, grads), (ref, ref_grads) = run(F), run(TF)
+    assert y.dtype == ref.dtype
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
