@@ -12,7 +12,7 @@ copy of x is kept, as torch's own in-place kernels keep one (see activation.SiLU
 """
 import torch
 
-from ._apply import FLOAT32_ON_CUDA, INPUT, apply
+from ._apply import FLOAT32_ON_CUDA, INPUT, LOWER, apply
 from .activation import (
     _CopyInplaceFunction,
     _inplace_negative_slope_error,
@@ -508,7 +508,7 @@ def prelu_jvp(dx, dw, x, w):
 
 
 class PReLUFunction(torch.autograd.Function):
-    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
+    autocast = LOWER  # autocast: the autocast dtype (prelu is on torch's lower-precision lists, CPU and CUDA)
     generate_vmap_rule = True
 
     @staticmethod

@@ -203,6 +203,27 @@ def test_prelu_gradient_at_nan_inf_and_zero_is_torchs():
     assert_same_as_torch(F.prelu, TF.prelu, x.requires_grad_(), w, grad_output=torch.ones(7, 2))
 
 
+@pytest.mark.parametrize("name", ["prelu", "hardtanh", "selu", "softmin", "logsigmoid", "softshrink"])
+def test_bfloat16_autocast_gives_torchs_dtypes_and_values(name):
+    # prelu is on torch's lower-precision lists (a float32 weight is cast down); the others keep
+    # the input's dtype
+    x0, w0 = torch.randn(4, 6), torch.full((6,), 0.2)
+
+    def run(f):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = x.bfloat16() * 2
+            y = f.prelu(h, w) if name == "prelu" else f.softmin(h, 1) if name == "softmin" else getattr(f, name)(h)
+        y.float().sum().backward()
+        return y, x.grad, w.grad
+
+    ours, theirs = run(F), run(TF)
+    assert [t.dtype for t in ours if t is not None] == [t.dtype for t in theirs if t is not None]
+    for a, b in zip(ours, theirs):
+        if b is not None:
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------------
 # rrelu
 
@@ -214,7 +235,7 @@ def seeded(fn, seed=0, **kwargs):
 
 
 @pytest.mark.parametrize("lower,upper", [(1 / 8, 1 / 3), (0.1, 0.3), (-0.5, 2.0), (0.2, 0.2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rrelu_training_draws_torchs_slopes_under_the_same_seed(shape, dtype, lower, upper):
     x = torch.randn(shape, dtype=dtype)
