@@ -14,7 +14,6 @@ import torch
 
 from ._apply import FLOAT32_ON_CUDA, INPUT, LOWER, apply
 from .activation import (
-    _CopyInplaceFunction,
     _inplace_negative_slope_error,
     _overwritten,
     _step,
@@ -119,11 +118,56 @@ def hardsigmoid_backward(dy, x):
     return dy * d
 
 
-class HardsigmoidFunction(_CopyInplaceFunction):
-    """From x, not y: x + 3 rounds to 6 for x a few ulp below 3, where y = 1 but f'(x) = 1/6."""
-    _name = "hardsigmoid"
-    _forward = staticmethod(hardsigmoid_forward)
-    _backward = staticmethod(hardsigmoid_backward)
+class HardsigmoidFunction(torch.autograd.Function):
+    """``apply(x, inplace, x0)``. From x, not y: x + 3 rounds to 6 for x a few ulp below 3, where
+    y = 1 but f'(x) = 1/6. So in place, a connected copy x0 of x is kept (see activation.SiLUFunction;
+    torch's hardsigmoid_ keeps a copy too). Staticmethods, not activation._CopyInplaceFunction's
+    classmethods, which Dynamo cannot trace without a graph break."""
+    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
+
+    @staticmethod
+    def forward(x, inplace, x0):
+        y = hardsigmoid_forward(x, inplace)
+        return x if inplace else y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.inplace, x0 = inputs
+        ctx.overwrote_a_view = ctx.inplace and x._is_view()
+        if ctx.inplace:
+            ctx.mark_dirty(x)
+        else:
+            x0 = x
+        ctx.save_for_backward(x0)
+        ctx.save_for_forward(x0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x0,) = ctx.saved_tensors
+        if not ctx.inplace:
+            return hardsigmoid_backward(dy, x0), None, None
+        if x0 is None:
+            raise RuntimeError(_NO_COPY.format("hardsigmoid"))
+        dx0 = hardsigmoid_backward(dy, x0) if ctx.needs_input_grad[2] else None
+        return _overwritten(ctx, dy), None, dx0
+
+    @staticmethod
+    def jvp(ctx, dx, _inplace, dx0):
+        (x0,) = ctx.saved_tensors
+        if not ctx.inplace:
+            return hardsigmoid_backward(dx, x0)
+        if x0 is None or dx0 is None:
+            raise RuntimeError(_NO_COPY.format("hardsigmoid"))
+        return dx.copy_(hardsigmoid_backward(dx0, x0))
+
+    @staticmethod
+    def vmap(info, in_dims, x, inplace, x0):
+        if x0 is not None and in_dims[2] != in_dims[0]:
+            x0 = x0.movedim(in_dims[2], in_dims[0])  # a clone of x: batched like x
+        return HardsigmoidFunction.apply(x, inplace, x0), in_dims[0]
+
+
+_NO_COPY = "{0}(inplace=True) needs a connected copy of its input: call it through manualgrad.functional.{0}"
 
 
 def hardsigmoid(input, inplace=False):
@@ -168,44 +212,38 @@ def tanhshrink_backward(dy, x):
     return dy * torch.tanh(x).square()
 
 
-class _SmoothFunction(torch.autograd.Function):
-    """y = f(x), x saved; subclasses set ``_forward`` and ``_backward`` (pure functions)."""
-    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
-    generate_vmap_rule = True
+def _elementwise_function(name, forward_fn, backward_fn):
+    """A Function for y = forward_fn(x), x saved, dx = backward_fn(dy, x), jvp the same formula.
 
-    @classmethod
-    def forward(cls, x):
-        return cls._forward(x)
+    Built with plain staticmethods (not classmethods on a shared base): Dynamo traces these
+    without a graph break."""
+    def forward(x):
+        return forward_fn(x)
 
-    @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
         ctx.save_for_forward(inputs[0])
 
-    @classmethod
-    def backward(cls, ctx, dy):
+    def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return cls._backward(dy, x)
+        return backward_fn(dy, x)
 
-    @classmethod
-    def jvp(cls, ctx, dx):
+    def jvp(ctx, dx):
         (x,) = ctx.saved_tensors
-        return cls._backward(dx, x)
+        return backward_fn(dx, x)
+
+    return type(name, (torch.autograd.Function,), {
+        "autocast": INPUT,  # autocast: in the input's dtype (on no autocast list)
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp),
+        "__module__": __name__, "__qualname__": name,
+    })
 
 
-class LogSigmoidFunction(_SmoothFunction):
-    _forward = staticmethod(logsigmoid_forward)
-    _backward = staticmethod(logsigmoid_backward)
-
-
-class SoftsignFunction(_SmoothFunction):
-    _forward = staticmethod(softsign_forward)
-    _backward = staticmethod(softsign_backward)
-
-
-class TanhshrinkFunction(_SmoothFunction):
-    _forward = staticmethod(tanhshrink_forward)
-    _backward = staticmethod(tanhshrink_backward)
+LogSigmoidFunction = _elementwise_function("LogSigmoidFunction", logsigmoid_forward, logsigmoid_backward)
+SoftsignFunction = _elementwise_function("SoftsignFunction", softsign_forward, softsign_backward)
+TanhshrinkFunction = _elementwise_function("TanhshrinkFunction", tanhshrink_forward, tanhshrink_backward)
 
 
 def logsigmoid(input):
@@ -241,37 +279,35 @@ def shrink_backward(dy, x, lambd):
     return dy * (1 - _at_most(x, lambd) * _at_most(-x, lambd))
 
 
-class _ShrinkFunction(torch.autograd.Function):
-    autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
-    generate_vmap_rule = True
+def _shrink_function(name, forward_fn):
+    """A Function for y = forward_fn(x, lambd), x saved (plain staticmethods, as _elementwise_function)."""
+    def forward(x, lambd):
+        return forward_fn(x, lambd)
 
-    @classmethod
-    def forward(cls, x, lambd):
-        return cls._forward(x, lambd)
-
-    @staticmethod
     def setup_context(ctx, inputs, output):
         x, ctx.lambd = inputs
         ctx.save_for_backward(x)
         ctx.save_for_forward(x)
 
-    @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         return shrink_backward(dy, x, ctx.lambd), None
 
-    @staticmethod
     def jvp(ctx, dx, _):
         (x,) = ctx.saved_tensors
         return shrink_backward(dx, x, ctx.lambd)
 
+    return type(name, (torch.autograd.Function,), {
+        "autocast": INPUT,  # autocast: in the input's dtype (on no autocast list)
+        "generate_vmap_rule": True,
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp),
+        "__module__": __name__, "__qualname__": name,
+    })
 
-class SoftshrinkFunction(_ShrinkFunction):
-    _forward = staticmethod(softshrink_forward)
 
-
-class HardshrinkFunction(_ShrinkFunction):
-    _forward = staticmethod(hardshrink_forward)
+SoftshrinkFunction = _shrink_function("SoftshrinkFunction", softshrink_forward)
+HardshrinkFunction = _shrink_function("HardshrinkFunction", hardshrink_forward)
 
 
 def softshrink(input, lambd=0.5):
@@ -342,9 +378,6 @@ class ThresholdFunction(torch.autograd.Function):
         if x0 is not None and in_dims[4] != in_dims[0]:
             x0 = x0.movedim(in_dims[4], in_dims[0])  # a clone of x: batched like x
         return ThresholdFunction.apply(x, threshold, value, inplace, x0), in_dims[0]
-
-
-_NO_COPY = "{0}(inplace=True) needs a connected copy of its input: call it through manualgrad.functional.{0}"
 
 
 def threshold(input, threshold, value, inplace=False):

@@ -184,7 +184,8 @@ class CosineSimilarityFunction(torch.autograd.Function):
 
 def cosine_similarity(x1, x2, dim=1, eps=1e-8):
     """Drop-in for ``torch.nn.functional.cosine_similarity`` (torch 2.13's eps: each norm clamped)."""
-    dtype = torch.result_type(x1, x2)
+    # (result_type only where the dtypes differ: under torch.compile it is a graph break)
+    dtype = x1.dtype if x1.dtype == x2.dtype else torch.result_type(x1, x2)
     if not dtype.is_floating_point:
         raise RuntimeError(f"expected common dtype to be floating point, yet common dtype is {_name(dtype)}")
     x1, x2 = x1.to(dtype), x2.to(dtype)

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from ._apply import INPUT, apply
-from .dropout import dropout, dropout_scale, pack_bits, unpack_bits
+from .dropout import dropout, pack_bits, unpack_bits
 
 _ALPHA = 1.7580993408473766
 
@@ -33,11 +33,11 @@ def alpha_dropout_coefficients(p):
     return a, _ALPHA * a * (p - 1), _ALPHA * a * p
 
 
-def _noise_scale(p, alpha, dtype):
-    # the value torch's noise holds where kept: a, or 1 / (1 - p), rounded in dtype as torch rounds it
-    if alpha:
-        return torch.ones((), dtype=dtype).mul_(alpha_dropout_coefficients(p)[0]).item()
-    return dropout_scale(p, dtype)
+def _noise_scale(p, alpha, like):
+    """The value torch's noise holds where kept, a or 1 / (1 - p), rounded in like's dtype as torch
+    rounds it; a 0-dim tensor (no .item(): a graph break under torch.compile)."""
+    one = torch.ones((), dtype=like.dtype, device=like.device)
+    return one.mul_(alpha_dropout_coefficients(p)[0]) if alpha else one.div_(1 - p)
 
 
 def draw_keep(x, p, feature):
@@ -56,6 +56,8 @@ def draw_keep(x, p, feature):
 
 def _batched(t):
     """t is batched by some torch.func.vmap level (possibly under other transforms' wrappers)."""
+    if torch.compiler.is_compiling():  # Dynamo traces through transforms itself
+        return False
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
@@ -81,7 +83,7 @@ def noise_dropout_forward(x, keep, p, alpha, inplace=False):
 
 def noise_dropout_backward(dy, keep, p, alpha, x_shape):
     # dx = dy * s * keep,  s = a (alpha) or 1 / (1 - p)        (*) like dy (keep broadcasts)
-    dx = (dy * _noise_scale(p, alpha, dy.dtype)).mul_(keep.view(torch.uint8))
+    dx = (dy * _noise_scale(p, alpha, dy)).mul_(keep.view(torch.uint8))
     # (summed to x's shape where the mask alone was batched under vmap)
     return dx if dx.shape == x_shape else dx.sum_to_size(x_shape)
 
@@ -121,7 +123,7 @@ class NoiseDropoutFunction(torch.autograd.Function):
     def jvp(ctx, dx, *_):
         keep = NoiseDropoutFunction._keep(ctx)
         if ctx.inplace:  # an in-place op updates its input's tangent in place too
-            return dx.mul_(_noise_scale(ctx.p, ctx.alpha, dx.dtype)).mul_(keep.view(torch.uint8))
+            return dx.mul_(_noise_scale(ctx.p, ctx.alpha, dx)).mul_(keep.view(torch.uint8))
         return noise_dropout_backward(dx, keep, ctx.p, ctx.alpha, dx.shape)
 
     @staticmethod
