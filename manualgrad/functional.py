@@ -13,6 +13,7 @@ from .ops.linear import linear
 from .ops.activation import elu, gelu, glu, hardswish, leaky_relu, mish, relu, sigmoid, silu, softplus, tanh
 
 # more activations (hardtanh ... softmin)
+from .ops.activation_slopes import prelu, rrelu, rrelu_
 from .ops.activation_more import (
     celu,
     celu_,
@@ -21,10 +22,7 @@ from .ops.activation_more import (
     hardtanh,
     hardtanh_,
     logsigmoid,
-    prelu,
     relu6,
-    rrelu,
-    rrelu_,
     selu,
     selu_,
     softmin,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as TF
 
 import manualgrad.functional as F
-from manualgrad.ops.activation_more import rrelu_noise
+from manualgrad.ops.activation_slopes import rrelu_noise
 from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
 from tests.conftest import VIEWS, inplace_on_view, noncontiguous
 
