@@ -21,8 +21,8 @@ def _nodes(t):
 x34 = lambda: torch.randn(3, 4, requires_grad=True)  # noqa: E731
 
 CALLS = [
-    ("torch.selu", lambda x: torch.selu(x), "ScaledELUFunctionBackward"),
-    ("torch.celu", lambda x: torch.celu(x, 0.5), "ScaledELUFunctionBackward"),
+    ("torch.selu", lambda x: torch.selu(x), "SELUFunctionBackward"),
+    ("torch.celu", lambda x: torch.celu(x, 0.5), "CELUFunctionBackward"),
     ("torch.prelu", lambda x: torch.prelu(x, torch.full((4,), 0.25)), "PReLUFunctionBackward"),
     ("Tensor.prelu", lambda x: x.prelu(torch.full((1,), 0.25)), "PReLUFunctionBackward"),
     ("torch.hardshrink", lambda x: torch.hardshrink(x, lambd=0.3), "HardshrinkFunctionBackward"),
@@ -33,9 +33,9 @@ CALLS = [
     ("torch.cosine_similarity", lambda x: torch.cosine_similarity(x, x.flip(0), 0), "CosineSimilarityFunctionBackward"),
     ("torch.pairwise_distance", lambda x: torch.pairwise_distance(x, x.flip(0), keepdim=True),
      "PairwiseDistanceFunctionBackward"),
-    ("torch.alpha_dropout", lambda x: torch.alpha_dropout(x, 0.3, True), "NoiseDropoutFunctionBackward"),
+    ("torch.alpha_dropout", lambda x: torch.alpha_dropout(x, 0.3, True), "AlphaDropoutFunctionBackward"),
     ("torch.feature_alpha_dropout", lambda x: torch.feature_alpha_dropout(x, 0.3, train=True),
-     "NoiseDropoutFunctionBackward"),
+     "FeatureAlphaDropoutFunctionBackward"),
 ]
 
 
@@ -57,3 +57,13 @@ def test_routes_include_the_torch_level_entry_points():
     table = routes()
     assert table[torch.pdist] is MF.pdist and table[torch.Tensor.prelu] is MF.prelu
     assert table[torch.alpha_dropout] is MF.alpha_dropout and table[torch.selu] is MF.selu
+
+
+def test_coverage_rows_name_the_ops():
+    from manualgrad.coverage import node_op
+
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    calls = {"selu": MF.selu(x), "celu": MF.celu(x), "prelu": MF.prelu(x, torch.rand(3)), "rrelu": MF.rrelu(x, training=True),
+             "alpha_dropout": MF.alpha_dropout(x, 0.3, True), "feature_dropout": MF.dropout1d(x, 0.3),
+             "feature_alpha_dropout": MF.feature_alpha_dropout(x, 0.3, True), "cosine_similarity": MF.cosine_similarity(x, x)}
+    assert {name: node_op(y.grad_fn) for name, y in calls.items()} == {name: (name, True) for name in calls}

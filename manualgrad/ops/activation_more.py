@@ -423,7 +423,8 @@ def scaled_elu_backward_from_output(dy, y, alpha, scale, input_scale):
 
 
 class ScaledELUFunction(torch.autograd.Function):
-    """``apply(x, alpha, scale, input_scale, inplace, name)``: selu and celu (name for errors)."""
+    """``apply(x, alpha, scale, input_scale, inplace, name)``: the base of SELUFunction and
+    CELUFunction (name for errors)."""
     autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
 
     @staticmethod
@@ -460,12 +461,21 @@ class ScaledELUFunction(torch.autograd.Function):
         return dx.copy_(dy) if ctx.inplace else dy
 
 
-ScaledELUFunction.vmap = _elementwise_vmap(ScaledELUFunction)
+class SELUFunction(ScaledELUFunction):
+    """selu: its own class, so that its graph node and coverage row say selu."""
+
+
+class CELUFunction(ScaledELUFunction):
+    """celu: its own class, so that its graph node and coverage row say celu."""
+
+
+SELUFunction.vmap = _elementwise_vmap(SELUFunction)
+CELUFunction.vmap = _elementwise_vmap(CELUFunction)
 
 
 def selu(input, inplace=False):
     """Drop-in for ``torch.nn.functional.selu``."""
-    return apply(ScaledELUFunction, input, _SELU_ALPHA, _SELU_SCALE, 1.0, inplace, "selu")
+    return apply(SELUFunction, input, _SELU_ALPHA, _SELU_SCALE, 1.0, inplace, "selu")
 
 
 def selu_(input):
@@ -480,7 +490,7 @@ def celu(input, alpha=1.0, inplace=False):
     """
     if alpha == 0:
         raise RuntimeError("ZeroDivisionError: alpha cannot be 0 for CELU")
-    return apply(ScaledELUFunction, input, alpha, 1.0, 1.0 / alpha, inplace, "celu")
+    return apply(CELUFunction, input, alpha, 1.0, 1.0 / alpha, inplace, "celu")
 
 
 def celu_(input, alpha=1.0):

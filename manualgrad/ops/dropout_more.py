@@ -126,7 +126,8 @@ class NoiseDropoutFunction(torch.autograd.Function):
             return dx.mul_(_noise_scale(ctx.p, ctx.alpha, dx)).mul_(keep.view(torch.uint8))
         return noise_dropout_backward(dx, keep, ctx.p, ctx.alpha, dx.shape)
 
-    @staticmethod
+
+def _vmap_rule(fn):
     def vmap(info, in_dims, x, keep, p, alpha, inplace):
         """Elementwise with a broadcast mask: the mask's batch dim put where x's is (x itself
         stays as it is: in place, the input object is what must come back). The mask, drawn by
@@ -139,7 +140,27 @@ class NoiseDropoutFunction(torch.autograd.Function):
             keep, xd = (keep if kd is None else keep.movedim(kd, 0)), (None if kd is None else 0)
         else:
             keep = keep.unsqueeze(xd) if kd is None else keep.movedim(kd, xd)
-        return NoiseDropoutFunction.apply(x, keep, p, alpha, inplace), xd
+        return fn.apply(x, keep, p, alpha, inplace), xd
+    return staticmethod(vmap)
+
+
+# One class per op, so that graph nodes and coverage rows name it.
+class AlphaDropoutFunction(NoiseDropoutFunction):
+    pass
+
+
+class FeatureAlphaDropoutFunction(NoiseDropoutFunction):
+    pass
+
+
+class FeatureDropoutFunction(NoiseDropoutFunction):
+    pass
+
+
+for _fn in (NoiseDropoutFunction, AlphaDropoutFunction, FeatureAlphaDropoutFunction, FeatureDropoutFunction):
+    _fn.vmap = _vmap_rule(_fn)
+_FUNCTIONS = {(False, True): AlphaDropoutFunction, (True, True): FeatureAlphaDropoutFunction,
+              (True, False): FeatureDropoutFunction}
 
 
 def _noise_dropout(input, p, training, inplace, feature, alpha):
@@ -151,7 +172,7 @@ def _noise_dropout(input, p, training, inplace, feature, alpha):
     if p == 1:
         # y = x * 0, no draw (torch multiplies by zeros({}) for every variant)
         return dropout(input, 1.0, True, inplace)
-    return apply(NoiseDropoutFunction, input, draw_keep(input, p, feature), float(p), alpha, inplace)
+    return apply(_FUNCTIONS[feature, alpha], input, draw_keep(input, p, feature), float(p), alpha, inplace)
 
 
 def _check_p(p):
