@@ -267,24 +267,31 @@ def pdist_forward(x, p):
     return torch.pdist(x, p)  # torch's kernel: its values bit for bit
 
 
+def _kernel_sign(v):
+    # torch's pdist kernel's sign: -1, 0, 1, and nan for nan (torch.sign gives 0 there)
+    return v.sign().masked_fill(v.isnan(), float("nan"))
+
+
 def pdist_pair_grad(g, v, n, p):
     """dv_k = g_k dn_k/dv_k for the pairs' differences v (P, M), distances n and upstream g (P, 1):
-    torch's _pdist_backward kernel, per p (its sign(0) = 0)."""
+    torch's _pdist_backward kernel, per p, nan included."""
     if p == 0:
         # n counts nonzeros: piecewise constant                (P, M)
         return torch.zeros_like(v) * g
     if p == 1:
         # dv = g sign(v)                                       (P, M)
-        return g * v.sign()
+        return g * _kernel_sign(v)
     if p == 2:
         # dv = g v / n  (0 where n = 0)                        (P, M)
         return (g * v / n).masked_fill(n == 0, 0)
     if p == float("inf"):
-        # dv = g sign(v) where |v| = n: every tie gets all of g (torch's kernel; norm_backward shares)   (P, M)
-        return g * v.sign() * (v.abs() == n)
+        # dv = g sign(v) where |v| = n: every tie gets all of g (torch's kernel; norm_backward shares).
+        # The kernel's test, 1 - min(1, ceil(| |v| - n |)), is nan where n or v is   (P, M)
+        at_max = 1 - ((v.abs() - n).abs().ceil().clamp_max(1))
+        return g * _kernel_sign(v) * at_max
     if p < 2:
         # dv = g sign(v) |v|^(p-1) / n^(p-1)  (0 where n = 0, and where v = 0 for p < 1)   (P, M)
-        dv = (v.sign() * v.abs().pow(p - 1) * g / n.pow(p - 1)).masked_fill(n == 0, 0)
+        dv = (_kernel_sign(v) * v.abs().pow(p - 1) * g / n.pow(p - 1)).masked_fill(n == 0, 0)
         return dv.masked_fill(v == 0, 0) if p < 1 else dv
     # dv = g v |v|^(p-2) / n^(p-1)  (0 where n = 0)            (P, M)
     return (v * v.abs().pow(p - 2) * g / n.pow(p - 1)).masked_fill(n == 0, 0)

@@ -157,6 +157,30 @@ def test_pdist_without_pairs_gives_empty_distances_and_zero_gradients(rows):
     assert torch.equal(g, torch.zeros(rows, 4))
 
 
+NAN_INF_ROWS = [[1.0, float("nan"), 2.0], [float("inf"), 1.0, 0.0], [0.0, 0.0, 0.0], [-float("inf"), 2.0, 3.0], [1.0, 2.0, 3.0]]
+OTHER_ROWS = [[1.0, 2.0, 2.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, float("inf"), 3.0], [1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("normalize", {}), ("normalize", dict(p=1.0)), ("normalize", dict(p=INF)), ("cosine_similarity", {}),
+    ("pairwise_distance", {}), ("pairwise_distance", dict(p=1.0)), ("pairwise_distance", dict(p=INF)),
+    ("pdist", {}), ("pdist", dict(p=1.0)), ("pdist", dict(p=INF)), ("pdist", dict(p=1.5)), ("pdist", dict(p=3.0)),
+])
+def test_values_and_gradients_at_nan_inf_and_zero_rows_are_torchs(name, kwargs):
+    # nan exactly where torch's is (pdist's kernel: its sign and its tie test propagate nan)
+    a, b = torch.tensor(NAN_INF_ROWS), torch.tensor(OTHER_ROWS)
+    args = (a,) if name in ("normalize", "pdist") else (a, b)
+
+    def run(f):
+        leaves = [t.clone().requires_grad_() for t in args]
+        y = getattr(f, name)(*leaves, **kwargs)
+        return [y, *torch.autograd.grad(y, leaves, torch.ones_like(y))]
+
+    for ours, theirs in zip(run(F), run(TF)):
+        assert torch.equal(ours.isnan(), theirs.isnan()), (ours, theirs)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
 def test_pdist_noncontiguous_matches_torch():
     assert_same_as_torch(F.pdist, TF.pdist, noncontiguous(x(6, 4)))
 
