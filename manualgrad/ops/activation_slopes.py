@@ -145,6 +145,19 @@ class RReLUFunction(torch.autograd.Function):
         (noise,) = ctx.saved_tensors
         return dx.mul_(noise.to(dx.dtype)) if ctx.inplace else rrelu_backward(dx, noise)
 
+    @staticmethod
+    def vmap(info, in_dims, x, noise, inplace):
+        """Elementwise: the slopes' batch dim put where x's is. (F.rrelu cannot draw under vmap,
+        as torch's rrelu cannot: this serves slopes drawn outside, passed in.)"""
+        xd, nd = in_dims[0], in_dims[1]
+        if xd is None:
+            if inplace:
+                raise RuntimeError("vmap: in-place rrelu with batched slopes would write several results "
+                                   "into an input that is not batched")
+            x, xd = x.expand(info.batch_size, *x.shape), 0
+        noise = noise.unsqueeze(xd) if nd is None else noise.movedim(nd, xd)
+        return RReLUFunction.apply(x, noise, inplace), xd
+
 
 def rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
     """Drop-in for ``torch.nn.functional.rrelu``: in training, torch's CPU slopes under the same seed.

@@ -300,6 +300,18 @@ def test_rrelu_training_gradients():
     check_gradients(seeded(F.rrelu, training=True), sample((3, 5), (0.0,)), batched_forward_grad=False)
 
 
+def test_rrelu_function_with_given_slopes_under_vmap_and_jvp():
+    from manualgrad.ops._apply import apply
+    from manualgrad.ops.activation_slopes import RReLUFunction
+
+    x, a, t = torch.randn(4, 5, dtype=torch.float64), torch.rand(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    f = lambda x, a: apply(RReLUFunction, x, a, False)  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(f, in_dims=(1, 1))(x, a), (x * a).T)
+    torch.testing.assert_close(torch.func.vmap(f, in_dims=(None, 0))(x[0], a), x[0] * a)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(lambda x, a: f(x, a).sin().sum()))(x, a), (x * a).cos() * a)
+    torch.testing.assert_close(torch.func.jvp(lambda x: f(x, a), (x,), (t,))[1], t * a)
+
+
 def test_rrelu_rejects_bad_input_like_torch():
     assert_raises_like_torch(F.rrelu, TF.rrelu, torch.randn(3), 0.5, 0.1, True, match="Lower bound")
     assert_raises_like_torch(F.rrelu, TF.rrelu, torch.arange(3), training=True)
