@@ -4,6 +4,8 @@ gradchecks (with double backward), in place (also on views), bad input like torc
 import pytest
 import torch
 import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import manualgrad.functional as F
 from manualgrad.ops.activation_slopes import rrelu_noise
@@ -361,3 +363,18 @@ def test_integer_input_gives_torchs_result(name):
     y, expected = fn(x, *args), torch_fn(x, *args)
     assert y.dtype == expected.dtype
     torch.testing.assert_close(y, expected)
+
+
+# Property test: random shapes (size-1 and empty dims too), options and in place, float32 parity with torch.
+
+_shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple)
+
+
+@given(shape=_shapes, case=st.sampled_from([c for c in CASES if c[0] != "softmin"]), inplace=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_activation_matches_torch_property(shape, case, inplace):
+    name, kwargs, kinks = case
+    fn, torch_fn = ops(name)
+    if inplace and case in INPLACE:
+        fn, torch_fn, kwargs = in_place(fn, **kwargs), in_place(torch_fn, **kwargs), {}
+    assert_same_as_torch(fn, torch_fn, sample(shape, kinks, torch.float32), **kwargs)
