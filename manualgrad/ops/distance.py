@@ -32,7 +32,7 @@ def norm_forward(v, p, dim):
     return torch.linalg.vector_norm(v, p, dim, keepdim=True)
 
 
-def norm_backward(dn, v, n, p):
+def norm_backward(dn, v, n, p, dim):
     """dv for n = ||v||_p along dim (dn and n keep that dim, size 1), torch's norm_backward."""
     if p == 0:
         # n counts the nonzero entries: piecewise constant     (*) like v
@@ -46,8 +46,7 @@ def norm_backward(dn, v, n, p):
     if p in (float("inf"), -float("inf")):
         # dv = dn sign(v) on the entries |v| = n (or nan), shared equally among them   (*) like v
         mask = (v.abs() == n) | v.isnan()
-        dims = [d for d in range(v.dim()) if n.shape[d] == 1 and v.shape[d] != 1] or None
-        return v.sgn() * (dn / mask.sum(dims, keepdim=True)) * mask
+        return v.sgn() * (dn / mask.sum(dim, keepdim=True)) * mask
     if p < 1:
         # dv = dn sign(v) |v|^(p-1) n^(1-p)  (0 where v = 0)   (*) like v
         return v.sgn() * v.abs().pow(p - 1).masked_fill(v == 0, 0) * dn * n.pow(1 - p)
@@ -72,7 +71,7 @@ def normalize_backward(dy, x, p, dim, eps):
     dd = -(dy * x).sum(dim, keepdim=True) / d.square()
     dn = dd * (n >= eps)
     # dx = dy / d + dn dn/dx                                   (*) like x
-    return dy / d + norm_backward(dn, x, n, p)
+    return dy / d + norm_backward(dn, x, n, p, dim)
 
 
 class NormalizeFunction(torch.autograd.Function):
@@ -100,7 +99,7 @@ class NormalizeFunction(torch.autograd.Function):
         n = norm_forward(x, ctx.p, ctx.dim)
         d = n.clamp_min(ctx.eps)
         # dn = sum(dn/dx * dx) (the norm's jvp), 0 where clamped         (*, 1, *)
-        dn = (norm_backward(torch.ones_like(n), x, n, ctx.p) * dx).sum(ctx.dim, keepdim=True) * (n >= ctx.eps)
+        dn = (norm_backward(torch.ones_like(n), x, n, ctx.p, ctx.dim) * dx).sum(ctx.dim, keepdim=True) * (n >= ctx.eps)
         # dy = dx / d - x dn / d^2                                         (*) like x
         return dx / d - x * dn / d.square()
 
@@ -214,7 +213,7 @@ def _kept(t, v, keepdim):
 def pairwise_distance_backward(dy, x1, x2, y, p, eps, keepdim):
     v = x1 - x2 + eps  #                                       (*, M) broadcast
     # dv = dn/dv dy  (norm_backward)                           (*, M)
-    dv = norm_backward(_kept(dy, v, keepdim), v, _kept(y, v, keepdim), p)
+    dv = norm_backward(_kept(dy, v, keepdim), v, _kept(y, v, keepdim), p, -1)
     # dx1 = dv, dx2 = -dv, each summed back to its own shape   x1's, x2's
     return _sum_to(dv, x1.shape), _sum_to(-dv, x2.shape)
 
@@ -223,7 +222,7 @@ def pairwise_distance_jvp(dx1, dx2, x1, x2, y, p, eps, keepdim):
     v = x1 - x2 + eps
     # dy = sum(dn/dv (dx1 - dx2)) along the last dim           (*)
     dv = (dx1 if dx1 is not None else 0) - (dx2 if dx2 is not None else 0)
-    d = norm_backward(torch.ones_like(_kept(y, v, keepdim)), v, _kept(y, v, keepdim), p)
+    d = norm_backward(torch.ones_like(_kept(y, v, keepdim)), v, _kept(y, v, keepdim), p, -1)
     return (d * dv).sum(-1, keepdim=keepdim) if v.dim() else d * dv
 
 

@@ -21,7 +21,8 @@ def x(*shape, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------
 # normalize
 
-@pytest.mark.parametrize("shape,dim", [((7, 13), 1), ((2, 3, 257), -1), ((5,), 0), ((4, 3, 6), 0), ((3, 4, 5), (1, 2))])
+@pytest.mark.parametrize("shape,dim", [((7, 13), 1), ((2, 3, 257), -1), ((5,), 0), ((4, 3, 6), 0), ((3, 4, 5), (1, 2)),
+                                       ((4, 1), 1), ((1, 5), 1)])
 @pytest.mark.parametrize("p", [2.0, 1.0, 3.0, 1.5, 0.5, INF])
 def test_normalize_matches_torch(shape, dim, p):
     assert_same_as_torch(F.normalize, TF.normalize, x(*shape), p=p, dim=dim)
