@@ -296,25 +296,36 @@ def pdist_pair_grad(g, v, n, p):
     return (v * v.abs().pow(p - 2) * g / n.pow(p - 1)).masked_fill(n == 0, 0)
 
 
-def _pairs(x):
-    # rows i < j, in torch's order: (0,1), (0,2), ..., (1,2), ...   (P,), (P,)
-    return torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+_CHUNK = 1 << 20  # elements of the pair differences held at once in backward
+
+
+def _pair_chunks(x):
+    """The pairs i < j in torch's order, (0,1), (0,2), ..., (1,2), ..., as slices (k, i, j) of
+    at most _CHUNK / M pairs: the (P, M) differences, P = N(N-1)/2, never exist whole."""
+    n, m = x.shape
+    i, j = torch.triu_indices(n, n, 1, device=x.device)
+    step = max(1, _CHUNK // max(m, 1))
+    for k in range(0, i.numel(), step):
+        yield slice(k, k + step), i[k : k + step], j[k : k + step]
 
 
 def pdist_backward(dy, x, y, p):
-    """Materializes the (P, M) differences, P = N(N-1)/2 (torch's kernel loops over them instead)."""
-    i, j = _pairs(x)
-    # v_k = x_i - x_j;  dv_k = dy_k dn_k/dv_k                  (P, M)
-    dv = pdist_pair_grad(dy.unsqueeze(1), x[i] - x[j], y.unsqueeze(1), p)
-    # dx_i += dv_k,  dx_j -= dv_k                              (N, M)
-    return torch.zeros_like(x).index_add(0, i, dv).index_add(0, j, -dv)
+    dx = torch.zeros_like(x)
+    for k, i, j in _pair_chunks(x):
+        # v_k = x_i - x_j;  dv_k = dy_k dn_k/dv_k              (pairs, M)
+        dv = pdist_pair_grad(dy[k].unsqueeze(1), x[i] - x[j], y[k].unsqueeze(1), p)
+        # dx_i += dv_k,  dx_j -= dv_k                          (N, M)
+        dx = dx.index_add(0, i, dv).index_add(0, j, -dv)
+    return dx
 
 
 def pdist_jvp(dx, x, y, p):
-    i, j = _pairs(x)
-    # dy_k = sum_m dn_k/dv_km (dx_i - dx_j)_m                   (P,)
-    rows = pdist_pair_grad(torch.ones_like(y).unsqueeze(1), x[i] - x[j], y.unsqueeze(1), p)
-    return (rows * (dx[i] - dx[j])).sum(1)
+    out = []
+    for k, i, j in _pair_chunks(x):
+        # dy_k = sum_m dn_k/dv_km (dx_i - dx_j)_m               (pairs,)
+        rows = pdist_pair_grad(torch.ones_like(y[k]).unsqueeze(1), x[i] - x[j], y[k].unsqueeze(1), p)
+        out.append((rows * (dx[i] - dx[j])).sum(1))
+    return torch.cat(out) if out else torch.zeros_like(y)
 
 
 class PdistFunction(torch.autograd.Function):

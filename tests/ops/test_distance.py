@@ -182,6 +182,15 @@ def test_values_and_gradients_at_nan_inf_and_zero_rows_are_torchs(name, kwargs):
         torch.testing.assert_close(ours, theirs, equal_nan=True)
 
 
+def test_pdist_backward_in_several_chunks_matches_torch(monkeypatch):
+    import manualgrad.ops.distance as distance
+
+    monkeypatch.setattr(distance, "_CHUNK", 20)  # 5 pairs of 4 elements a chunk, the last one short
+    t = x(9, 4, dtype=torch.float64)
+    assert_same_as_torch(F.pdist, TF.pdist, t, rtol=1e-12, atol=1e-12)
+    check_gradients(F.pdist, x(5, 4, dtype=torch.float64))
+
+
 def test_pdist_noncontiguous_matches_torch():
     assert_same_as_torch(F.pdist, TF.pdist, noncontiguous(x(6, 4)))
 
