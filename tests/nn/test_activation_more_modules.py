@@ -67,3 +67,38 @@ def test_softmax2d_rejects_other_ranks_like_torch(shape):
 
 def test_softmax2d_on_unbatched_input_matches_torch():
     assert_same_as_torch(mnn.Softmax2d(), torch.nn.Softmax2d(), torch.randn(3, 4, 5, requires_grad=True))
+
+
+def test_model_of_every_new_layer_trains_like_torch():
+    # every new activation, distance and dropout layer in one model, converted with strict=True:
+    # three SGD steps under the same seeds give torch's losses and parameters (the random layers'
+    # draws included)
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.Hardtanh(-2, 2), torch.nn.PReLU(8), torch.nn.SELU(),
+            torch.nn.AlphaDropout(0.2), torch.nn.Linear(8, 8), torch.nn.RReLU(), torch.nn.CELU(0.7),
+            torch.nn.Softsign(), torch.nn.Unflatten(1, (4, 2)), torch.nn.Dropout1d(0.3),
+            torch.nn.FeatureAlphaDropout(0.2), torch.nn.Flatten(), torch.nn.Hardsigmoid(), torch.nn.Tanhshrink(),
+            torch.nn.Softshrink(0.1), torch.nn.Hardshrink(0.05), torch.nn.Threshold(0.01, -1.0), torch.nn.ReLU6(),
+            torch.nn.LogSigmoid(), torch.nn.Linear(8, 3), torch.nn.Softmin(1),
+        )
+
+    theirs, ours = make(), mg.convert(make(), strict=True)
+    x, target = torch.randn(16, 6), torch.randn(16, 3)
+    distance = torch.nn.PairwiseDistance()
+    for model, dist in ((ours, mnn.PairwiseDistance()), (theirs, distance)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for step in range(3):
+            torch.manual_seed(step)
+            loss = dist(model(x), target).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        model.losses = losses
+    assert ours.losses == pytest.approx(theirs.losses, rel=1e-5)
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert type(ours[2]) is mnn.PReLU and type(ours[-1]) is mnn.Softmin
