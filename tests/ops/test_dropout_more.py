@@ -10,7 +10,6 @@ import torch.nn.functional as TF
 import manualgrad as mg
 import manualgrad.functional as F
 import manualgrad.nn as mnn
-from manualgrad.ops.dropout_more import alpha_dropout_coefficients
 from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients, saved_bytes
 from tests.conftest import VIEWS, inplace_on_view, noncontiguous
 
@@ -98,8 +97,11 @@ def test_alpha_dropout_keeps_zero_mean_and_unit_variance():
     x = torch.randn(400000, dtype=torch.float64)
     y = F.alpha_dropout(x, 0.3, True)
     assert abs(y.mean().item()) < 0.01 and abs(y.var().item() - 1) < 0.01
-    a, b0, b1 = alpha_dropout_coefficients(0.3)
-    assert torch.allclose(y[y != y[0] * 0 + b0], y[y != y[0] * 0 + b0])  # (values are x a + b1 or b0)
+    # each value is x a + b1 (kept) or b0 (dropped): the SELU fixed point (mean 0, variance 1) kept,
+    # alpha' = SELU's scale * alpha, a = ((alpha'^2 p + 1)(1 - p))^(-1/2), b0 = -alpha' a (1 - p), b1 = alpha' a p
+    alpha = 1.0507009873554804934193349852946 * 1.6732632423543772848170429916717
+    a = ((alpha**2 * 0.3 + 1) * 0.7) ** -0.5
+    b0, b1 = -alpha * a * 0.7, alpha * a * 0.3
     dropped = (y - b0).abs() < 1e-12
     assert 0.28 < dropped.double().mean().item() < 0.32
     torch.testing.assert_close(y[~dropped], x[~dropped] * a + b1)
