@@ -87,8 +87,8 @@ def op_flops(func, args, kwargs, out):
 
 def _snake(name):
     # "MaxPool2DWithIndices" -> "max_pool2d_with_indices", "NLLLoss" -> "nll_loss",
-    # "LeakyReLU" -> "leaky_relu" (the two mixed-case acronyms first, as torch spells them)
-    name = name.replace("ReLU", "Relu").replace("SiLU", "Silu")
+    # "LeakyReLU" -> "leaky_relu", "PReLU" -> "prelu" (the mixed-case acronyms first, as torch spells them)
+    name = name.replace("PReLU", "Prelu").replace("RReLU", "Rrelu").replace("ReLU", "Relu").replace("SiLU", "Silu")
     name = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name)
     return name.lower()
 

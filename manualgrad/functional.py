@@ -12,11 +12,38 @@ from .ops.linear import linear
 # activation
 from .ops.activation import elu, gelu, glu, hardswish, leaky_relu, mish, relu, sigmoid, silu, softplus, tanh
 
+# more activations (hardtanh ... softmin)
+from .ops.activation_slopes import prelu, rrelu, rrelu_
+from .ops.activation_more import (
+    celu,
+    celu_,
+    hardshrink,
+    hardsigmoid,
+    hardtanh,
+    hardtanh_,
+    logsigmoid,
+    relu6,
+    selu,
+    selu_,
+    softmin,
+    softshrink,
+    softsign,
+    tanhshrink,
+    threshold,
+    threshold_,
+)
+
+# distances and normalization
+from .ops.distance import cosine_similarity, normalize, pairwise_distance, pdist
+
 # softmax
 from .ops.softmax import log_softmax, softmax
 
 # dropout
 from .ops.dropout import dropout
+
+# more dropouts (alpha, feature alpha, channel-wise)
+from .ops.dropout_more import alpha_dropout, dropout1d, dropout2d, dropout3d, feature_alpha_dropout
 
 # regression losses
 from .ops.regression_loss import huber_loss, l1_loss, mse_loss, smooth_l1_loss

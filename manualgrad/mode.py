@@ -111,6 +111,16 @@ _TORCH_LEVEL = [
     ((torch.dropout,), "input, p, train", "dropout", {"train": "training"}, None),
     ((torch.embedding,), "weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False",
      "embedding", {"indices": "input"}, _embedding_padding),
+    # more activations, distances, dropouts (ops/activation_more.py, distance.py, dropout_more.py; torch.prelu,
+    # hardshrink, pdist, cosine_similarity, pairwise_distance are torch.nn.functional's own: routed by name)
+    ((torch.selu,), "input", "selu", None, None),
+    ((torch.celu,), "input, alpha=1.0", "celu", None, None),
+    ((_T.prelu,), "input, weight", "prelu", None, None),
+    ((_T.hardshrink,), "input, lambd=0.5", "hardshrink", None, None),
+    ((torch.threshold,), "input, threshold, value", "threshold", None, None),
+    ((torch.rrelu,), "input, lower=0.125, upper=0.3333333333333333, training=False", "rrelu", None, None),
+    ((torch.alpha_dropout,), "input, p, train", "alpha_dropout", {"train": "training"}, None),
+    ((torch.feature_alpha_dropout,), "input, p, train", "feature_alpha_dropout", {"train": "training"}, None),
 ]
 
 

@@ -2,7 +2,10 @@
 ``forward`` (calling manualgrad.functional), so constructor, parameters, buffers,
 ``state_dict``, ``repr``, ``reset_parameters`` and ``isinstance`` are torch's own."""
 from .activation import ELU, GELU, GLU, Hardswish, LeakyReLU, LogSoftmax, Mish, ReLU, Sigmoid, SiLU, Softmax, Softplus, Tanh
+from .activation_more import CELU, SELU, Hardshrink, Hardsigmoid, Hardtanh, LogSigmoid, PReLU, ReLU6, RReLU, Softmax2d, Softmin, Softshrink, Softsign, Tanhshrink, Threshold
+from .distance import CosineSimilarity, PairwiseDistance
 from .dropout import Dropout
+from .dropout_more import AlphaDropout, Dropout1d, Dropout2d, Dropout3d, FeatureAlphaDropout
 from .linear import Linear
 from .loss import (
     BCELoss,

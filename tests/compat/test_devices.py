@@ -105,6 +105,38 @@ SAMPLES = {
     "softmax": (lambda: ((_x(4, 6),), dict(dim=1)), None),
     "softplus": (lambda: ((_x(4, 6),), dict(beta=2.0)), None),
     "tanh": (lambda: ((_x(4, 6),), {}), torch.tanh),
+    # more activations (ops/activation_more.py)
+    "celu": (lambda: ((_x(4, 6),), dict(alpha=0.5)), None),
+    "hardshrink": (lambda: ((_x(4, 6),), dict(lambd=0.3)), None),
+    "hardsigmoid": (lambda: ((_x(4, 6) * 4,), {}), None),
+    "hardtanh": (lambda: ((_x(4, 6),), dict(min_val=-0.5, max_val=0.7)), None),
+    "logsigmoid": (lambda: ((_x(4, 6),), {}), None),
+    "prelu": (lambda: ((_x(2, 3, 5), _x(3)), {}), None),
+    "relu6": (lambda: ((_x(4, 6) * 4,), {}), None),
+    "rrelu": (lambda: ((_x(4, 6),), {}), None),  # eval: training draws with a data-dependent count (not on meta)
+    "selu": (lambda: ((_x(4, 6),), {}), None),
+    "softmin": (lambda: ((_x(4, 6),), dict(dim=1)), None),
+    "softshrink": (lambda: ((_x(4, 6),), dict(lambd=0.3)), None),
+    "softsign": (lambda: ((_x(4, 6),), {}), None),
+    "tanhshrink": (lambda: ((_x(4, 6),), {}), None),
+    "threshold": (lambda: ((_x(4, 6), 0.1, -2.0), {}), None),
+    # distances and normalization (ops/distance.py)
+    "cosine_similarity": (lambda: ((_x(4, 6), _x(4, 6)), dict(dim=1)), None),
+    "normalize": (lambda: ((_x(4, 6),), dict(p=3.0)), None),
+    "pairwise_distance": (lambda: ((_x(4, 6), _x(4, 6)), dict(p=1.5)), None),
+    "pdist": (lambda: ((_x(5, 3),), {}), None),
+    # more dropouts (ops/dropout_more.py)
+    "alpha_dropout": (lambda: ((_x(4, 6), 0.3, True), {}), None),
+    "feature_alpha_dropout": (lambda: ((_x(4, 6, 3), 0.3, True), {}), None),
+    "dropout1d": (lambda: ((_x(4, 6, 3), 0.3), {}), None),
+    "dropout2d": (lambda: ((_x(2, 4, 3, 3), 0.3), {}), None),
+    "dropout3d": (lambda: ((_x(2, 4, 3, 2, 2), 0.3), {}), None),
+}
+# In-place-only names (hardtanh_ ...): their input cannot be a leaf that requires grad, so they
+# run in test_inplace_variants_stay_on_the_input_device below, on x * 1.
+INPLACE_VARIANTS = {
+    "hardtanh_": ((-0.5, 0.7), {}), "threshold_": ((0.1, 2.0), {}), "selu_": ((), {}), "celu_": ((0.5,), {}),
+    "rrelu_": ((), {}),
 }
 OPS = sorted(SAMPLES)
 DEVICES = [
@@ -146,7 +178,7 @@ def _run(fn, args, kwargs, dy_seed=1):
 
 
 def test_samples_cover_every_functional_op():
-    assert set(SAMPLES) == set(F.__all__), (
+    assert set(SAMPLES) | set(INPLACE_VARIANTS) == set(F.__all__), (
         f"ops without a device sample: {sorted(set(F.__all__) - set(SAMPLES))}; "
         f"samples of no op: {sorted(set(SAMPLES) - set(F.__all__))}"
     )
@@ -187,6 +219,24 @@ def test_op_forward_and_backward_run_on_the_meta_device_with_torchs_shapes(name)
     assert len(grads) == len(ref_grads)
     for g, r in zip(grads, ref_grads):
         assert (g.device.type, g.shape, g.dtype) == ("meta", r.shape, r.dtype)
+
+
+@pytest.mark.parametrize("device", ["meta", *DEVICES])
+@pytest.mark.parametrize("name", sorted(INPLACE_VARIANTS))
+def test_inplace_variants_stay_on_the_input_device(name, device):
+    args, kwargs = INPLACE_VARIANTS[name]
+    x = torch.randn(4, 6).to(device).requires_grad_()
+    outs = []
+    for fn in (getattr(F, name), getattr(TF, name)):
+        h = x * 1
+        out = fn(h, *args, **kwargs)
+        assert out is h
+        (g,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        outs.append((out, g))
+    (out, g), (ref, ref_g) = outs
+    assert (out.device, g.device) == (x.device, x.device)
+    if device != "meta":
+        torch.testing.assert_close((out, g), (ref, ref_g), rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -318,7 +318,20 @@ def _special_cases():
     cases = [(name, kwargs, False) for name, kwargs, _ in OUT_OF_PLACE + [("relu", {}, 0.0)]]
     cases += [(name, kwargs, True) for name, kwargs, _ in IN_PLACE + [("relu", {}, 0.0)]]
     cases += [(name, {}, inplace) for name in ("hardswish", "mish") for inplace in (False, True)]
+    cases += [(name, kwargs, False) for name, kwargs in MORE_SPECIAL]
+    cases += [(name, kwargs, True) for name, kwargs in MORE_SPECIAL if name in MORE_INPLACE]
     return cases
+
+
+# ops/activation_more.py, with options whose kinks are among SPECIAL's values
+MORE_SPECIAL = [
+    ("hardtanh", {}), ("hardtanh", dict(min_val=-2.0, max_val=2.5)), ("relu6", {}), ("hardsigmoid", {}),
+    ("logsigmoid", {}), ("softsign", {}), ("tanhshrink", {}), ("softshrink", dict(lambd=2.0)),
+    ("softshrink", dict(lambd=0.0)), ("hardshrink", dict(lambd=3.0)), ("hardshrink", dict(lambd=0.0)),
+    ("threshold", dict(threshold=2.5, value=-1.0)), ("threshold", dict(threshold=0.0, value=4.0)),
+    ("selu", {}), ("celu", dict(alpha=0.5)), ("celu", dict(alpha=-2.0)), ("rrelu", dict(lower=0.1, upper=0.3)),
+]
+MORE_INPLACE = ("hardtanh", "relu6", "hardsigmoid", "threshold", "selu")  # (rrelu_: torch has no forward AD)
 
 
 @pytest.mark.parametrize("case", _special_cases(), ids=lambda c: case_id(c[:2] + (None,)) + ("-inplace" if c[2] else ""))

@@ -211,6 +211,33 @@ CASES = {
               ("broadcast", dict(M=2, K=3, N=4), lambda M, K, N: ((x(N), x(M, K), x(K, N)), {}))],
     "baddbmm": [("", dict(B=2, M=2, K=3, N=4),
                  lambda B, M, K, N: ((x(B, M, N), x(B, M, K), x(B, K, N)), dict(beta=0.5, alpha=2)))],
+    # more activations (ops/activation_more.py)
+    **{name: [("", ACT, _act())] for name in ("hardsigmoid", "hardtanh", "logsigmoid", "relu6", "selu", "softshrink",
+                                               "hardshrink", "softsign", "tanhshrink", "celu")},
+    "threshold": [("", ACT, _act(threshold=0.1, value=2.0))],
+    "softmin": [("dim=1", ACT, _act(dim=1)), ("dim=-1", ACT, _act(dim=-1))],
+    "prelu": [("one", ACT, lambda N, C, L: ((x(N, C, L), x(1)), {})),
+              ("channels", ACT, lambda N, C, L: ((x(N, C, L), x(C)), {}))],
+    "rrelu": [("train", ACT, _act(training=True)), ("eval", ACT, _act())],
+    # in place: on a tensor that does not require grad (a leaf that does is refused by both)
+    **{name: [("", ACT, lambda N, C, L: ((torch.randn(N, C, L),), {}))]
+       for name in ("hardtanh_", "selu_", "celu_", "rrelu_")},
+    "threshold_": [("", ACT, lambda N, C, L: ((torch.randn(N, C, L), 0.1, 2.0), {}))],
+    # distances and normalization (ops/distance.py)
+    "normalize": [("dim=1", ACT, _act()), ("p=1 dim=-1", ACT, _act(p=1.0, dim=-1))],
+    "cosine_similarity": [("", ACT, lambda N, C, L: ((x(N, C, L), x(N, C, L)), {})),
+                          ("broadcast", ACT, lambda N, C, L: ((x(N, C, L), x(C, 1)), {}))],
+    "pairwise_distance": [("", dict(N=3, D=4), lambda N, D: ((x(N, D), x(N, D)), {})),
+                          ("p=inf keepdim", dict(N=3, D=4), lambda N, D: ((x(N, D), x(D)), dict(p=float("inf"), keepdim=True)))],
+    # (no N = 0: torch's pdist backward segfaults on zero rows; tests/ops/test_distance.py covers it)
+    "pdist": [("", dict(D=4), lambda D: ((x(3, D),), {})), ("p=1", dict(D=4), lambda D: ((x(3, D),), dict(p=1.0)))],
+    # more dropouts (ops/dropout_more.py)
+    "alpha_dropout": [("train", ACT, _act(p=0.5, training=True)), ("eval", ACT, _act(p=0.5))],
+    "feature_alpha_dropout": [("train", ACT, _act(p=0.5, training=True)), ("eval", ACT, _act(p=0.5))],
+    "dropout1d": [("train", ACT, _act(p=0.5)), ("unbatched", dict(C=3, L=4), lambda C, L: ((x(C, L),), dict(p=0.5)))],
+    "dropout2d": [("train", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W),), dict(p=0.5)))],
+    "dropout3d": [("train", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W, 2),), dict(p=0.5))),
+                  ("unbatched", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W),), dict(p=0.5)))],
     "matmul": [
         ("2d", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {})),
         ("1d", dict(K=3), lambda K: ((x(K), x(K)), {})),
