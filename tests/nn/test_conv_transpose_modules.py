@@ -13,13 +13,7 @@ from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, c
 from tests.conftest import noncontiguous
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one intra-op thread (see tests/ops/test_conv.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 # float32: sums of up to a few hundred products in another order than torch's kernels (see

@@ -14,13 +14,7 @@ from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, c
 from tests.conftest import noncontiguous
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny ops (see tests/ops/test_pooling.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 def distinct(*shape, dtype=torch.float64):
