@@ -62,6 +62,9 @@ from .shuffle import ChannelShuffle, Fold, PixelShuffle, PixelUnshuffle, Unfold
 # normalization
 from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 
+# instance norm
+from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+
 # embedding and attention
 from .attention import MultiheadAttention
 from .embedding import Embedding
