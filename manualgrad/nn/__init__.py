@@ -65,6 +65,9 @@ from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, Lay
 # instance norm
 from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
+# local response norm
+from .lrn import CrossMapLRN2d, LocalResponseNorm
+
 # embedding and attention
 from .attention import MultiheadAttention
 from .embedding import Embedding

@@ -186,6 +186,10 @@ CASES = {
                                        dict(use_input_stats=False))),
     ],
     # end of instance norm
+    # local response norm
+    "local_response_norm": [("", ACT, _act(size=3)),
+                            ("4d", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W),), dict(size=2)))],
+    # end of local response norm
     "layer_norm": [
         ("", ACT, lambda N, C, L: ((x(N, C, L), (L,), x(L), x(L)), {})),
         ("2 dims", ACT, lambda N, C, L: ((x(N, C, L), (C, L), x(C, L), x(C, L)), {})),
