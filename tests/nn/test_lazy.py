@@ -130,7 +130,8 @@ def test_lazy_model_converts_and_trains_like_torch():
     yt = theirs(x)
     torch.manual_seed(3)
     y = ours(x)
-    assert [type(m) for m in ours] == [mnn.Conv2d, mnn.BatchNorm2d, mnn.ReLU, mnn.InstanceNorm2d, mnn.Flatten, mnn.Linear]
+    assert [type(m) for m in ours] == [mnn.Conv2d, mnn.BatchNorm2d, mnn.ReLU, mnn.InstanceNorm2d, mnn.Flatten,
+                                       mnn.Linear]
     torch.testing.assert_close(y, yt, **TOL)
     dy = exact_dy(y.shape)
     y.backward(dy), yt.backward(dy)

@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 import manualgrad as mg
 import manualgrad.functional as F
 import manualgrad.nn as mnn
-from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients, saved_bytes
 from tests.conftest import exact_dy, noncontiguous
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
@@ -169,7 +169,8 @@ MODULES = [(mnn.InstanceNorm1d, torch.nn.InstanceNorm1d, (3, 4, 7)),
 @pytest.mark.parametrize("track", [False, True])
 @pytest.mark.parametrize("momentum", [0.2, None])
 @pytest.mark.parametrize("batched", [True, False])
-def test_instance_norm_module_matches_torch_in_training_then_eval(ours, theirs, shape, affine, track, momentum, batched):
+def test_instance_norm_module_matches_torch_in_training_then_eval(ours, theirs, shape, affine, track, momentum,
+                                                                  batched):
     kw = dict(affine=affine, track_running_stats=track, momentum=momentum)
     m, t = ours(4, **kw), theirs(4, **kw)
     if affine:
@@ -212,3 +213,15 @@ def test_convert_swaps_instance_norm(ours, theirs, shape):
     assert type(model[0]) is ours
     y = model(torch.randn(shape, requires_grad=True))
     assert type(y.grad_fn).__name__ == "InstanceNormFunctionBackward"
+
+
+@pytest.mark.parametrize("use_input_stats", [True, False])
+def test_instance_norm_saves_no_more_than_torch(use_input_stats):
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    rm, rv = _stats(8)
+    ours, _ = saved_bytes(F.instance_norm, x, rm.clone(), rv.clone(), w, b, use_input_stats, exclude=(w, b))
+    theirs, _ = saved_bytes(TF.instance_norm, x, rm.clone(), rv.clone(), w, b, use_input_stats, exclude=(w, b))
+    # x and 2 N C statistics (training) or the 2 N C repeated running stats (eval), as torch;
+    # torch also keeps its repeated weight
+    assert x.numel() * 4 <= ours <= theirs

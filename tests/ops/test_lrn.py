@@ -8,7 +8,7 @@ import manualgrad as mg
 import manualgrad.functional as F
 import manualgrad.nn as mnn
 from manualgrad.ops.lrn import cross_map_lrn2d
-from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients, saved_bytes
 from tests.conftest import exact_dy, noncontiguous
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
@@ -98,7 +98,8 @@ def test_local_response_norm_bad_input_raises_like_torch(case):
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
 def test_cross_map_lrn2d_outputs_match_torch(c, size):
     x = torch.randn(2, c, 3, 4) * 3
-    torch.testing.assert_close(cross_map_lrn2d(x, size, 0.5, 0.75, 2.0), _torch_cross_map(x, size, 0.5, 0.75, 2.0), **TOL)
+    expected = _torch_cross_map(x, size, 0.5, 0.75, 2.0)
+    torch.testing.assert_close(cross_map_lrn2d(x, size, 0.5, 0.75, 2.0), expected, **TOL)
 
 
 @pytest.mark.parametrize("c,size", [(1, 3), (3, 1), (4, 2), (5, 3), (6, 5)])
@@ -161,3 +162,41 @@ def test_cross_map_lrn2d_module_outputs_match_torch():
     ours, theirs = mnn.CrossMapLRN2d(3, alpha=0.5, beta=0.75, k=2), torch.nn.CrossMapLRN2d(3, alpha=0.5, beta=0.75, k=2)
     torch.testing.assert_close(ours(x), theirs(x), **TOL)
     assert type(ours(x).grad_fn).__name__ == "CrossMapLRN2dFunctionBackward"
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 32), (2, 16, 8, 8)])
+def test_local_response_norm_saves_only_its_input(shape):
+    x = torch.randn(shape, requires_grad=True)
+    ours, _ = saved_bytes(F.local_response_norm, x, 5)
+    theirs, _ = saved_bytes(TF.local_response_norm, x, 5)
+    # x alone; torch's composite keeps its squares, padded sums and powers too
+    assert ours == x.numel() * 4 <= theirs
+
+
+def test_converted_norm_model_compiles_without_graph_breaks_and_matches_eager():
+    import copy
+
+    torch.manual_seed(0)
+    model = mg.convert(torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3), torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        torch.nn.LocalResponseNorm(3), torch.nn.CrossMapLRN2d(3, alpha=0.5), torch.nn.Flatten(),
+        torch.nn.Linear(64, 3)), strict=True)
+    x, y = torch.randn(2, 2, 6, 6), torch.randint(0, 3, (2,))
+
+    def loss_fn(m):
+        return F.cross_entropy(m(x), y)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss_fn)(copy.deepcopy(model))
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(model)
+    loss = loss_fn(model)
+    loss.backward()
+    compiled_loss = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(compiled)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    for (name, p), (_, q) in zip(model.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), (_, cb) in zip(model.named_buffers(), compiled.named_buffers()):
+        assert torch.equal(cb, b), name
