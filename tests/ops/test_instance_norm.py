@@ -143,7 +143,7 @@ def test_instance_norm_routes_to_the_function_under_enable():
 
 
 @pytest.mark.parametrize("case", ["one spatial element", "no spatial dims", "eval without running stats",
-                                  "running stats of the wrong size", "weight of the wrong size"])
+                                  "running stats of the wrong size", "weight of the wrong size", "1 dim in eval"])
 def test_instance_norm_bad_input_raises_like_torch(case):
     x = torch.randn(2, 3, 4)
     args = {
@@ -152,6 +152,7 @@ def test_instance_norm_bad_input_raises_like_torch(case):
         "eval without running stats": ((x,), dict(use_input_stats=False)),
         "running stats of the wrong size": ((x, torch.zeros(4), torch.ones(4)), {}),
         "weight of the wrong size": ((x,), dict(weight=torch.ones(4))),
+        "1 dim in eval": ((torch.randn(3), torch.zeros(3), torch.ones(3)), dict(use_input_stats=False)),
     }[case]
     assert_raises_like_torch(F.instance_norm, TF.instance_norm, *args[0], **args[1])
 

@@ -200,3 +200,18 @@ def test_converted_norm_model_compiles_without_graph_breaks_and_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, b), (_, cb) in zip(model.named_buffers(), compiled.named_buffers()):
         assert torch.equal(cb, b), name
+
+
+@pytest.mark.parametrize("op", ["instance_norm", "local_response_norm"])
+def test_per_sample_gradients_under_vmap_match_torch(op):
+    # torch.func.vmap(grad(...)) over a batch of (2, 3, 4) samples: the generated vmap rules
+    x, w = torch.randn(5, 2, 3, 4, dtype=D), torch.randn(3, dtype=D)
+    call = {"instance_norm": lambda f, x, w: f.instance_norm(x, weight=w),
+            "local_response_norm": lambda f, x, w: f.local_response_norm(x * w.view(1, 3, 1), 2)}[op]
+
+    def per_sample(f):
+        loss = lambda x, w: call(f, x, w).pow(2).sum()  # noqa: E731
+        return torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, None))(x, w)
+
+    for ours, theirs in zip(per_sample(F), per_sample(TF)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
