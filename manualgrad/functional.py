@@ -83,6 +83,12 @@ from .ops.shuffle import channel_shuffle, fold, pixel_shuffle, pixel_unshuffle, 
 # normalization
 from .ops.normalization import batch_norm, group_norm, layer_norm, rms_norm
 
+# instance norm
+from .ops.instance_norm import instance_norm
+
+# local response norm
+from .ops.lrn import local_response_norm
+
 # embedding and attention
 from .ops.attention import scaled_dot_product_attention
 from .ops.embedding import embedding

@@ -107,6 +107,8 @@ _TORCH_LEVEL = [
      "group_norm", {"cudnn_enabled": None}, None),
     ((torch.batch_norm,), "input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled",
      "batch_norm", {"cudnn_enabled": None}, None),
+    ((torch.instance_norm,), "input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, "
+     "cudnn_enabled", "instance_norm", {"cudnn_enabled": None}, None),
     ((torch.rms_norm,), "input, normalized_shape, weight=None, eps=None", "rms_norm", None, None),
     ((torch.dropout,), "input, p, train", "dropout", {"train": "training"}, None),
     ((torch.embedding,), "weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False",

@@ -65,6 +65,29 @@ from .shuffle import ChannelShuffle, Fold, PixelShuffle, PixelUnshuffle, Unfold
 # normalization
 from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm
 
+# instance norm
+from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+
+# local response norm
+from .lrn import CrossMapLRN2d, LocalResponseNorm
+
+# lazy modules
+from .lazy import (
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    LazyConv1d,
+    LazyConv2d,
+    LazyConv3d,
+    LazyConvTranspose1d,
+    LazyConvTranspose2d,
+    LazyConvTranspose3d,
+    LazyInstanceNorm1d,
+    LazyInstanceNorm2d,
+    LazyInstanceNorm3d,
+    LazyLinear,
+)
+
 # embedding and attention
 from .attention import MultiheadAttention
 from .embedding import Embedding

@@ -70,6 +70,12 @@ SAMPLES = {
     "embedding": (lambda: ((torch.tensor([1, 0, 7, 1]), _x(8, 3)), {}), None),
     "gelu": (lambda: ((_x(4, 6),), dict(approximate="tanh")), None),
     "glu": (lambda: ((_x(4, 6),), {}), None),
+    # instance norm
+    "instance_norm": (lambda: ((_x(2, 3, 5), torch.zeros(3), torch.ones(3), _x(3), _x(3)), {}), None),
+    # end of instance norm
+    # local response norm
+    "local_response_norm": (lambda: ((_x(2, 5, 3, 2), 3), dict(alpha=0.5, k=2.0)), None),
+    # end of local response norm
     "group_norm": (lambda: ((_x(2, 6, 5), 3, _x(6), _x(6)), {}), None),
     "hardswish": (lambda: ((_x(4, 6) * 4,), {}), None),
     "huber_loss": (lambda: ((_x(4, 3), torch.randn(4, 3)), dict(delta=0.5)), None),

@@ -178,6 +178,18 @@ CASES = {
         ("2d", dict(N=2, C=4), lambda N, C: ((x(N, C), 2, x(C), x(C)), {})),
         ("no-affine", dict(N=2, C=4, L=3), lambda N, C, L: ((x(N, C, L), 2), {})),
     ],
+    # instance norm
+    "instance_norm": [
+        ("train", ACT, lambda N, C, L: ((x(N, C, L), torch.randn(C), torch.rand(C) + 0.5, x(C), x(C)), {})),
+        ("no-stats", ACT, lambda N, C, L: ((x(N, C, L),), {})),
+        ("eval", ACT, lambda N, C, L: ((x(N, C, L), torch.randn(C), torch.rand(C) + 0.5, x(C), x(C)),
+                                       dict(use_input_stats=False))),
+    ],
+    # end of instance norm
+    # local response norm
+    "local_response_norm": [("", ACT, _act(size=3)),
+                            ("4d", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W),), dict(size=2)))],
+    # end of local response norm
     "layer_norm": [
         ("", ACT, lambda N, C, L: ((x(N, C, L), (L,), x(L), x(L)), {})),
         ("2 dims", ACT, lambda N, C, L: ((x(N, C, L), (C, L), x(C, L), x(C, L)), {})),
