@@ -27,6 +27,9 @@ from .ops.binary_loss import binary_cross_entropy, binary_cross_entropy_with_log
 # classification losses
 from .ops.classification_loss import cross_entropy, nll_loss
 
+# pointwise losses: likelihoods (poisson, gaussian) and margins (ranking, hinge, soft margin)
+from .ops.pointwise_loss import gaussian_nll_loss, poisson_nll_loss
+
 # convolution
 from .ops.conv import conv1d, conv2d, conv3d
 

@@ -15,6 +15,9 @@ from .loss import (
     NLLLoss,
     SmoothL1Loss,
 )
+# more losses
+from .loss_more import GaussianNLLLoss, PoissonNLLLoss
+
 # convolution
 from .conv import Conv1d, Conv2d, Conv3d
 

@@ -121,6 +121,13 @@ CASES = {
         ("weight", dict(N=3, C=4), lambda N, C: ((_log_probs(N, C), classes((N,), C)), dict(weight=torch.rand(C)))),
         ("spatial", dict(N=2, C=4, L=3), lambda N, C, L: ((_log_probs(N, C, L), classes((N, L), C)), {})),
     ],
+    # pointwise and margin losses, bilinear (one block)
+    "poisson_nll_loss": _loss_cases(make_target=lambda *s: torch.rand(s) * 3, full=True),
+    "gaussian_nll_loss": [
+        (r, dict(N=3, C=4), lambda N, C, r=r: ((x(N, C), x(N, C), probs(N, C)), dict(reduction=r)))
+        for r in ("mean", "sum", "none")] + [
+        ("homoscedastic", dict(N=3, C=4), lambda N, C: ((x(N, C), x(N, C), probs(N)), {}))],
+    # end of pointwise and margin losses, bilinear
     "linear_cross_entropy": [
         (r, dict(N=3, D=5, C=4), lambda N, D, C, r=r: ((x(N, D), x(C, D), classes((N,), C)),
                                                         dict(linear_bias=x(C), reduction=r)))

@@ -1,0 +1,56 @@
+"""The loss modules of manualgrad/nn/loss_more.py: drop-ins for torch.nn's (same repr, state_dict,
+isinstance; outputs and gradients as torch's for their options), swapped by convert(strict=True)."""
+import copy
+
+import pytest
+import torch
+
+import manualgrad as mg
+import manualgrad.nn as mnn
+from manualgrad.testing import assert_same_as_torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N, C = 5, 7
+
+
+def _x(*shape):
+    return torch.randn(shape, requires_grad=True)
+
+
+def _pos(*shape):
+    return (torch.rand(shape) + 0.1).requires_grad_()
+
+
+# (class name, constructor kwargs, () -> forward inputs)
+MODULES = [
+    ("PoissonNLLLoss", {}, lambda: (_x(N, C), torch.rand(N, C) * 3)),
+    ("PoissonNLLLoss", dict(log_input=False, full=True, eps=1e-3, reduction="none"), lambda: (_pos(N, C), _pos(N, C) * 3)),
+    ("GaussianNLLLoss", {}, lambda: (_x(N, C), _x(N, C), _pos(N, C))),
+    ("GaussianNLLLoss", dict(full=True, eps=0.2, reduction="sum"), lambda: (_x(N, C), _x(N, C), _pos(N))),
+]
+IDS = [f"{m[0]}-{i}" for i, m in enumerate(MODULES)]
+
+
+def _pair(name, kwargs):
+    theirs = getattr(torch.nn, name)(**copy.deepcopy(kwargs))
+    ours = getattr(mnn, name)(**copy.deepcopy(kwargs))
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name, kwargs, make_inputs", MODULES, ids=IDS)
+def test_loss_module_matches_torch(name, kwargs, make_inputs):
+    ours, theirs = _pair(name, kwargs)
+    assert repr(ours) == repr(theirs)
+    assert isinstance(ours, type(theirs)) and type(ours).__bases__[0] is type(theirs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert_same_as_torch(ours, theirs, *make_inputs())
+
+
+@pytest.mark.parametrize("name, kwargs, make_inputs", MODULES, ids=IDS)
+def test_convert_swaps_the_loss_module_and_the_result_is_torchs(name, kwargs, make_inputs):
+    holder = torch.nn.ModuleDict({"loss": getattr(torch.nn, name)(**copy.deepcopy(kwargs))})
+    reference = copy.deepcopy(holder)
+    mg.convert(holder, strict=True)
+    assert type(holder["loss"]) is getattr(mnn, name)
+    assert_same_as_torch(holder["loss"], reference["loss"], *make_inputs())

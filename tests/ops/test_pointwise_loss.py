@@ -1,0 +1,154 @@
+import functools
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import manualgrad.functional as F
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
+from tests.conftest import exact_dy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPES = [(1,), (7, 13), (2, 3, 17)]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def fns(name):
+    return getattr(F, name), getattr(TF, name)
+
+
+def leaf(t):
+    return t.detach().requires_grad_()
+
+
+def away_from(t, point, gap=0.05):
+    """t with every value at least gap from point (finite differences across a kink break)."""
+    return torch.where((t - point).abs() < gap, t + 2 * gap, t)
+
+
+# name -> (inputs(shape, dtype) -> positional tensors, [option dicts]); the inputs keep every
+# value 0.05 away from where the loss is not smooth, so gradcheck's finite differences hold.
+def _poisson(shape, dtype):
+    x = torch.rand(shape, dtype=dtype) * 2 + 0.1  # > 0: log_input=False takes log(x + eps)
+    t = away_from(torch.rand(shape, dtype=dtype) * 3, 1.0)  # the Stirling term starts at t > 1
+    return leaf(x), leaf(t)
+
+
+def _gaussian(shape, dtype):
+    return leaf(torch.randn(shape, dtype=dtype)), leaf(torch.randn(shape, dtype=dtype)), \
+        leaf(torch.rand(shape, dtype=dtype) + 0.1)  # var >= 0.1: none clamped by eps
+
+
+CASES = {
+    "poisson_nll_loss": (_poisson, [
+        {}, dict(log_input=False), dict(full=True), dict(log_input=False, full=True, eps=0.5)]),
+    "gaussian_nll_loss": (_gaussian, [{}, dict(full=True), dict(eps=0.05)]),
+}
+VARIANTS = [(name, opts) for name, (_, options) in CASES.items() for opts in options]
+
+
+def ids(variant):
+    name, opts = variant
+    return name + "".join(f"-{k}={v}" for k, v in opts.items())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_functional_signature_is_torchs(name):
+    ours, theirs = (inspect.signature(f) for f in fns(name))
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids)
+def test_loss_matches_torch_in_float32(variant, reduction, shape):
+    name, opts = variant
+    inputs = CASES[name][0](shape, torch.float32)
+    assert_same_as_torch(*fns(name), *inputs, reduction=reduction, **opts)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids)
+def test_gradients_and_double_backward(variant):
+    name, opts = variant
+    # options bound first: check_gradients has an eps of its own (the finite-difference step)
+    fn = functools.partial(getattr(F, name), **opts)
+    check_gradients(fn, *CASES[name][0]((3, 4), torch.float64), reduction="none")
+    check_gradients(fn, *CASES[name][0]((5,), torch.float64), reduction="mean")
+
+
+# --- poisson_nll_loss ----------------------------------------------------------------------------
+
+def test_poisson_full_adds_stirling_where_target_is_above_one_only():
+    x = torch.tensor([0.5, 0.5, 0.5])
+    t = torch.tensor([0.0, 1.0, 4.0])
+    stirling = 4 * math.log(4) - 4 + 0.5 * math.log(2 * math.pi * 4)
+    expected = torch.exp(x) - t * x + torch.tensor([0.0, 0.0, stirling])
+    torch.testing.assert_close(F.poisson_nll_loss(x, t, full=True, reduction="none"), expected)
+
+
+@pytest.mark.parametrize("shapes", [((3, 1), (1, 4)), ((4,), (3, 4)), ((3, 4), (4,))])
+def test_poisson_broadcasts_like_torch(shapes):
+    x, t = leaf(torch.randn(shapes[0])), leaf(torch.rand(shapes[1]) * 3)
+    assert_same_as_torch(*fns("poisson_nll_loss"), x, t, full=True, reduction="sum")
+
+
+def test_poisson_target_zero_has_finite_gradients_with_full():
+    # log(0) sits in the masked branch of the Stirling term: neither nan nor inf may leak
+    x = leaf(torch.randn(4, dtype=torch.float64))
+    t = leaf(torch.tensor([0.0, 0.5, 2.0, 0.0], dtype=torch.float64))
+    check_gradients(F.poisson_nll_loss, x, t, full=True, reduction="sum")
+
+
+def test_poisson_legacy_size_average_and_reduce_like_torch():
+    x, t = _poisson((3, 4), torch.float32)
+    assert_same_as_torch(*fns("poisson_nll_loss"), x, t, size_average=False)
+    assert_same_as_torch(*fns("poisson_nll_loss"), x, t, reduce=False)
+
+
+# --- gaussian_nll_loss ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("var_shape", [(4, 3), (4,), (4, 1), (1, 3)])
+def test_gaussian_var_shapes_like_torch(var_shape):
+    x, t = leaf(torch.randn(4, 3)), leaf(torch.randn(4, 3))
+    var = leaf(torch.rand(var_shape) + 0.1)
+    assert_same_as_torch(*fns("gaussian_nll_loss"), x, t, var, reduction="none")
+    check_gradients(F.gaussian_nll_loss, x, t, var, reduction="sum")
+
+
+def test_gaussian_var_as_a_float_like_torch():
+    x, t = leaf(torch.randn(4, 3)), leaf(torch.randn(4, 3))
+    assert_same_as_torch(*fns("gaussian_nll_loss"), x, t, 0.5)
+
+
+def test_gaussian_var_below_eps_is_clamped_and_its_gradient_passes_the_clamp_like_torch():
+    x, t = leaf(torch.randn(6)), leaf(torch.randn(6))
+    var = leaf(torch.tensor([0.0, 1e-8, 0.05, 0.3, 1.0, 2.0]))
+    mg, _ = assert_same_as_torch(*fns("gaussian_nll_loss"), x, t, var, eps=0.1, reduction="none",
+                                 grad_output=exact_dy((6,)))
+    # by hand at var = 0: v = eps = 0.1
+    d = (x[0] - t[0]).item()
+    assert mg[0][0].item() == pytest.approx(0.5 * (math.log(0.1) + d * d / 0.1), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", [
+    ("negative var", lambda: (torch.randn(3), torch.randn(3), torch.tensor([1.0, -1.0, 1.0])), {}),
+    ("negative float var", lambda: (torch.randn(3), torch.randn(3), -1.0), {}),
+    ("bad var shape", lambda: (torch.randn(4, 3), torch.randn(4, 3), torch.rand(3, 4)), {}),
+    ("bad reduction", lambda: (torch.randn(3), torch.randn(3), torch.rand(3)), dict(reduction="max")),
+], ids=lambda c: c[0])
+def test_gaussian_bad_input_raises_like_torch(case):
+    _, make, kwargs = case
+    assert_raises_like_torch(*fns("gaussian_nll_loss"), *make(), **kwargs)
+
+
+@pytest.mark.parametrize("case", [
+    ("bad reduction", lambda: (torch.randn(3), torch.rand(3)), dict(reduction="max")),
+    ("shapes that do not broadcast", lambda: (torch.randn(3), torch.rand(4)), {}),
+], ids=lambda c: c[0])
+def test_poisson_bad_input_raises_like_torch(case):
+    _, make, kwargs = case
+    assert_raises_like_torch(*fns("poisson_nll_loss"), *make(), **kwargs)
