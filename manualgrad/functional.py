@@ -28,7 +28,13 @@ from .ops.binary_loss import binary_cross_entropy, binary_cross_entropy_with_log
 from .ops.classification_loss import cross_entropy, nll_loss
 
 # pointwise losses: likelihoods (poisson, gaussian) and margins (ranking, hinge, soft margin)
-from .ops.pointwise_loss import gaussian_nll_loss, poisson_nll_loss
+from .ops.pointwise_loss import (
+    gaussian_nll_loss,
+    hinge_embedding_loss,
+    margin_ranking_loss,
+    poisson_nll_loss,
+    soft_margin_loss,
+)
 
 # convolution
 from .ops.conv import conv1d, conv2d, conv3d

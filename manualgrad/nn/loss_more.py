@@ -15,3 +15,18 @@ class PoissonNLLLoss(torch.nn.PoissonNLLLoss):
 class GaussianNLLLoss(torch.nn.GaussianNLLLoss):
     def forward(self, input, target, var):
         return F.gaussian_nll_loss(input, target, var, full=self.full, eps=self.eps, reduction=self.reduction)
+
+
+class MarginRankingLoss(torch.nn.MarginRankingLoss):
+    def forward(self, input1, input2, target):
+        return F.margin_ranking_loss(input1, input2, target, margin=self.margin, reduction=self.reduction)
+
+
+class HingeEmbeddingLoss(torch.nn.HingeEmbeddingLoss):
+    def forward(self, input, target):
+        return F.hinge_embedding_loss(input, target, margin=self.margin, reduction=self.reduction)
+
+
+class SoftMarginLoss(torch.nn.SoftMarginLoss):
+    def forward(self, input, target):
+        return F.soft_margin_loss(input, target, reduction=self.reduction)

@@ -285,3 +285,32 @@ def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"
         raise ValueError(reduction + " is not valid")
     param = (bool(full), float(eps))
     return apply(InputDtypePointwiseLossFunction, input, target, var, "gaussian_nll", param, reduction)
+
+
+def margin_ranking_loss(input1, input2, target, margin=0, size_average=None, reduce=None, reduction="mean"):
+    """Drop-in for ``torch.nn.functional.margin_ranking_loss``: max(0, -y (x1 - x2) + margin)."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if input1.dim() != input2.dim() or input1.dim() != target.dim():
+        raise RuntimeError(
+            f"margin_ranking_loss : All input tensors should have same dimension but got sizes: "
+            f"input1: {input1.size()}, input2: {input2.size()}, target: {target.size()} "
+        )
+    return apply(PointwiseLossFunction, input1, input2, target, "margin_ranking", float(margin), reduction)
+
+
+def hinge_embedding_loss(input, target, margin=1.0, size_average=None, reduce=None, reduction="mean"):
+    """Drop-in for ``torch.nn.functional.hinge_embedding_loss``: x where y == 1,
+    max(0, margin - x) where y == -1."""
+    reduction = _reduction(size_average, reduce, reduction)
+    torch.broadcast_shapes(input.shape, target.shape)  # RuntimeError when they cannot broadcast
+    return apply(PointwiseLossFunction, input, target, None, "hinge_embedding", float(margin), reduction)
+
+
+def soft_margin_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    """Drop-in for ``torch.nn.functional.soft_margin_loss``: log(1 + exp(-y x))."""
+    reduction = _reduction(size_average, reduce, reduction)
+    shape = torch.broadcast_shapes(input.shape, target.shape)  # RuntimeError when they cannot broadcast
+    if shape != input.shape:  # torch's kernel writes the loss into a tensor of input's shape
+        raise RuntimeError(f"output with shape {list(input.shape)} doesn't match the broadcast shape {list(shape)}")
+    _not_differentiable("soft_margin_loss", "target", target)
+    return apply(PointwiseLossFunction, input, target, None, "soft_margin", None, reduction)

@@ -22,12 +22,22 @@ def _pos(*shape):
     return (torch.rand(shape) + 0.1).requires_grad_()
 
 
+def _signs(*shape):
+    return torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
+
+
 # (class name, constructor kwargs, () -> forward inputs)
 MODULES = [
     ("PoissonNLLLoss", {}, lambda: (_x(N, C), torch.rand(N, C) * 3)),
     ("PoissonNLLLoss", dict(log_input=False, full=True, eps=1e-3, reduction="none"), lambda: (_pos(N, C), _pos(N, C) * 3)),
     ("GaussianNLLLoss", {}, lambda: (_x(N, C), _x(N, C), _pos(N, C))),
     ("GaussianNLLLoss", dict(full=True, eps=0.2, reduction="sum"), lambda: (_x(N, C), _x(N, C), _pos(N))),
+    ("MarginRankingLoss", dict(margin=0.3), lambda: (_x(N), _x(N), _signs(N))),
+    ("MarginRankingLoss", dict(reduction="none"), lambda: (_x(N, C), _x(N, C), _signs(N, C))),
+    ("HingeEmbeddingLoss", {}, lambda: (_x(N, C), _signs(N, C))),
+    ("HingeEmbeddingLoss", dict(margin=0.5, reduction="sum"), lambda: (_x(N, C), _signs(N, C))),
+    ("SoftMarginLoss", {}, lambda: (_x(N, C), _signs(N, C))),
+    ("SoftMarginLoss", dict(reduction="none"), lambda: (_x(N, C), _signs(N, C))),
 ]
 IDS = [f"{m[0]}-{i}" for i, m in enumerate(MODULES)]
 

@@ -127,6 +127,12 @@ CASES = {
         (r, dict(N=3, C=4), lambda N, C, r=r: ((x(N, C), x(N, C), probs(N, C)), dict(reduction=r)))
         for r in ("mean", "sum", "none")] + [
         ("homoscedastic", dict(N=3, C=4), lambda N, C: ((x(N, C), x(N, C), probs(N)), {}))],
+    "margin_ranking_loss": [
+        (r, dict(N=3, C=4), lambda N, C, r=r: ((x(N, C), x(N, C), torch.randn(N, C).sign()), dict(reduction=r)))
+        for r in ("mean", "sum", "none")] + [
+        ("margin", dict(N=3, C=4), lambda N, C: ((x(N, C), x(N, C), x(N, C)), dict(margin=0.5)))],
+    "hinge_embedding_loss": _loss_cases(make_target=lambda *s: torch.randn(s).sign(), margin=0.5),
+    "soft_margin_loss": _loss_cases(make_target=lambda *s: torch.randn(s).sign()),
     # end of pointwise and margin losses, bilinear
     "linear_cross_entropy": [
         (r, dict(N=3, D=5, C=4), lambda N, D, C, r=r: ((x(N, D), x(C, D), classes((N,), C)),
