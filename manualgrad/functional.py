@@ -36,6 +36,9 @@ from .ops.pointwise_loss import (
     soft_margin_loss,
 )
 
+# multi-class and multi-label losses
+from .ops.multiclass_loss import multilabel_soft_margin_loss
+
 # convolution
 from .ops.conv import conv1d, conv2d, conv3d
 

@@ -16,7 +16,14 @@ from .loss import (
     SmoothL1Loss,
 )
 # more losses
-from .loss_more import GaussianNLLLoss, HingeEmbeddingLoss, MarginRankingLoss, PoissonNLLLoss, SoftMarginLoss
+from .loss_more import (
+    GaussianNLLLoss,
+    HingeEmbeddingLoss,
+    MarginRankingLoss,
+    MultiLabelSoftMarginLoss,
+    PoissonNLLLoss,
+    SoftMarginLoss,
+)
 
 # convolution
 from .conv import Conv1d, Conv2d, Conv3d

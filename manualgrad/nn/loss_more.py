@@ -30,3 +30,8 @@ class HingeEmbeddingLoss(torch.nn.HingeEmbeddingLoss):
 class SoftMarginLoss(torch.nn.SoftMarginLoss):
     def forward(self, input, target):
         return F.soft_margin_loss(input, target, reduction=self.reduction)
+
+
+class MultiLabelSoftMarginLoss(torch.nn.MultiLabelSoftMarginLoss):
+    def forward(self, input, target):
+        return F.multilabel_soft_margin_loss(input, target, weight=self.weight, reduction=self.reduction)

@@ -38,6 +38,8 @@ MODULES = [
     ("HingeEmbeddingLoss", dict(margin=0.5, reduction="sum"), lambda: (_x(N, C), _signs(N, C))),
     ("SoftMarginLoss", {}, lambda: (_x(N, C), _signs(N, C))),
     ("SoftMarginLoss", dict(reduction="none"), lambda: (_x(N, C), _signs(N, C))),
+    ("MultiLabelSoftMarginLoss", {}, lambda: (_x(N, C), torch.rand(N, C).round())),
+    ("MultiLabelSoftMarginLoss", dict(weight=torch.rand(C), reduction="none"), lambda: (_x(N, C), torch.rand(N, C))),
 ]
 IDS = [f"{m[0]}-{i}" for i, m in enumerate(MODULES)]
 

@@ -133,6 +133,8 @@ CASES = {
         ("margin", dict(N=3, C=4), lambda N, C: ((x(N, C), x(N, C), x(N, C)), dict(margin=0.5)))],
     "hinge_embedding_loss": _loss_cases(make_target=lambda *s: torch.randn(s).sign(), margin=0.5),
     "soft_margin_loss": _loss_cases(make_target=lambda *s: torch.randn(s).sign()),
+    "multilabel_soft_margin_loss": _loss_cases(make_target=lambda *s: torch.rand(s)) + [
+        ("weight", dict(N=3, C=4), lambda N, C: ((x(N, C), torch.rand(N, C)), dict(weight=torch.rand(C))))],
     # end of pointwise and margin losses, bilinear
     "linear_cross_entropy": [
         (r, dict(N=3, D=5, C=4), lambda N, D, C, r=r: ((x(N, D), x(C, D), classes((N,), C)),
