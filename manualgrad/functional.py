@@ -37,7 +37,7 @@ from .ops.pointwise_loss import (
 )
 
 # multi-class and multi-label losses
-from .ops.multiclass_loss import multilabel_soft_margin_loss
+from .ops.multiclass_loss import multi_margin_loss, multilabel_margin_loss, multilabel_soft_margin_loss
 
 # convolution
 from .ops.conv import conv1d, conv2d, conv3d

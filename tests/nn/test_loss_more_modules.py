@@ -26,6 +26,13 @@ def _signs(*shape):
     return torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
 
 
+def _multilabel_target():
+    # row n: classes n and n + 1, then -1 (and a class after it, to be ignored)
+    t = torch.full((N, C), -1)
+    t[:, 0], t[:, 1], t[:, 3] = torch.arange(N), torch.arange(1, N + 1) % C, 2
+    return t
+
+
 # (class name, constructor kwargs, () -> forward inputs)
 MODULES = [
     ("PoissonNLLLoss", {}, lambda: (_x(N, C), torch.rand(N, C) * 3)),
@@ -40,6 +47,11 @@ MODULES = [
     ("SoftMarginLoss", dict(reduction="none"), lambda: (_x(N, C), _signs(N, C))),
     ("MultiLabelSoftMarginLoss", {}, lambda: (_x(N, C), torch.rand(N, C).round())),
     ("MultiLabelSoftMarginLoss", dict(weight=torch.rand(C), reduction="none"), lambda: (_x(N, C), torch.rand(N, C))),
+    ("MultiLabelMarginLoss", {}, lambda: (_x(N, C), _multilabel_target())),
+    ("MultiLabelMarginLoss", dict(reduction="none"), lambda: (_x(N, C), _multilabel_target())),
+    ("MultiMarginLoss", {}, lambda: (_x(N, C), torch.randint(0, C, (N,)))),
+    ("MultiMarginLoss", dict(p=2, margin=0.5, weight=torch.rand(C) + 0.1, reduction="sum"),
+     lambda: (_x(N, C), torch.randint(0, C, (N,)))),
 ]
 IDS = [f"{m[0]}-{i}" for i, m in enumerate(MODULES)]
 
