@@ -1,8 +1,11 @@
 """More loss modules: the torch classes (options as attributes, weights as buffers, as torch
 keeps them) with forward routed to manualgrad.functional."""
+import warnings
+
 import torch
 
 from .. import functional as F
+from .loss import NLLLoss
 
 
 class PoissonNLLLoss(torch.nn.PoissonNLLLoss):
@@ -47,3 +50,21 @@ class MultiMarginLoss(torch.nn.MultiMarginLoss):
         return F.multi_margin_loss(
             input, target, p=self.p, margin=self.margin, weight=self.weight, reduction=self.reduction
         )
+
+
+# torch.nn.NLLLoss2d is marked @deprecated: a subclass warns where it is defined (at import here),
+# an instance of the subclass does not. So the class is defined quietly and warns when built, as torch's.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+
+    class NLLLoss2d(torch.nn.NLLLoss2d, NLLLoss):
+        """Deprecated alias of NLLLoss, as in torch: forward is manualgrad's NLLLoss's (through the MRO)."""
+
+        def __init__(self, *args, **kwargs):
+            warnings.warn(
+                "`NLLLoss2d` has been deprecated. Please use `NLLLoss` instead as a drop-in replacement and see "
+                "https://pytorch.org/docs/main/nn.html#torch.nn.NLLLoss for more details.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            super().__init__(*args, **kwargs)
