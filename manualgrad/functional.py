@@ -9,6 +9,9 @@ backed by a Function with a hand-written backward (manualgrad/ops/<family>.py).
 # linear
 from .ops.linear import linear
 
+# bilinear
+from .ops.bilinear import bilinear
+
 # activation
 from .ops.activation import elu, gelu, glu, hardswish, leaky_relu, mish, relu, sigmoid, silu, softplus, tanh
 

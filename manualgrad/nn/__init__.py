@@ -4,6 +4,7 @@
 from .activation import ELU, GELU, GLU, Hardswish, LeakyReLU, LogSoftmax, Mish, ReLU, Sigmoid, SiLU, Softmax, Softplus, Tanh
 from .dropout import Dropout
 from .linear import Linear
+from .bilinear import Bilinear
 from .loss import (
     BCELoss,
     BCEWithLogitsLoss,

@@ -100,6 +100,7 @@ SAMPLES = {
     "multilabel_margin_loss": (lambda: ((_x(4, 3), torch.tensor([[0, -1, 2], [2, 1, -1], [-1, 0, 0], [0, 1, 2]])),
                                         {}), None),
     "multi_margin_loss": (lambda: ((_x(4, 3), _cls(4, 3)), dict(p=2, margin=0.5, weight=torch.rand(3))), None),
+    "bilinear": (lambda: ((_x(2, 3, 4), _x(2, 3, 5), _x(6, 4, 5), _x(6)), {}), None),
     # end of pointwise and margin losses, bilinear
     "pad": (lambda: ((_x(2, 3, 7, 6), (2, 1, -1, 3)), dict(mode="reflect")), None),
     "pixel_shuffle": (lambda: ((_x(2, 8, 3, 5), 2), {}), None),

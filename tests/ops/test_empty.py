@@ -142,6 +142,10 @@ CASES = {
         (r, dict(N=3, C=4), lambda N, C, r=r: ((x(N, C), classes((N,), C)), dict(reduction=r)))
         for r in ("mean", "sum", "none")] + [
         ("p=2-weight", dict(N=3, C=4), lambda N, C: ((x(N, C), classes((N,), C)), dict(p=2, weight=torch.rand(C))))],
+    "bilinear": [
+        ("", dict(N=3, I=4, J=2, O=5), lambda N, I, J, O: ((x(N, I), x(N, J), x(O, I, J), x(O)), {})),
+        ("batched", dict(B=2, N=3, I=4, J=2, O=5),
+         lambda B, N, I, J, O: ((x(B, N, I), x(B, N, J), x(O, I, J)), {}))],
     # end of pointwise and margin losses, bilinear
     "linear_cross_entropy": [
         (r, dict(N=3, D=5, C=4), lambda N, D, C, r=r: ((x(N, D), x(C, D), classes((N,), C)),
