@@ -19,7 +19,7 @@ tensor: fine for the tens to hundreds of labels it is used with; torch loops ins
 import torch
 import torch.nn.functional as TF
 
-from ._apply import FLOAT32, INPUT, apply
+from ._apply import FLOAT32, INPUT, apply, autocast_on
 from ._checks import can_inspect_values, get_reduction, reduce_backward, reduce_forward
 
 
@@ -331,7 +331,7 @@ def multi_margin_loss(input, target, p=1, margin=1.0, weight=None, size_average=
     if weight is not None:
         if weight.numel() != x.shape[1]:
             raise RuntimeError(f"inconsistent weight size, expected {x.shape[1]} but got {list(weight.shape)}")
-        if weight.dtype != input.dtype:
+        if weight.dtype != input.dtype and not autocast_on(input.device.type):  # autocast: both float32
             raise RuntimeError(
                 f"expected scalar type {_dtype_name(input.dtype)} but found {_dtype_name(weight.dtype)}")
         if weight.requires_grad and torch.is_grad_enabled():

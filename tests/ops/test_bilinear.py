@@ -89,3 +89,14 @@ def test_bilinear_module_matches_torch_and_converts(bias):
     mg.convert(model, strict=True)
     assert type(model["b"]) is mnn.Bilinear
     assert type(model["b"](x1, x2).grad_fn).__name__ == "BilinearFunctionBackward"
+
+
+def test_bilinear_under_bfloat16_autocast_stays_in_the_inputs_dtype_like_torch():
+    # torch's bilinear is on no autocast list: a float32 result. (Inside, its _trilinear's matrix
+    # products do get autocast to bfloat16; manualgrad's stay float32, the result outside autocast.)
+    args = (torch.randn(4, 3), torch.randn(4, 2), torch.randn(5, 3, 2), torch.randn(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = F.bilinear(*args), TF.bilinear(*args)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, TF.bilinear(*args))
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=5e-2)  # torch's bfloat16 products

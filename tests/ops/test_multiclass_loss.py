@@ -227,3 +227,21 @@ def test_multi_margin_gives_no_gradient_at_the_kink_like_torch():
 def test_multi_margin_bad_input_raises_like_torch(case):
     _, make, kwargs = case
     assert_raises_like_torch(*fns("multi_margin_loss"), *make(), **kwargs)
+
+
+# --- autocast ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, make, kwargs", [
+    ("multilabel_soft_margin_loss", lambda: (torch.randn(4, 5).bfloat16(), torch.rand(4, 5)), {}),
+    ("multilabel_margin_loss", lambda: (torch.randn(4, 5).bfloat16(), multilabel_targets(4, 5)), {}),
+    ("multi_margin_loss", lambda: (torch.randn(4, 5).bfloat16(), torch.randint(0, 5, (4,))), dict(p=2)),
+    # a float32 weight with a bfloat16 input: torch's autocast casts both to float32 first
+    ("multi_margin_loss", lambda: (torch.randn(4, 5).bfloat16(), torch.randint(0, 5, (4,))),
+     dict(weight=torch.rand(5))),
+], ids=["multilabel_soft_margin_loss", "multilabel_margin_loss", "multi_margin_loss", "multi_margin_loss-weight"])
+def test_under_bfloat16_autocast_dtype_and_value_are_torchs(name, make, kwargs):
+    args = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = getattr(F, name)(*args, **kwargs), getattr(TF, name)(*args, **kwargs)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs)  # the same float32 (or bfloat16) computation

@@ -241,3 +241,22 @@ def test_soft_margin_target_broadcasts_to_input_like_torch():
 def test_margin_losses_bad_input_raise_like_torch(case):
     name, _, make, kwargs = case
     assert_raises_like_torch(*fns(name), *make(), **kwargs)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("poisson_nll_loss", lambda: (torch.randn(4, 5).bfloat16(), torch.rand(4, 5) * 3)),
+    ("gaussian_nll_loss", lambda: (torch.randn(4, 5).bfloat16(), torch.randn(4, 5).bfloat16(),
+                                   (torch.rand(4, 5) + 0.1).bfloat16())),
+    ("margin_ranking_loss", lambda: (torch.randn(4).bfloat16(), torch.randn(4).bfloat16(), torch.randn(4).sign())),
+    ("hinge_embedding_loss", lambda: (torch.randn(4, 5).bfloat16(), torch.randn(4, 5).sign())),
+    ("soft_margin_loss", lambda: (torch.randn(4, 5).bfloat16(), torch.randn(4, 5).sign().bfloat16())),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_under_bfloat16_autocast_dtype_and_value_are_torchs(name, make):
+    # float32 for the losses on torch's autocast list, the inputs' bfloat16 for gaussian_nll_loss
+    args = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = getattr(F, name)(*args), getattr(TF, name)(*args)
+    assert ours.dtype == theirs.dtype
+    # bfloat16 gaussian: the sums of bfloat16 terms round in a different order (a few bfloat16 ulps)
+    tol = dict(rtol=2e-2, atol=2e-2) if ours.dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(ours, theirs, **tol)
