@@ -128,7 +128,8 @@ def bilinear(input1, input2, weight, bias=None):
                            f"got {input2.shape[-1]} but expected {weight.shape[2]}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         got = bias.shape[0] if bias.dim() == 1 else bias.numel()
-        raise RuntimeError(f"bilinear(): bias size does not match weight size: got {got} but expected {weight.shape[0]}")
+        raise RuntimeError(
+            f"bilinear(): bias size does not match weight size: got {got} but expected {weight.shape[0]}")
     tensors = [input1, input2, weight] + ([] if bias is None else [bias])
     if len({t.dtype for t in tensors}) > 1:
         names = ", ".join(f"{n}: {_dtype_name(t)}" for n, t in zip(("input1", "input2", "weight", "bias"), tensors))

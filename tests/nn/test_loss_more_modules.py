@@ -41,7 +41,8 @@ def _log_probs(*shape):
 # (class name, constructor kwargs, () -> forward inputs)
 MODULES = [
     ("PoissonNLLLoss", {}, lambda: (_x(N, C), torch.rand(N, C) * 3)),
-    ("PoissonNLLLoss", dict(log_input=False, full=True, eps=1e-3, reduction="none"), lambda: (_pos(N, C), _pos(N, C) * 3)),
+    ("PoissonNLLLoss", dict(log_input=False, full=True, eps=1e-3, reduction="none"),
+     lambda: (_pos(N, C), _pos(N, C) * 3)),
     ("GaussianNLLLoss", {}, lambda: (_x(N, C), _x(N, C), _pos(N, C))),
     ("GaussianNLLLoss", dict(full=True, eps=0.2, reduction="sum"), lambda: (_x(N, C), _x(N, C), _pos(N))),
     ("MarginRankingLoss", dict(margin=0.3), lambda: (_x(N), _x(N), _signs(N))),
