@@ -245,3 +245,22 @@ def test_under_bfloat16_autocast_dtype_and_value_are_torchs(name, make, kwargs):
         ours, theirs = getattr(F, name)(*args, **kwargs), getattr(TF, name)(*args, **kwargs)
     assert ours.dtype == theirs.dtype
     torch.testing.assert_close(ours, theirs)  # the same float32 (or bfloat16) computation
+
+
+@pytest.mark.parametrize("name, make, kwargs", [
+    ("multilabel_margin_loss", lambda d: (torch.randn(4, 3, device=d), torch.zeros(4, 3, dtype=torch.long, device=d)),
+     dict(reduction="none")),
+    ("multi_margin_loss", lambda d: (torch.randn(4, 3, device=d), torch.zeros(4, dtype=torch.long, device=d)),
+     dict(p=2, weight=torch.rand(3))),
+], ids=["multilabel_margin_loss", "multi_margin_loss"])
+def test_forward_and_backward_run_on_the_meta_device_where_torchs_kernels_do_not(name, make, kwargs):
+    # (tests/compat/test_devices.py skips these: torch's backward kernels have no meta version)
+    shapes = {}
+    for device in ("cpu", "meta"):
+        x, t = make(device)
+        x.requires_grad_()
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        out = getattr(F, name)(x, t, **kw)
+        (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        shapes[device] = (out.shape, out.dtype, dx.shape, dx.device.type)
+    assert shapes["meta"][:3] == shapes["cpu"][:3] and shapes["meta"][3] == "meta"

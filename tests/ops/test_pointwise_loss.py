@@ -260,3 +260,13 @@ def test_under_bfloat16_autocast_dtype_and_value_are_torchs(name, make):
     # bfloat16 gaussian: the sums of bfloat16 terms round in a different order (a few bfloat16 ulps)
     tol = dict(rtol=2e-2, atol=2e-2) if ours.dtype == torch.bfloat16 else {}
     torch.testing.assert_close(ours, theirs, **tol)
+
+
+def test_gaussian_runs_on_the_meta_device_where_torchs_does_not():
+    # torch's gaussian_nll_loss reads var's values (its negativity check) and fails on meta; the
+    # value check needs values, so it is skipped there, as for other non-inspectable tensors
+    x, t, var = (torch.randn(4, 3, device="meta", requires_grad=True) for _ in range(3))
+    out = F.gaussian_nll_loss(x, t, var[:, 0], reduction="none")
+    grads = torch.autograd.grad(out, (x, t, var), torch.ones_like(out))
+    assert out.shape == (4, 3) and [g.shape for g in grads] == [(4, 3)] * 3
+    assert {g.device.type for g in grads} == {"meta"}
