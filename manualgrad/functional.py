@@ -9,6 +9,9 @@ backed by a Function with a hand-written backward (manualgrad/ops/<family>.py).
 # linear
 from .ops.linear import linear
 
+# bilinear
+from .ops.bilinear import bilinear
+
 # activation
 from .ops.activation import elu, gelu, glu, hardswish, leaky_relu, mish, relu, sigmoid, silu, softplus, tanh
 
@@ -53,6 +56,18 @@ from .ops.binary_loss import binary_cross_entropy, binary_cross_entropy_with_log
 
 # classification losses
 from .ops.classification_loss import cross_entropy, nll_loss
+
+# pointwise losses: likelihoods (poisson, gaussian) and margins (ranking, hinge, soft margin)
+from .ops.pointwise_loss import (
+    gaussian_nll_loss,
+    hinge_embedding_loss,
+    margin_ranking_loss,
+    poisson_nll_loss,
+    soft_margin_loss,
+)
+
+# multi-class and multi-label losses
+from .ops.multiclass_loss import multi_margin_loss, multilabel_margin_loss, multilabel_soft_margin_loss
 
 # convolution
 from .ops.conv import conv1d, conv2d, conv3d

@@ -7,6 +7,7 @@ from .distance import CosineSimilarity, PairwiseDistance
 from .dropout import Dropout
 from .dropout_more import AlphaDropout, Dropout1d, Dropout2d, Dropout3d, FeatureAlphaDropout
 from .linear import Linear
+from .bilinear import Bilinear
 from .loss import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -18,6 +19,19 @@ from .loss import (
     NLLLoss,
     SmoothL1Loss,
 )
+# more losses
+from .loss_more import (
+    GaussianNLLLoss,
+    HingeEmbeddingLoss,
+    MarginRankingLoss,
+    MultiLabelMarginLoss,
+    MultiLabelSoftMarginLoss,
+    MultiMarginLoss,
+    NLLLoss2d,
+    PoissonNLLLoss,
+    SoftMarginLoss,
+)
+
 # convolution
 from .conv import Conv1d, Conv2d, Conv3d
 

@@ -96,6 +96,18 @@ SAMPLES = {
                                                 _x(1, 1, 8), _x(1, 1, 8), True, 0.0, _x(8, 8), _x(8)),
                                                dict(need_weights=False)), None),
     "nll_loss": (lambda: ((_x(5, 4), _cls(5, 4)), {}), None),
+    # pointwise and margin losses, bilinear (one block)
+    "poisson_nll_loss": (lambda: ((_x(4, 3), torch.rand(4, 3) * 3), dict(full=True)), None),
+    "gaussian_nll_loss": (lambda: ((_x(4, 3), _x(4, 3), _probs(4)), dict(full=True)), None),
+    "margin_ranking_loss": (lambda: ((_x(4, 3), _x(4, 3), _x(4, 3)), dict(margin=0.5)), None),
+    "hinge_embedding_loss": (lambda: ((_x(4, 3), torch.randn(4, 3).sign()), dict(margin=0.5)), None),
+    "soft_margin_loss": (lambda: ((_x(4, 3), torch.randn(4, 3).sign()), {}), None),
+    "multilabel_soft_margin_loss": (lambda: ((_x(4, 3), torch.rand(4, 3)), dict(weight=torch.rand(3))), None),
+    "multilabel_margin_loss": (lambda: ((_x(4, 3), torch.tensor([[0, -1, 2], [2, 1, -1], [-1, 0, 0], [0, 1, 2]])),
+                                        {}), None),
+    "multi_margin_loss": (lambda: ((_x(4, 3), _cls(4, 3)), dict(p=2, margin=0.5, weight=torch.rand(3))), None),
+    "bilinear": (lambda: ((_x(2, 3, 4), _x(2, 3, 5), _x(6, 4, 5), _x(6)), {}), None),
+    # end of pointwise and margin losses, bilinear
     "pad": (lambda: ((_x(2, 3, 7, 6), (2, 1, -1, 3)), dict(mode="reflect")), None),
     "pixel_shuffle": (lambda: ((_x(2, 8, 3, 5), 2), {}), None),
     "pixel_unshuffle": (lambda: ((_x(2, 3, 4, 6), 2), {}), None),
