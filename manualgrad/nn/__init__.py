@@ -37,6 +37,9 @@ from .pooling import (
     Unflatten,
 )
 
+# more pooling
+from .pooling_more import AdaptiveAvgPool3d, AdaptiveMaxPool1d, AdaptiveMaxPool3d, AvgPool3d
+
 # padding
 from .padding import (
     CircularPad1d,

@@ -47,6 +47,12 @@ SAMPLES = {
     "adaptive_avg_pool1d": (lambda: ((_x(2, 3, 7), 3), {}), None),
     "adaptive_avg_pool2d": (lambda: ((_x(2, 3, 7, 6), (3, 2)), {}), None),
     "adaptive_max_pool2d": (lambda: ((_x(2, 3, 7, 6), (3, 2)), {}), None),
+    # more pooling (one block)
+    "avg_pool3d": (lambda: ((_x(2, 3, 5, 4, 3), 2), dict(stride=(2, 1, 2), padding=1, count_include_pad=False)), None),
+    "adaptive_avg_pool3d": (lambda: ((_x(2, 3, 5, 4, 3), (3, 2, 2)), {}), None),
+    "adaptive_max_pool1d": (lambda: ((_x(2, 3, 7), 3), {}), None),
+    "adaptive_max_pool3d": (lambda: ((_x(2, 3, 5, 4, 3), (3, 2, 2)), {}), None),
+    # end of more pooling
     "addmm": (lambda: ((_x(3, 5), _x(3, 4), _x(4, 5)), dict(beta=0.5, alpha=2.0)), torch.addmm),
     "avg_pool1d": (lambda: ((_x(2, 3, 7), 3, 2), {}), None),
     "avg_pool2d": (lambda: ((_x(2, 3, 7, 6), 2), dict(padding=1, count_include_pad=False)), None),

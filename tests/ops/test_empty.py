@@ -157,6 +157,15 @@ CASES = {
     "max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(kernel_size=2)))],
     "adaptive_avg_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
     "adaptive_max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
+    # more pooling (one block)
+    "avg_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                    lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(kernel_size=2, padding=1, count_include_pad=False)))],
+    "adaptive_avg_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                             lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(output_size=(2, 3, 2))))],
+    "adaptive_max_pool1d": [("", ACT, _act(output_size=2)), ("indices", ACT, _act(output_size=3, return_indices=True))],
+    "adaptive_max_pool3d": [("indices", dict(N=2, C=3, D=2, H=4, W=3),
+                             lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(output_size=2, return_indices=True)))],
+    # end of more pooling
     # padding
     "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))
             for mode in ("constant", "reflect", "replicate", "circular")] + [

@@ -1,0 +1,26 @@
+"""More pooling modules (3-d average and adaptive, adaptive max 1-d/3-d, lp pooling, max
+unpooling, fractional max pooling): the torch classes with forward routed to manualgrad.functional."""
+import torch
+
+from .. import functional as F
+
+
+class AvgPool3d(torch.nn.AvgPool3d):
+    def forward(self, input):
+        return F.avg_pool3d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override)
+
+
+class AdaptiveAvgPool3d(torch.nn.AdaptiveAvgPool3d):
+    def forward(self, input):
+        return F.adaptive_avg_pool3d(input, self.output_size)
+
+
+class AdaptiveMaxPool1d(torch.nn.AdaptiveMaxPool1d):
+    def forward(self, input):
+        return F.adaptive_max_pool1d(input, self.output_size, self.return_indices)
+
+
+class AdaptiveMaxPool3d(torch.nn.AdaptiveMaxPool3d):
+    def forward(self, input):
+        return F.adaptive_max_pool3d(input, self.output_size, self.return_indices)

@@ -1,0 +1,38 @@
+"""The rest of the pooling modules (nn/pooling_more.py): each subclasses its torch class, has
+torch's repr and state, gives torch's outputs and gradients, and convert(strict=True) swaps it."""
+import copy
+
+import pytest
+import torch
+
+import manualgrad as mg
+import manualgrad.nn as mnn
+from manualgrad.testing import assert_same_as_torch
+from tests.conftest import exact_dy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (ours, theirs, constructor kwargs, input shape, exact: max-type modules select values)
+MODULES = [
+    (mnn.AvgPool3d, torch.nn.AvgPool3d, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
+                                             count_include_pad=False), (2, 3, 5, 7, 6), False),
+    (mnn.AvgPool3d, torch.nn.AvgPool3d, dict(kernel_size=(2, 3, 1), divisor_override=4), (3, 4, 6, 5), False),
+    (mnn.AdaptiveAvgPool3d, torch.nn.AdaptiveAvgPool3d, dict(output_size=(None, 4, 3)), (2, 3, 5, 7, 6), False),
+    (mnn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool1d, dict(output_size=5), (2, 3, 13), True),
+    (mnn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool1d, dict(output_size=4, return_indices=True), (3, 13), True),
+    (mnn.AdaptiveMaxPool3d, torch.nn.AdaptiveMaxPool3d, dict(output_size=(2, None, 3), return_indices=True),
+     (2, 3, 5, 7, 6), True),
+]
+
+
+@pytest.mark.parametrize("ours,theirs,kwargs,shape,exact", MODULES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_module_matches_torch_and_convert_swaps_it(ours, theirs, kwargs, shape, exact):
+    m, t = ours(**kwargs), theirs(**kwargs)
+    assert isinstance(m, theirs) and repr(m) == repr(t)
+    x = torch.randn(shape, requires_grad=True)
+    out = t(x.detach())
+    y = out[0] if isinstance(out, tuple) else out
+    tol = dict(rtol=0, atol=0) if exact else {}
+    assert_same_as_torch(m, t, x, grad_output=exact_dy(y.shape), **tol)
+    model = mg.convert(torch.nn.Sequential(copy.deepcopy(t)), strict=True)
+    assert type(model[0]) is ours

@@ -1,0 +1,217 @@
+"""The rest of the pooling family: avg_pool3d, adaptive_avg_pool3d, adaptive_max_pool1d/3d
+(ops/pooling.py), lp_pool1d/2d/3d, max_unpool1d/2d/3d, fractional_max_pool2d/3d (ops/pooling_more.py).
+
+Max-type ops select values: float32 outputs, indices and gradients are compared exactly with
+torch's (the upstream gradient holds multiples of 1/4, exact_dy, so overlapping windows sum
+exactly whatever the order). Average-type ops are compared within float32 rounding.
+"""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as TF
+
+import manualgrad.functional as F
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
+from tests.conftest import exact_dy, noncontiguous
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
+
+
+def distinct(*shape, dtype=torch.float64):
+    """Values without ties (a shuffled range, scaled): the argmax is unique and stays put under
+    finite differences."""
+    n = torch.Size(shape).numel()
+    return (torch.randperm(n, dtype=dtype) / n).view(shape).requires_grad_()
+
+
+def f64(*shape):
+    return torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+
+def f32(*shape):
+    return torch.randn(shape, requires_grad=True)
+
+
+def same_exactly(ours, theirs, x, *args, **kwargs):
+    """Outputs (indices too) and input gradients bit for bit, for an exactly summable dy."""
+    out = theirs(x.detach(), *args, **kwargs)
+    y = out[0] if isinstance(out, tuple) else out
+    assert_same_as_torch(ours, theirs, x, *args, grad_output=exact_dy(y.shape), rtol=0, atol=0, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# avg_pool3d: (kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+# tiling, overlapping + padding, ceil_mode, padding not counted, divisor_override, gapped, per-dim tuples
+
+AVG3D = [
+    (2, None, 0, False, True, None),
+    (3, 1, 1, False, True, None),
+    (3, 2, 1, True, True, None),
+    (3, 2, 1, True, False, None),
+    (2, 1, 1, False, True, 3),
+    (2, 3, 1, True, False, None),
+    ((3, 2, 1), (2, 1, 1), (1, 0, 0), True, False, None),
+]
+
+
+@pytest.mark.parametrize("args", AVG3D, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 4, 5, 3), (2, 4, 3, 5)], ids=str)
+def test_avg_pool3d_gradients(shape, args):
+    check_gradients(F.avg_pool3d, f64(*shape), *args)
+
+
+def test_avg_pool3d_gradients_non_contiguous():
+    x = noncontiguous(f64(2, 2, 3, 4, 3))
+    assert not x.is_contiguous()
+    check_gradients(F.avg_pool3d, x, 3, 2, 1, True, False)
+    check_gradients(F.avg_pool3d, x, 2)
+
+
+@pytest.mark.parametrize("args", AVG3D, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 6), (3, 5, 4, 9)], ids=str)
+def test_avg_pool3d_matches_torch_divisors_at_the_borders(shape, args):
+    x = f32(*shape)
+    if x.dim() == 5 and shape[0] == 2:
+        x = x.detach().to(memory_format=torch.channels_last_3d).requires_grad_()
+    assert_same_as_torch(F.avg_pool3d, TF.avg_pool3d, x, *args)
+
+
+def test_avg_pool3d_matches_torch_on_size_one_dims():
+    assert_same_as_torch(F.avg_pool3d, TF.avg_pool3d, f32(1, 1, 1, 3, 7), (1, 2, 3), (1, 1, 2), (0, 1, 1), True)
+    assert_same_as_torch(F.avg_pool3d, TF.avg_pool3d, f32(2, 1, 1, 1, 1), 1)
+
+
+def test_avg_pool3d_gradient_spreads_dy_over_each_window_by_hand():
+    # (1, 1, 3) input of depth and height 1, kernel (1, 1, 2), stride 1, padding (0, 0, 1),
+    # count_include_pad=False: windows [0] / 1, [0, 1] / 2, [1, 2] / 2, [2] / 1
+    x = f64(1, 1, 1, 1, 3)
+    F.avg_pool3d(x, (1, 1, 2), 1, (0, 0, 1), False, False).backward(
+        torch.tensor([2.0, 4.0, 6.0, 8.0], dtype=torch.float64).view(1, 1, 1, 1, 4))
+    torch.testing.assert_close(x.grad.flatten(), torch.tensor([4.0, 5.0, 11.0], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive_avg_pool3d / adaptive_max_pool3d: output sizes that divide the input, that do not,
+# that exceed it, None entries
+
+ADAPTIVE3D = [1, 2, (2, 3, 1), (4, None, 2), (None, 3, None), (5, 6, 4)]
+
+
+@pytest.mark.parametrize("out", ADAPTIVE3D, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 4, 5, 3), (2, 3, 4, 2)], ids=str)
+def test_adaptive_pool3d_gradients(shape, out):
+    check_gradients(F.adaptive_avg_pool3d, f64(*shape), out)
+    check_gradients(F.adaptive_max_pool3d, distinct(*shape), out)
+
+
+def test_adaptive_pool3d_gradients_non_contiguous_with_indices():
+    x = noncontiguous(distinct(2, 2, 3, 5, 4))
+    check_gradients(F.adaptive_avg_pool3d, x, (2, 3, 3))
+    check_gradients(lambda t: F.adaptive_max_pool3d(t, (2, 3, 3), return_indices=True), x)
+
+
+@pytest.mark.parametrize("out", ADAPTIVE3D, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5, 9), (3, 5, 4, 11), (1, 1, 1, 9, 2)], ids=str)
+def test_adaptive_pool3d_matches_torch(shape, out):
+    assert_same_as_torch(F.adaptive_avg_pool3d, TF.adaptive_avg_pool3d, f32(*shape), out)
+    same_exactly(F.adaptive_max_pool3d, TF.adaptive_max_pool3d, f32(*shape), out, True)
+    same_exactly(F.adaptive_max_pool3d, TF.adaptive_max_pool3d, f32(*shape), out)
+
+
+def test_adaptive_pool3d_matches_torch_on_channels_last_input_and_ties():
+    x = torch.randn(2, 3, 5, 4, 6).to(memory_format=torch.channels_last_3d).requires_grad_()
+    assert_same_as_torch(F.adaptive_avg_pool3d, TF.adaptive_avg_pool3d, x, (2, 3, 4))
+    same_exactly(F.adaptive_max_pool3d, TF.adaptive_max_pool3d, x, (2, 3, 4), True)
+    # ties: every value equal, overlapping windows; the gradient goes where torch's goes
+    same_exactly(F.adaptive_max_pool3d, TF.adaptive_max_pool3d, torch.ones(1, 2, 5, 5, 5, requires_grad=True), 3)
+
+
+def test_adaptive_avg_pool3d_gradient_by_hand():
+    # a length of 3 into 2 windows along W: [0, 1] / 2 and [1, 2] / 2; D = H = 1
+    x = f64(1, 1, 1, 3)
+    F.adaptive_avg_pool3d(x, (1, 1, 2)).backward(torch.tensor([2.0, 6.0], dtype=torch.float64).view(1, 1, 1, 2))
+    torch.testing.assert_close(x.grad.flatten(), torch.tensor([1.0, 4.0, 3.0], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive_max_pool1d
+
+@pytest.mark.parametrize("out", [1, 3, 4, 13, 15, (5,)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 1, 13), (3, 12)], ids=str)
+def test_adaptive_max_pool1d_gradients(shape, out):
+    check_gradients(F.adaptive_max_pool1d, distinct(*shape), out)
+    check_gradients(lambda t: F.adaptive_max_pool1d(t, out, return_indices=True), noncontiguous(distinct(*shape)))
+
+
+@pytest.mark.parametrize("out", [1, 5, 13, 20, (4,)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 13), (4, 257), (1, 1, 1)], ids=str)
+def test_adaptive_max_pool1d_matches_torch_with_indices(shape, out):
+    same_exactly(F.adaptive_max_pool1d, TF.adaptive_max_pool1d, f32(*shape), out, True)
+    same_exactly(F.adaptive_max_pool1d, TF.adaptive_max_pool1d, f32(*shape), out)
+    # ties
+    same_exactly(F.adaptive_max_pool1d, TF.adaptive_max_pool1d, torch.ones(shape, requires_grad=True), out, True)
+
+
+def test_adaptive_max_pool_jvp_gathers_the_tangent_at_the_argmax():
+    x, t = torch.randn(2, 3, 4, 5, 6), torch.randn(2, 3, 4, 5, 6)
+    for ours, theirs, out in [(F.adaptive_max_pool3d, TF.adaptive_max_pool3d, (3, 2, 4)),
+                              (F.adaptive_max_pool1d, TF.adaptive_max_pool1d, 4),
+                              (F.adaptive_avg_pool3d, TF.adaptive_avg_pool3d, (3, 2, 4)),
+                              (F.avg_pool3d, TF.avg_pool3d, 3)]:
+        xi, ti = (x, t) if ours is not F.adaptive_max_pool1d else (x.flatten(2), t.flatten(2))
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(ours(fwAD.make_dual(xi, ti), out)).tangent
+            expected = fwAD.unpack_dual(theirs(fwAD.make_dual(xi, ti), out)).tangent
+        torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: torch's exception types
+
+@pytest.mark.parametrize("fn,th,x,args", [
+    (F.avg_pool3d, TF.avg_pool3d, (1, 1, 5, 5, 5), (3, 1, 2)),  # padding > kernel / 2
+    (F.avg_pool3d, TF.avg_pool3d, (1, 1, 2, 2, 2), (3,)),  # output size 0
+    (F.avg_pool3d, TF.avg_pool3d, (5, 5, 5), (2,)),  # wrong number of dims
+    (F.avg_pool3d, TF.avg_pool3d, (1, 1, 5, 5, 5), ((3, 3),)),  # kernel of the wrong length
+    (F.avg_pool3d, TF.avg_pool3d, (1, 1, 5, 5, 5), (3, 0)),  # stride 0
+    (F.avg_pool3d, TF.avg_pool3d, (1, 1, 5, 5, 5), (3, 1, 0, False, True, 0)),  # divisor_override 0
+    (F.adaptive_avg_pool3d, TF.adaptive_avg_pool3d, (5, 5, 5), ((2, 2, 2),)),
+    (F.adaptive_avg_pool3d, TF.adaptive_avg_pool3d, (1, 5, 5, 5), ((2, 2),)),
+    (F.adaptive_max_pool3d, TF.adaptive_max_pool3d, (5, 5, 5), ((2, 2, 2),)),
+    (F.adaptive_max_pool3d, TF.adaptive_max_pool3d, (1, 5, 5, 5), ((2, -1, 2),)),
+    (F.adaptive_max_pool1d, TF.adaptive_max_pool1d, (5,), (2,)),
+    (F.adaptive_max_pool1d, TF.adaptive_max_pool1d, (1, 1, 5), ((2, 2),)),
+    (F.adaptive_max_pool1d, TF.adaptive_max_pool1d, (1, 1, 5), (-1,)),
+])
+def test_bad_input_raises_like_torch(fn, th, x, args):
+    assert_raises_like_torch(fn, th, torch.randn(x), *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast: torch's CPU list runs the 3-d ops (and lp_pool3d's avg_pool3d, max unpooling and
+# fractional max pooling) in float32; the others stay in the input's dtype
+
+AUTOCAST = {
+    "avg_pool3d": (lambda m, x: m.avg_pool3d(x, 3, 2, 1), (2, 3, 5, 6, 4)),
+    "adaptive_avg_pool3d": (lambda m, x: m.adaptive_avg_pool3d(x, (2, 3, 2)), (2, 3, 5, 6, 4)),
+    "adaptive_max_pool1d": (lambda m, x: m.adaptive_max_pool1d(x, 4), (2, 3, 9)),
+    "adaptive_max_pool3d": (lambda m, x: m.adaptive_max_pool3d(x, (2, 3, 2)), (2, 3, 5, 6, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTOCAST))
+def test_op_under_bfloat16_autocast_gives_torchs_dtype_and_values(name):
+    call, shape = AUTOCAST[name]
+    x = torch.randn(shape).bfloat16()
+    results = []
+    for m in (F, TF):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = call(m, leaf)
+        torch.manual_seed(1)  # the same upstream gradient for both
+        y.backward(exact_dy(y.shape).to(y.dtype))
+        results.append((y, leaf.grad))
+    (y, g), (yt, gt) = results
+    assert y.dtype == yt.dtype and g.dtype == gt.dtype == torch.bfloat16
+    torch.testing.assert_close(y, yt, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(g, gt, rtol=2e-2, atol=2e-2)
