@@ -146,6 +146,20 @@ CASES = [
     ("F.max_pool3d", lambda x: F.max_pool3d(x, 2, padding=1), lambda: leaves((1, 2, 3, 4, 3)),
      "MaxPool3dFunctionBackward"),
     # end of conv3d and the transposed convolutions
+    # more pooling (one block)
+    ("F.avg_pool3d", lambda x: F.avg_pool3d(x, 2, padding=1), lambda: leaves((1, 2, 3, 4, 3)), "AvgPool3dFunctionBackward"),
+    ("F.adaptive_avg_pool3d", lambda x: F.adaptive_avg_pool3d(x, (2, 3, 2)), lambda: leaves((1, 2, 3, 4, 3)),
+     "AdaptiveAvgPool3dFunctionBackward"),
+    ("F.adaptive_max_pool1d", lambda x: F.adaptive_max_pool1d(x, 3), lambda: leaves((1, 2, 7)),
+     "AdaptiveMaxPoolFunctionBackward"),
+    ("F.adaptive_max_pool3d", lambda x: F.adaptive_max_pool3d(x, 2, True)[0], lambda: leaves((1, 2, 3, 4, 3)),
+     "AdaptiveMaxPool3dFunctionBackward"),
+    # (return_indices=True: torch's F.*_with_indices, routed too)
+    ("F.max_pool2d indices", lambda x: F.max_pool2d(x, 2, return_indices=True)[0], lambda: leaves((1, 2, 4, 5)),
+     "MaxPoolFunctionBackward"),
+    ("F.adaptive_max_pool1d indices", lambda x: F.adaptive_max_pool1d(x, 3, True)[0], lambda: leaves((1, 2, 7)),
+     "AdaptiveMaxPoolFunctionBackward"),
+    # end of more pooling
 ]
 
 
