@@ -159,6 +159,9 @@ CASES = [
      "MaxPoolFunctionBackward"),
     ("F.adaptive_max_pool1d indices", lambda x: F.adaptive_max_pool1d(x, 3, True)[0], lambda: leaves((1, 2, 7)),
      "AdaptiveMaxPoolFunctionBackward"),
+    ("F.lp_pool2d", lambda x: F.lp_pool2d(x, 2, 2), lambda: leaves((1, 2, 4, 5)), "LPPoolFunctionBackward"),
+    ("LPPool3d", lambda x, m=torch.nn.LPPool3d(2, 2): m(x), lambda: leaves((1, 2, 3, 4, 3)),
+     "LPPool3dFunctionBackward"),
     # end of more pooling
 ]
 

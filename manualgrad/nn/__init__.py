@@ -38,7 +38,7 @@ from .pooling import (
 )
 
 # more pooling
-from .pooling_more import AdaptiveAvgPool3d, AdaptiveMaxPool1d, AdaptiveMaxPool3d, AvgPool3d
+from .pooling_more import AdaptiveAvgPool3d, AdaptiveMaxPool1d, AdaptiveMaxPool3d, AvgPool3d, LPPool1d, LPPool2d, LPPool3d
 
 # padding
 from .padding import (

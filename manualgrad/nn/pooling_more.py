@@ -24,3 +24,18 @@ class AdaptiveMaxPool1d(torch.nn.AdaptiveMaxPool1d):
 class AdaptiveMaxPool3d(torch.nn.AdaptiveMaxPool3d):
     def forward(self, input):
         return F.adaptive_max_pool3d(input, self.output_size, self.return_indices)
+
+
+class LPPool1d(torch.nn.LPPool1d):
+    def forward(self, input):
+        return F.lp_pool1d(input, float(self.norm_type), self.kernel_size, self.stride, self.ceil_mode)
+
+
+class LPPool2d(torch.nn.LPPool2d):
+    def forward(self, input):
+        return F.lp_pool2d(input, float(self.norm_type), self.kernel_size, self.stride, self.ceil_mode)
+
+
+class LPPool3d(torch.nn.LPPool3d):
+    def forward(self, input):
+        return F.lp_pool3d(input, float(self.norm_type), self.kernel_size, self.stride, self.ceil_mode)

@@ -52,6 +52,9 @@ SAMPLES = {
     "adaptive_avg_pool3d": (lambda: ((_x(2, 3, 5, 4, 3), (3, 2, 2)), {}), None),
     "adaptive_max_pool1d": (lambda: ((_x(2, 3, 7), 3), {}), None),
     "adaptive_max_pool3d": (lambda: ((_x(2, 3, 5, 4, 3), (3, 2, 2)), {}), None),
+    "lp_pool1d": (lambda: ((_x(2, 3, 7), 2, 3), dict(stride=2, ceil_mode=True)), None),
+    "lp_pool2d": (lambda: ((_x(2, 3, 7, 6), 2, 2), {}), None),
+    "lp_pool3d": (lambda: ((_x(2, 3, 5, 4, 3), 2, 2), dict(stride=1)), None),
     # end of more pooling
     "addmm": (lambda: ((_x(3, 5), _x(3, 4), _x(4, 5)), dict(beta=0.5, alpha=2.0)), torch.addmm),
     "avg_pool1d": (lambda: ((_x(2, 3, 7), 3, 2), {}), None),

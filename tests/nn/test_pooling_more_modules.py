@@ -22,6 +22,10 @@ MODULES = [
     (mnn.AdaptiveMaxPool1d, torch.nn.AdaptiveMaxPool1d, dict(output_size=4, return_indices=True), (3, 13), True),
     (mnn.AdaptiveMaxPool3d, torch.nn.AdaptiveMaxPool3d, dict(output_size=(2, None, 3), return_indices=True),
      (2, 3, 5, 7, 6), True),
+    (mnn.LPPool1d, torch.nn.LPPool1d, dict(norm_type=2, kernel_size=3, stride=2, ceil_mode=True), (2, 3, 13), False),
+    (mnn.LPPool2d, torch.nn.LPPool2d, dict(norm_type=1, kernel_size=(3, 2)), (2, 3, 7, 9), False),
+    (mnn.LPPool2d, torch.nn.LPPool2d, dict(norm_type=float("inf"), kernel_size=2), (3, 7, 9), True),
+    (mnn.LPPool3d, torch.nn.LPPool3d, dict(norm_type=2, kernel_size=2, stride=(1, 2, 1)), (2, 3, 5, 7, 6), False),
 ]
 
 

@@ -165,6 +165,10 @@ CASES = {
     "adaptive_max_pool1d": [("", ACT, _act(output_size=2)), ("indices", ACT, _act(output_size=3, return_indices=True))],
     "adaptive_max_pool3d": [("indices", dict(N=2, C=3, D=2, H=4, W=3),
                              lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(output_size=2, return_indices=True)))],
+    "lp_pool1d": [("", ACT, _act(norm_type=2, kernel_size=2))],
+    "lp_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(norm_type=2, kernel_size=2)))],
+    "lp_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                   lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(norm_type=2, kernel_size=2)))],
     # end of more pooling
     # padding
     "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))

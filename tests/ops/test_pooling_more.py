@@ -196,6 +196,9 @@ AUTOCAST = {
     "adaptive_avg_pool3d": (lambda m, x: m.adaptive_avg_pool3d(x, (2, 3, 2)), (2, 3, 5, 6, 4)),
     "adaptive_max_pool1d": (lambda m, x: m.adaptive_max_pool1d(x, 4), (2, 3, 9)),
     "adaptive_max_pool3d": (lambda m, x: m.adaptive_max_pool3d(x, (2, 3, 2)), (2, 3, 5, 6, 4)),
+    "lp_pool1d": (lambda m, x: m.lp_pool1d(x, 2, 3, 2), (2, 3, 9)),
+    "lp_pool2d": (lambda m, x: m.lp_pool2d(x, 2, 2), (2, 3, 6, 4)),
+    "lp_pool3d": (lambda m, x: m.lp_pool3d(x, 2, 2), (2, 3, 4, 6, 4)),
 }
 
 
@@ -215,3 +218,93 @@ def test_op_under_bfloat16_autocast_gives_torchs_dtype_and_values(name):
     assert y.dtype == yt.dtype and g.dtype == gt.dtype == torch.bfloat16
     torch.testing.assert_close(y, yt, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(g, gt, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# lp_pool1d/2d/3d: (norm_type, kernel_size, stride, ceil_mode); odd and fractional p on
+# positive inputs (torch's (sum)^(1/p) of a negative sum is nan), p = 1 and 2 on any sign
+
+LP = {
+    1: [(2, 2, None, False), (1, 3, 2, True), (3, 3, 1, False), (1.5, 4, 3, True)],
+    2: [(2, 2, None, False), (1, (3, 2), (2, 1), True), (3, 3, 2, False), (1.5, (2, 3), 3, True)],
+    3: [(2, 2, None, False), (1, (3, 2, 1), (2, 1, 1), True), (3, 2, 1, False), (1.5, (1, 2, 3), 2, True)],
+}
+LP_FN = {1: (F.lp_pool1d, TF.lp_pool1d), 2: (F.lp_pool2d, TF.lp_pool2d), 3: (F.lp_pool3d, TF.lp_pool3d)}
+LP_SHAPES = {1: [(2, 2, 7), (3, 8)], 2: [(1, 2, 5, 6), (2, 4, 5)], 3: [(1, 2, 4, 5, 3), (2, 4, 3, 5)]}
+
+
+def lp_input(x, p):
+    """x, or |x| + 0.1 for a p whose power of a negative window sum is nan."""
+    return x if p in (1, 2) else (x.detach().abs() + 0.1).requires_grad_()
+
+
+@pytest.mark.parametrize("d,args", [(d, a) for d in LP for a in LP[d]], ids=str)
+def test_lp_pool_gradients(d, args):
+    for shape in LP_SHAPES[d]:
+        check_gradients(LP_FN[d][0], lp_input(f64(*shape), args[0]), *args)
+
+
+@pytest.mark.parametrize("d,args", [(d, a) for d in LP for a in LP[d]], ids=str)
+def test_lp_pool_matches_torch(d, args):
+    ours, theirs = LP_FN[d]
+    shapes = {1: [(2, 3, 13), (4, 257)], 2: [(2, 3, 7, 9), (3, 13, 11)], 3: [(2, 3, 5, 7, 6), (3, 5, 4, 9)]}[d]
+    for shape in shapes:
+        assert_same_as_torch(ours, theirs, lp_input(f32(*shape), args[0]), *args)
+    x = lp_input(noncontiguous(f32(*shapes[0])), args[0])
+    assert_same_as_torch(ours, theirs, x, *args)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("p", [float("inf"), -float("inf")])
+def test_lp_pool_of_infinite_norm_is_max_pooling_of_abs_like_torch(d, p):
+    ours, theirs = LP_FN[d]
+    shape = LP_SHAPES[d][0]
+    same_exactly(ours, theirs, f32(*shape), p, 2, None, True)
+    # distinct magnitudes with either sign: |x| has no ties, and x no zero
+    x = (distinct(*shape).detach() + 0.1) * torch.randn(shape, dtype=torch.float64).sign()
+    check_gradients(ours, x.requires_grad_(), p, 2, 1)
+
+
+def test_lp_pool_by_hand_and_zero_windows_get_no_gradient():
+    # p = 2, windows (3, 4) and (0, 0): y = (5, 0); dy/dx = x / y in the first, 0 in the second
+    x = torch.tensor([[[3.0, 4.0, 0.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    y = F.lp_pool1d(x, 2, 2)
+    torch.testing.assert_close(y, torch.tensor([[[5.0, 0.0]]], dtype=torch.float64))
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.tensor([[[0.6, 0.8, 0.0, 0.0]]], dtype=torch.float64))
+    # as torch: every zero window, alone or beside others, in each d
+    for d in (1, 2, 3):
+        z = torch.zeros(LP_SHAPES[d][0])
+        z.view(-1)[:3] = torch.tensor([1.0, -2.0, 0.5])
+        assert_same_as_torch(LP_FN[d][0], LP_FN[d][1], z.requires_grad_(), 2, 2)
+
+
+def test_lp_pool_jvp_matches_torchs():
+    for d in (1, 2, 3):
+        x, t = lp_input(f32(*LP_SHAPES[d][0]), 3).detach(), torch.randn(LP_SHAPES[d][0])
+        for p, k, s, ceil in LP[d]:
+            with fwAD.dual_level():
+                got = fwAD.unpack_dual(LP_FN[d][0](fwAD.make_dual(x, t), p, k, s, ceil)).tangent
+                expected = fwAD.unpack_dual(LP_FN[d][1](fwAD.make_dual(x, t), p, k, s, ceil)).tangent
+            torch.testing.assert_close(got, expected)
+
+
+def test_lp_pool_saves_only_the_input():
+    from manualgrad.testing import saved_bytes
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    ours, _ = saved_bytes(F.lp_pool2d, x, 2, 2)
+    theirs, _ = saved_bytes(TF.lp_pool2d, x, 2, 2)
+    assert ours == x.numel() * 4 < theirs
+
+
+@pytest.mark.parametrize("fn,th,x,args", [
+    (F.lp_pool1d, TF.lp_pool1d, (1, 2, 7), (2, (3,))),  # a sequence as lp_pool1d's kernel
+    (F.lp_pool1d, TF.lp_pool1d, (1, 2, 7), (2, 3, 0)),  # stride 0
+    (F.lp_pool2d, TF.lp_pool2d, (1, 2, 7), (2, 3)),  # output size 0
+    (F.lp_pool2d, TF.lp_pool2d, (1, 1, 5, 5), (0, 3)),  # norm_type 0: 1 / 0
+    (F.lp_pool3d, TF.lp_pool3d, (5, 5, 5), (2, 2)),  # wrong number of dims
+    (F.lp_pool3d, TF.lp_pool3d, (1, 1, 5, 5, 5), (2, (2, 2))),  # kernel of the wrong length
+    (F.lp_pool2d, TF.lp_pool2d, (1, 1, 5, 5), (2, (2,))),
+])
+def test_lp_pool_bad_input_raises_like_torch(fn, th, x, args):
+    assert_raises_like_torch(fn, th, torch.randn(x), *args)

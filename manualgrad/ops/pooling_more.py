@@ -1,0 +1,142 @@
+"""More pooling: power-average (lp) pooling, max unpooling, fractional max pooling.
+
+Shapes: x (N, C, *S) or unbatched (C, *S), S = (L,), (H, W) or (D, H, W); y (N, C, *O) or (C, *O).
+Forward values come from torch's kernels (bit for bit torch's numbers and, for the max-type
+ops, torch's argmax among ties); the backwards are written here:
+
+- lp pooling, as torch defines it: y = (K s)^(1/p) with s = avg_pool(x^p) (no padding) and K
+  the kernel's size, i.e. the window's sum of x^p to the power 1/p. By the chain rule
+  dx = p x^(p-1) * avg_pool_backward(K (1/p) (K s)^(1/p - 1) dy), with no gradient where
+  K s = 0 (torch: sign(s) relu(|s|), and relu passes nothing at 0). p = +-inf is max pooling
+  of |x| (torch's own composition: its max-pooling Function with |x|'s gradient sign(x)).
+- max unpooling: y = zeros, y[idx[w]] = x[w] per (n, c) plane, so dx[w] = dy[idx[w]] (a gather)
+  and the jvp is the unpooling of the tangent.
+- fractional max pooling: y[w] = x[idx[w]] over windows placed by the random samples, so
+  dx = scatter_add of dy at idx (as max pooling) and the jvp is a gather.
+
+Every backward is written with differentiable torch ops, so double backward differentiates it.
+Indices are non-differentiable outputs (or inputs).
+"""
+import math
+
+import torch
+
+from ._apply import FLOAT32_ON_CPU, INPUT, apply
+from .pooling import (
+    _tuple,
+    avg_pool_backward,
+    avg_pool_forward,
+    max_pool1d,
+    max_pool2d,
+    max_pool3d,
+    max_pool_backward,
+    max_pool_jvp,
+)
+
+# ---------------------------------------------------------------------------------------------
+# lp pooling: y[w] = (sum over window w of x^p)^(1/p), as (K avg_pool(x^p))^(1/p)
+
+
+def lp_pool_forward(x, d, p, kernel_size, stride, ceil_mode):
+    """y = (K s)^(1/p), s = avg_pool(x^p), K = prod(kernel_size): torch's ops in torch's order."""
+    s = avg_pool_forward(x.pow(p), d, kernel_size, stride, 0, ceil_mode, True, None)
+    return (s * math.prod(_tuple(kernel_size, d))).pow(1.0 / p)
+
+
+def _lp_sum(x, d, p, k, s, ceil_mode):
+    # S = K avg_pool(x^p): the window sums of x^p (torch's divisor on windows ceil_mode clips)   (*, *O)
+    return avg_pool_forward(x.pow(p), d, k, s, 0, ceil_mode, True, None) * math.prod(k)
+
+
+def _lp_outer(S, p):
+    """dy/dS = (1/p) S^(1/p - 1), 0 where S = 0 (S^(..) is inf there: computed on S = 1 instead,
+    so that differentiating this again meets no inf * 0)."""
+    zero = S == 0
+    return torch.where(zero, 0.0, S.masked_fill(zero, 1).pow(1.0 / p - 1) / p)
+
+
+def lp_pool_backward(dy, x, d, p, k, s, ceil_mode):
+    # S = sum over window w of x^p (torch's clipped-window scaling)            (*, *O)
+    S = _lp_sum(x, d, p, k, s, ceil_mode)
+    # dS = dy (1/p) S^(1/p - 1), 0 where S = 0                                 (*, *O)
+    dS = dy * _lp_outer(S, p)
+    # d(x^p)[j] = sum over windows w containing j of K dS[w] / divisor[w]     (*, *S)
+    dxp = avg_pool_backward(dS * math.prod(k), x.shape, d, k, s, (0,) * d, True, None)
+    # dx = d(x^p) p x^(p-1)                                                    (*, *S) like x
+    return dxp * p * x.pow(p - 1)
+
+
+def lp_pool_jvp(dx, x, d, p, k, s, ceil_mode):
+    # dS = K avg_pool(p x^(p-1) dx): the window sums of the tangent of x^p     (*, *O)
+    dS = avg_pool_forward(dx * p * x.pow(p - 1), d, k, s, 0, ceil_mode, True, None) * math.prod(k)
+    # dy = (1/p) S^(1/p - 1) dS                                                (*, *O)
+    return _lp_outer(_lp_sum(x, d, p, k, s, ceil_mode), p) * dS
+
+
+class LPPoolFunction(torch.autograd.Function):
+    autocast = INPUT  # autocast: in the input's dtype (pow and avg_pool1d/2d are on no autocast list)
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, d, norm_type, kernel_size, stride, ceil_mode):
+        return lp_pool_forward(x, d, norm_type, kernel_size, stride, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, d, norm_type, kernel_size, stride, ceil_mode = inputs
+        k = _tuple(kernel_size, d)
+        s = (_tuple(stride, d) if stride is not None else ()) or k
+        # only x is kept: backward recomputes the window sums S (one avg_pool of the output's
+        # size), so that double backward sees S as the function of x it is
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        ctx.args = d, norm_type, k, s, ceil_mode
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dx = lp_pool_backward(dy, x, *ctx.args) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, *_):
+        (x,) = ctx.saved_tensors
+        return lp_pool_jvp(dx, x, *ctx.args)
+
+
+class LPPool3dFunction(LPPoolFunction):
+    """LPPoolFunction with d = 3, for its autocast policy: torch's lp_pool3d runs avg_pool3d,
+    which torch's CPU autocast runs in float32 (output float32). Here x is cast first, so x^p
+    too is computed in float32 (torch: in the autocast dtype)."""
+    autocast = FLOAT32_ON_CPU
+
+
+def _lp_pool(input, d, norm_type, kernel_size, stride, ceil_mode):
+    if d > 1 and not isinstance(kernel_size, int) and len(kernel_size) != d:
+        # torch unpacks the kernel into d sizes first (a ValueError there)
+        raise ValueError(f"lp_pool{d}d: kernel_size must be an int or {d} ints, got {tuple(kernel_size)}")
+    if norm_type in (math.inf, -math.inf):
+        # the max (or min) of |x| over each window: max pooling of |x| as torch composes it
+        max_pool = (max_pool1d, max_pool2d, max_pool3d)[d - 1]
+        if norm_type > 0:
+            return max_pool(input.abs(), kernel_size, stride, 0, 1, ceil_mode)
+        return -max_pool(-input.abs(), kernel_size, stride, 0, 1, ceil_mode)
+    return apply(LPPool3dFunction if d == 3 else LPPoolFunction, input, d, norm_type, kernel_size, stride, ceil_mode)
+
+
+def lp_pool1d(input, norm_type, kernel_size, stride=None, ceil_mode=False):
+    """Drop-in for ``torch.nn.functional.lp_pool1d``; bad arguments fail in torch's kernel."""
+    if not isinstance(kernel_size, int):
+        # torch multiplies by kernel_size itself: a sequence fails there
+        raise TypeError(f"lp_pool1d: kernel_size must be an int, got {type(kernel_size).__name__}")
+    return _lp_pool(input, 1, norm_type, kernel_size, stride, ceil_mode)
+
+
+def lp_pool2d(input, norm_type, kernel_size, stride=None, ceil_mode=False):
+    """Drop-in for ``torch.nn.functional.lp_pool2d``; bad arguments fail in torch's kernel."""
+    return _lp_pool(input, 2, norm_type, kernel_size, stride, ceil_mode)
+
+
+def lp_pool3d(input, norm_type, kernel_size, stride=None, ceil_mode=False):
+    """Drop-in for ``torch.nn.functional.lp_pool3d``; bad arguments fail in torch's kernel."""
+    return _lp_pool(input, 3, norm_type, kernel_size, stride, ceil_mode)
