@@ -38,7 +38,18 @@ from .pooling import (
 )
 
 # more pooling
-from .pooling_more import AdaptiveAvgPool3d, AdaptiveMaxPool1d, AdaptiveMaxPool3d, AvgPool3d, LPPool1d, LPPool2d, LPPool3d
+from .pooling_more import (
+    AdaptiveAvgPool3d,
+    AdaptiveMaxPool1d,
+    AdaptiveMaxPool3d,
+    AvgPool3d,
+    LPPool1d,
+    LPPool2d,
+    LPPool3d,
+    MaxUnpool1d,
+    MaxUnpool2d,
+    MaxUnpool3d,
+)
 
 # padding
 from .padding import (

@@ -140,3 +140,103 @@ def lp_pool2d(input, norm_type, kernel_size, stride=None, ceil_mode=False):
 def lp_pool3d(input, norm_type, kernel_size, stride=None, ceil_mode=False):
     """Drop-in for ``torch.nn.functional.lp_pool3d``; bad arguments fail in torch's kernel."""
     return _lp_pool(input, 3, norm_type, kernel_size, stride, ceil_mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# max unpooling: y = zeros (*, *O), y[.., idx[.., w]] = x[.., w]
+
+
+def _unpool_output_size(input, kernel_size, stride, padding, output_size):
+    """torch's rule: (L - 1) stride + kernel - 2 padding per dim, or output_size (its last d
+    entries of a d + 2 one) within a stride of that; written here to keep torch's private
+    helper out of the call (torch.compile traces this)."""
+    d = len(kernel_size)
+    default = [(input.size(-d + i) - 1) * stride[i] + kernel_size[i] - 2 * padding[i] for i in range(d)]
+    if output_size is None:
+        size = default
+    else:
+        if len(output_size) == d + 2:
+            output_size = output_size[2:]
+        if len(output_size) != d:
+            raise ValueError(f"output_size should be a sequence containing {d} or {d + 2} elements, but it has "
+                             f"a length of '{len(output_size)}'")
+        for i in range(d):
+            low, high = default[i] - stride[i], default[i] + stride[i]
+            if not low < output_size[i] < high:
+                raise ValueError(f'invalid output_size "{output_size}" (dim {i} must be between {low} and {high})')
+        size = list(output_size)
+    for i in range(d):
+        if size[i] < 0:
+            raise ValueError("max_unpooling: output_size must contain non-negative spatial dimensions, "
+                             f"but got output_size[{i}]={size[i]}")
+    return size
+
+
+def max_unpool_forward(x, idx, d, output_size, stride, padding):
+    """torch's kernel: it checks idx (int64, x's shape, each in range of its output plane)."""
+    if d == 1:
+        # as torch: the 2-d kernel with a width of 1
+        return torch._C._nn.max_unpool2d(x.unsqueeze(-1), idx.unsqueeze(-1), list(output_size) + [1]).squeeze(-1)
+    if d == 2:
+        return torch._C._nn.max_unpool2d(x, idx, output_size)
+    return torch._C._nn.max_unpool3d(x, idx, output_size, stride, padding)
+
+
+def max_unpool_backward(dy, idx, d):
+    # dx[.., w] = dy[.., idx[.., w]]: each input went to one place             (*, *S) like idx
+    # (reshape, not flatten: the legacy vmap of gradcheck has no flatten rule)
+    flat_dy = dy.reshape(dy.shape[:-d] + (math.prod(dy.shape[-d:]),))
+    flat_idx = idx.reshape(idx.shape[:-d] + (math.prod(idx.shape[-d:]),))
+    return flat_dy.gather(-1, flat_idx).view(idx.shape)
+
+
+class MaxUnpoolFunction(torch.autograd.Function):
+    # autocast: float32 on the CPU (torch's CPU float32 list has max_unpool2d, behind 1-d too, and 3d)
+    autocast = FLOAT32_ON_CPU
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, idx, d, output_size, stride, padding):
+        return max_unpool_forward(x, idx, d, output_size, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, idx, d, output_size, stride, padding = inputs
+        ctx.save_for_backward(idx)
+        ctx.save_for_forward(idx)
+        ctx.args = d, output_size, stride, padding
+
+    @staticmethod
+    def backward(ctx, dy):
+        (idx,) = ctx.saved_tensors
+        dx = max_unpool_backward(dy, idx, ctx.args[0]) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, *_):
+        # linear in x: dy = the unpooling of dx with the same indices
+        (idx,) = ctx.saved_tensors
+        return max_unpool_forward(dx, idx, *ctx.args)
+
+
+def _max_unpool(input, indices, d, kernel_size, stride, padding, output_size):
+    kernel_size = _tuple(kernel_size, d)
+    stride = kernel_size if stride is None else _tuple(stride, d)
+    padding = _tuple(padding, d)
+    output_size = _unpool_output_size(input, kernel_size, stride, padding, output_size)
+    return apply(MaxUnpoolFunction, input, indices, d, output_size, stride, padding)
+
+
+def max_unpool1d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """Drop-in for ``torch.nn.functional.max_unpool1d``; bad indices fail in torch's kernel."""
+    return _max_unpool(input, indices, 1, kernel_size, stride, padding, output_size)
+
+
+def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """Drop-in for ``torch.nn.functional.max_unpool2d``; bad indices fail in torch's kernel."""
+    return _max_unpool(input, indices, 2, kernel_size, stride, padding, output_size)
+
+
+def max_unpool3d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """Drop-in for ``torch.nn.functional.max_unpool3d``; bad indices fail in torch's kernel."""
+    return _max_unpool(input, indices, 3, kernel_size, stride, padding, output_size)

@@ -55,6 +55,12 @@ SAMPLES = {
     "lp_pool1d": (lambda: ((_x(2, 3, 7), 2, 3), dict(stride=2, ceil_mode=True)), None),
     "lp_pool2d": (lambda: ((_x(2, 3, 7, 6), 2, 2), {}), None),
     "lp_pool3d": (lambda: ((_x(2, 3, 5, 4, 3), 2, 2), dict(stride=1)), None),
+    "max_unpool1d": (lambda: ((_x(2, 3, 5), TF.max_pool1d(torch.randn(2, 3, 9), 3, 2, 1, return_indices=True)[1], 3),
+                              dict(stride=2, padding=1, output_size=(9,))), None),
+    "max_unpool2d": (lambda: ((_x(2, 3, 3, 2), TF.max_pool2d(torch.randn(2, 3, 7, 5), 3, 2, return_indices=True)[1], 3),
+                              dict(stride=2, output_size=(7, 5))), None),
+    "max_unpool3d": (lambda: ((_x(2, 3, 2, 2, 1), TF.max_pool3d(torch.randn(2, 3, 4, 4, 2), 2, return_indices=True)[1], 2),
+                              {}), None),
     # end of more pooling
     "addmm": (lambda: ((_x(3, 5), _x(3, 4), _x(4, 5)), dict(beta=0.5, alpha=2.0)), torch.addmm),
     "avg_pool1d": (lambda: ((_x(2, 3, 7), 3, 2), {}), None),

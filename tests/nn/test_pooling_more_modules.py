@@ -40,3 +40,20 @@ def test_module_matches_torch_and_convert_swaps_it(ours, theirs, kwargs, shape, 
     assert_same_as_torch(m, t, x, grad_output=exact_dy(y.shape), **tol)
     model = mg.convert(torch.nn.Sequential(copy.deepcopy(t)), strict=True)
     assert type(model[0]) is ours
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_max_unpool_module_inverts_max_pool_like_torch_and_convert_swaps_it(d):
+    ours, theirs = (mnn.MaxUnpool1d, mnn.MaxUnpool2d, mnn.MaxUnpool3d)[d - 1], getattr(torch.nn, f"MaxUnpool{d}d")
+    pool = getattr(torch.nn, f"MaxPool{d}d")(3, stride=2, padding=1, return_indices=True)
+    shape = (2, 3) + (7, 5, 9)[:d]  # odd sizes: the default unpooled size is the input's
+    y, idx = pool(torch.randn(shape))
+    m, t = ours(3, stride=2, padding=1), theirs(3, stride=2, padding=1)
+    assert isinstance(m, theirs) and repr(m) == repr(t)
+    for size in (None, list(shape[-d:])):
+        x = y.detach().requires_grad_()
+        out = t(x.detach(), idx, size)
+        assert_same_as_torch(lambda v: m(v, idx, size), lambda v: t(v, idx, size), x,
+                             grad_output=exact_dy(out.shape), rtol=0, atol=0)
+    model = mg.convert(torch.nn.Sequential(copy.deepcopy(t)), strict=True)
+    assert type(model[0]) is ours

@@ -38,6 +38,14 @@ def _lce_torch(input, linear_weight, target, *, linear_bias=None, **kwargs):
     return TF.cross_entropy(TF.linear(input, linear_weight, linear_bias), target, **kwargs)
 
 
+def _unpool_indices(N, C, *S):
+    """Indices as max pooling with kernel 2 would give them: window s at 2 s, flat in a grid of 2 S."""
+    idx = torch.zeros((), dtype=torch.long)
+    for s in S:
+        idx = idx[..., None] * (2 * s) + 2 * torch.arange(s)
+    return idx.expand(N, C, *S).contiguous()
+
+
 # name -> list of (variant, sizes, build); build(**sizes) -> (args, kwargs). The torch twin is
 # the same name in torch.nn.functional, else in torch (the matmul family), else TORCH[name].
 TORCH = {"linear_cross_entropy": _lce_torch}
@@ -169,6 +177,11 @@ CASES = {
     "lp_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(norm_type=2, kernel_size=2)))],
     "lp_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
                    lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(norm_type=2, kernel_size=2)))],
+    "max_unpool1d": [("", ACT, lambda N, C, L: ((x(N, C, L), _unpool_indices(N, C, L)), dict(kernel_size=2)))],
+    "max_unpool2d": [("", dict(ACT, W=3),
+                      lambda N, C, L, W: ((x(N, C, L, W), _unpool_indices(N, C, L, W)), dict(kernel_size=2)))],
+    "max_unpool3d": [("", dict(N=2, C=3, D=2, H=3, W=2),
+                      lambda N, C, D, H, W: ((x(N, C, D, H, W), _unpool_indices(N, C, D, H, W)), dict(kernel_size=2)))],
     # end of more pooling
     # padding
     "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))

@@ -199,6 +199,9 @@ AUTOCAST = {
     "lp_pool1d": (lambda m, x: m.lp_pool1d(x, 2, 3, 2), (2, 3, 9)),
     "lp_pool2d": (lambda m, x: m.lp_pool2d(x, 2, 2), (2, 3, 6, 4)),
     "lp_pool3d": (lambda m, x: m.lp_pool3d(x, 2, 2), (2, 3, 4, 6, 4)),
+    "max_unpool1d": (lambda m, x: m.max_unpool1d(x, torch.tensor([[[0, 3, 5]]]), 2), (1, 1, 3)),
+    "max_unpool2d": (lambda m, x: m.max_unpool2d(x, torch.tensor([[[[0, 3], [9, 10]]]]), 2), (1, 1, 2, 2)),
+    "max_unpool3d": (lambda m, x: m.max_unpool3d(x, torch.tensor([[[[[0, 7]]]]]), 2), (1, 1, 1, 1, 2)),
 }
 
 
@@ -308,3 +311,94 @@ def test_lp_pool_saves_only_the_input():
 ])
 def test_lp_pool_bad_input_raises_like_torch(fn, th, x, args):
     assert_raises_like_torch(fn, th, torch.randn(x), *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# max_unpool1d/2d/3d: indices from max pooling with (kernel_size, stride, padding); the unpooled
+# size is the default or the pooled input's (output_size). Gradchecks need one input per index:
+# windows that do not overlap (overlapping windows can share an argmax, whose one output the
+# finite difference sees once; torch's and this backward give each input its gradient there)
+
+UNPOOL = {  # d: (shape, kernel_size, stride, padding, output_size given?)
+    1: [((2, 3, 8), 2, None, 0, False), ((2, 3, 9), 2, 3, 1, True), ((3, 11), 3, 2, 1, True)],
+    2: [((2, 3, 6, 4), 2, None, 0, False), ((2, 3, 7, 9), (2, 1), (3, 2), (1, 0), True), ((3, 7, 9), 3, 2, 1, True)],
+    3: [((1, 2, 4, 6, 4), 2, None, 0, False), ((1, 2, 5, 7, 4), (2, 1, 2), (3, 2, 2), (1, 0, 1), True),
+        ((2, 5, 4, 7), 3, 2, 1, True)],
+}
+POOL = {1: TF.max_pool1d, 2: TF.max_pool2d, 3: TF.max_pool3d}
+UNPOOL_FN = {1: (F.max_unpool1d, TF.max_unpool1d), 2: (F.max_unpool2d, TF.max_unpool2d),
+             3: (F.max_unpool3d, TF.max_unpool3d)}
+
+
+def pooled(d, shape, k, s, p, dtype=torch.float32):
+    """(y, idx) of max pooling a random x, and the unpooling's output_size for the given x."""
+    y, idx = POOL[d](torch.randn(shape), k, s, p, return_indices=True)
+    return y.to(dtype).requires_grad_(), idx, list(shape[-d:])
+
+
+def _seq(v, d):
+    return (v,) * d if isinstance(v, int) else tuple(v)
+
+
+def _overlapping(d, case):
+    _, k, s, _, _ = case
+    return s is not None and any(a < b for a, b in zip(_seq(s, d), _seq(k, d)))
+
+
+@pytest.mark.parametrize("d,case", [(d, c) for d in UNPOOL for c in UNPOOL[d] if not _overlapping(d, c)], ids=str)
+def test_max_unpool_gradients(d, case):
+    shape, k, s, p, sized = case
+    y, idx, size = pooled(d, shape, k, s, p, torch.float64)
+    out = size if sized else None
+    check_gradients(lambda t: UNPOOL_FN[d][0](t, idx, k, s, p, out), y)
+
+
+@pytest.mark.parametrize("d,case", [(d, c) for d in UNPOOL for c in UNPOOL[d]], ids=str)
+def test_max_unpool_matches_torch_exactly(d, case):
+    shape, k, s, p, sized = case
+    ours, theirs = UNPOOL_FN[d]
+    y, idx, size = pooled(d, shape, k, s, p)
+    out = size if sized else None
+    same_exactly(lambda t: ours(t, idx, k, s, p, out), lambda t: theirs(t, idx, k, s, p, out), y)
+    # output_size with the batch and channel dims in front, and a non-contiguous input
+    if sized and len(shape) == d + 2:
+        full = list(shape)
+        same_exactly(lambda t: ours(t, idx, k, s, p, full), lambda t: theirs(t, idx, k, s, p, full), noncontiguous(y))
+
+
+def test_max_unpool_gradient_by_hand():
+    # y = (0, 5, 0, 0, 7, 0) from x = (5, 7) at indices (1, 4): dx = (dy[1], dy[4])
+    x = torch.tensor([[[5.0, 7.0]]], dtype=torch.float64, requires_grad=True)
+    y = F.max_unpool1d(x, torch.tensor([[[1, 4]]]), 3)
+    torch.testing.assert_close(y, torch.tensor([[[0.0, 5.0, 0.0, 0.0, 7.0, 0.0]]], dtype=torch.float64))
+    y.backward(torch.arange(6.0, dtype=torch.float64).view(1, 1, 6))
+    torch.testing.assert_close(x.grad, torch.tensor([[[1.0, 4.0]]], dtype=torch.float64))
+
+
+def test_max_unpool_jvp_matches_torchs():
+    for d in UNPOOL:
+        shape, k, s, p, sized = UNPOOL[d][1]
+        y, idx, size = pooled(d, shape, k, s, p)
+        t = torch.randn(y.shape)
+        ours, theirs = UNPOOL_FN[d]
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(ours(fwAD.make_dual(y.detach(), t), idx, k, s, p, size)).tangent
+            expected = fwAD.unpack_dual(theirs(fwAD.make_dual(y.detach(), t), idx, k, s, p, size)).tangent
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _indices(shape, high, dtype=torch.int64):
+    return torch.randint(0, high, shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("fn,th,x,idx,args", [
+    (F.max_unpool2d, TF.max_unpool2d, (1, 2, 3, 3), _indices((1, 2, 3, 3), 36) + 36, (2,)),  # index out of range
+    (F.max_unpool2d, TF.max_unpool2d, (1, 2, 3, 3), _indices((1, 2, 3, 3), 36, torch.int32), (2,)),  # int32
+    (F.max_unpool2d, TF.max_unpool2d, (1, 2, 3, 3), _indices((1, 2, 1, 3), 36), (2,)),  # shape unlike x's
+    (F.max_unpool1d, TF.max_unpool1d, (1, 2, 3), _indices((1, 2, 3), 6), (2, None, 0, (9,))),  # size out of range
+    (F.max_unpool3d, TF.max_unpool3d, (1, 2, 3, 3, 3), _indices((1, 2, 3, 3, 3), 216), (2, None, 0, (6, 6))),
+    (F.max_unpool3d, TF.max_unpool3d, (1, 2, 3, 3, 3), _indices((1, 2, 3, 3, 3), 216) - 5, (2,)),  # negative
+    (F.max_unpool3d, TF.max_unpool3d, (2, 3, 3), _indices((2, 3, 3), 36), (2,)),  # too few dims
+])
+def test_max_unpool_bad_input_raises_like_torch(fn, th, x, idx, args):
+    assert_raises_like_torch(fn, th, torch.randn(x), idx, *args)
