@@ -164,6 +164,11 @@ CASES = [
      "LPPool3dFunctionBackward"),
     ("F.max_unpool2d", lambda x: F.max_unpool2d(x, torch.tensor([[[[0, 3], [9, 10]]]]), 2),
      lambda: leaves((1, 1, 2, 2)), "MaxUnpoolFunctionBackward"),
+    ("F.fractional_max_pool2d", lambda x: F.fractional_max_pool2d(x, 2, 3, _random_samples=torch.rand(1, 2, 2,
+     dtype=torch.float64, generator=torch.Generator().manual_seed(0))), lambda: leaves((1, 2, 5, 6)), "FractionalMaxPoolFunctionBackward"),
+    ("F.fractional_max_pool3d indices", lambda x: F.fractional_max_pool3d(x, 2, 2, return_indices=True,
+     _random_samples=torch.rand(1, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0], lambda: leaves((1, 2, 4, 4, 5)),
+     "FractionalMaxPoolFunctionBackward"),
     # end of more pooling
 ]
 

@@ -43,6 +43,8 @@ from .pooling_more import (
     AdaptiveMaxPool1d,
     AdaptiveMaxPool3d,
     AvgPool3d,
+    FractionalMaxPool2d,
+    FractionalMaxPool3d,
     LPPool1d,
     LPPool2d,
     LPPool3d,

@@ -240,3 +240,78 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
 def max_unpool3d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
     """Drop-in for ``torch.nn.functional.max_unpool3d``; bad indices fail in torch's kernel."""
     return _max_unpool(input, indices, 3, kernel_size, stride, padding, output_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# fractional max pooling: y[w] = x[idx[w]], windows of kernel_size placed by random samples u:
+# along a dim of length L to o outputs, alpha = (L - k) / (o - 1), window i starts at
+# ceil(alpha (i + u)) - ceil(alpha u) (the last at L - k); torch's kernel does the placing
+
+
+class FractionalMaxPoolFunction(torch.autograd.Function):
+    # autocast: float32 on the CPU (torch's CPU float32 list has fractional_max_pool2d/3d)
+    autocast = FLOAT32_ON_CPU
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, d, kernel_size, output_size, samples):
+        if d == 2:
+            return torch._C._nn.fractional_max_pool2d(x, kernel_size, output_size, samples)
+        return torch._C._nn.fractional_max_pool3d(x, kernel_size, output_size, samples)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, d, _, _, _ = inputs
+        _, idx = output
+        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # a missing dy comes in as None (see MaxPoolFunction)
+        ctx.d, ctx.x_shape = d, x.shape
+        ctx.save_for_backward(idx)
+        ctx.save_for_forward(idx)
+
+    @staticmethod
+    def backward(ctx, dy, _didx):
+        (idx,) = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0] and dy is not None:
+            # dx[.., j] = sum of dy[.., w] over the windows w whose argmax is j   (*, *S)
+            dx = max_pool_backward(dy, idx, ctx.x_shape, ctx.d)
+        return dx, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, *_):
+        # dy[.., w] = dx[.., idx[.., w]]                                        (*, *O)
+        (idx,) = ctx.saved_tensors
+        return max_pool_jvp(dx, idx, ctx.d), None
+
+
+def _fractional_max_pool(input, d, kernel_size, output_size, output_ratio, return_indices, _random_samples):
+    """torch's Python steps before its kernel, in its order: the output size from output_ratio
+    (int(size * ratio) per dim), then, when no samples are given, one torch.rand(N, C, d) draw
+    from the global generator in x's dtype and device (so the same seed gives torch's windows)."""
+    if output_size is None and output_ratio is None:
+        raise ValueError(f"fractional_max_pool{d}d requires specifying either an output_size or an output_ratio")
+    if output_size is None:
+        if d == 2 and len(output_ratio) > 2:  # (as torch: a single float fails here with TypeError)
+            raise ValueError("fractional_max_pool2d requires output_ratio to either be a single Int or tuple of Ints.")
+        ratio = (output_ratio,) * d if isinstance(output_ratio, (int, float)) else tuple(output_ratio)
+        output_size = [int(input.size(-d + i) * ratio[i]) for i in range(d)]
+    if _random_samples is None:
+        n_batch = 1 if input.dim() == d + 1 else input.size(0)
+        _random_samples = torch.rand(n_batch, input.size(-d - 1), d, dtype=input.dtype, device=input.device)
+    y, idx = apply(FractionalMaxPoolFunction, input, d, kernel_size, output_size, _random_samples)
+    return (y, idx) if return_indices else y
+
+
+def fractional_max_pool2d(input, kernel_size, output_size=None, output_ratio=None, return_indices=False,
+                          _random_samples=None):
+    """Drop-in for ``torch.nn.functional.fractional_max_pool2d``: the same windows as torch's
+    under the same seed (or the same ``_random_samples``, shape (N, C, 2))."""
+    return _fractional_max_pool(input, 2, kernel_size, output_size, output_ratio, return_indices, _random_samples)
+
+
+def fractional_max_pool3d(input, kernel_size, output_size=None, output_ratio=None, return_indices=False,
+                          _random_samples=None):
+    """Drop-in for ``torch.nn.functional.fractional_max_pool3d``: the same windows as torch's
+    under the same seed (or the same ``_random_samples``, shape (N, C, 3))."""
+    return _fractional_max_pool(input, 3, kernel_size, output_size, output_ratio, return_indices, _random_samples)

@@ -61,6 +61,8 @@ SAMPLES = {
                               dict(stride=2, output_size=(7, 5))), None),
     "max_unpool3d": (lambda: ((_x(2, 3, 2, 2, 1), TF.max_pool3d(torch.randn(2, 3, 4, 4, 2), 2, return_indices=True)[1], 2),
                               {}), None),
+    "fractional_max_pool2d": (lambda: ((_x(2, 3, 7, 6), 2), dict(output_size=(4, 3))), None),
+    "fractional_max_pool3d": (lambda: ((_x(2, 3, 5, 4, 6), 2), dict(output_ratio=(0.5, 0.5, 0.6))), None),
     # end of more pooling
     "addmm": (lambda: ((_x(3, 5), _x(3, 4), _x(4, 5)), dict(beta=0.5, alpha=2.0)), torch.addmm),
     "avg_pool1d": (lambda: ((_x(2, 3, 7), 3, 2), {}), None),

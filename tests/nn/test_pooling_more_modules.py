@@ -57,3 +57,27 @@ def test_max_unpool_module_inverts_max_pool_like_torch_and_convert_swaps_it(d):
                              grad_output=exact_dy(out.shape), rtol=0, atol=0)
     model = mg.convert(torch.nn.Sequential(copy.deepcopy(t)), strict=True)
     assert type(model[0]) is ours
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_fractional_max_pool_module_matches_torch_under_the_same_seed_and_convert_swaps_it(d):
+    ours = (mnn.FractionalMaxPool2d, mnn.FractionalMaxPool3d)[d - 2]
+    theirs = getattr(torch.nn, f"FractionalMaxPool{d}d")
+    x = torch.randn((2, 3) + (9, 8, 7)[:d])
+    for kwargs in (dict(kernel_size=2, output_ratio=0.5, return_indices=True), dict(kernel_size=3, output_size=4),
+                   dict(kernel_size=2, output_size=3, _random_samples=torch.rand(2, 3, d))):
+        m, t = ours(**kwargs), theirs(**kwargs)
+        assert isinstance(m, theirs) and repr(m) == repr(t)
+        grads = []
+        for module in (m, t):
+            leaf = x.clone().requires_grad_()
+            torch.manual_seed(5)
+            out = module(leaf)
+            y = out[0] if isinstance(out, tuple) else out
+            y.backward(exact_dy(y.shape))
+            grads.append((out, leaf.grad))
+        (out, g), (tout, tg) = grads
+        torch.testing.assert_close(out, tout, rtol=0, atol=0)
+        torch.testing.assert_close(g, tg, rtol=0, atol=0)
+    model = mg.convert(torch.nn.Sequential(copy.deepcopy(t)), strict=True)
+    assert type(model[0]) is ours

@@ -182,6 +182,11 @@ CASES = {
                       lambda N, C, L, W: ((x(N, C, L, W), _unpool_indices(N, C, L, W)), dict(kernel_size=2)))],
     "max_unpool3d": [("", dict(N=2, C=3, D=2, H=3, W=2),
                       lambda N, C, D, H, W: ((x(N, C, D, H, W), _unpool_indices(N, C, D, H, W)), dict(kernel_size=2)))],
+    "fractional_max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W), 2), dict(output_size=(L, W - 1)))),
+                              ("ratio-indices", dict(ACT, W=4),
+                               lambda N, C, L, W: ((x(N, C, L, W), 2), dict(output_ratio=(0.5, 0.5), return_indices=True)))],
+    "fractional_max_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                               lambda N, C, D, H, W: ((x(N, C, D, H, W), (1, 2, 2)), dict(output_ratio=0.5)))],
     # end of more pooling
     # padding
     "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))

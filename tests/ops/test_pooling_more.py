@@ -188,8 +188,8 @@ def test_bad_input_raises_like_torch(fn, th, x, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# autocast: torch's CPU list runs the 3-d ops (and lp_pool3d's avg_pool3d, max unpooling and
-# fractional max pooling) in float32; the others stay in the input's dtype
+# autocast: torch's CPU list runs the 3-d ops (and lp_pool3d's avg_pool3d), max unpooling and
+# fractional max pooling in float32; the others stay in the input's dtype
 
 AUTOCAST = {
     "avg_pool3d": (lambda m, x: m.avg_pool3d(x, 3, 2, 1), (2, 3, 5, 6, 4)),
@@ -202,6 +202,9 @@ AUTOCAST = {
     "max_unpool1d": (lambda m, x: m.max_unpool1d(x, torch.tensor([[[0, 3, 5]]]), 2), (1, 1, 3)),
     "max_unpool2d": (lambda m, x: m.max_unpool2d(x, torch.tensor([[[[0, 3], [9, 10]]]]), 2), (1, 1, 2, 2)),
     "max_unpool3d": (lambda m, x: m.max_unpool3d(x, torch.tensor([[[[[0, 7]]]]]), 2), (1, 1, 1, 1, 2)),
+    # (samples drawn in x's dtype, bfloat16, as torch's; each run is seeded alike)
+    "fractional_max_pool2d": (lambda m, x: m.fractional_max_pool2d(x, 2, (3, 2)), (2, 3, 6, 4)),
+    "fractional_max_pool3d": (lambda m, x: m.fractional_max_pool3d(x, 2, output_ratio=0.5), (2, 3, 4, 6, 4)),
 }
 
 
@@ -212,6 +215,7 @@ def test_op_under_bfloat16_autocast_gives_torchs_dtype_and_values(name):
     results = []
     for m in (F, TF):
         leaf = x.clone().requires_grad_()
+        torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = call(m, leaf)
         torch.manual_seed(1)  # the same upstream gradient for both
@@ -402,3 +406,106 @@ def _indices(shape, high, dtype=torch.int64):
 ])
 def test_max_unpool_bad_input_raises_like_torch(fn, th, x, idx, args):
     assert_raises_like_torch(fn, th, torch.randn(x), idx, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# fractional_max_pool2d/3d: (kernel_size, output_size, output_ratio)
+
+FRACTIONAL = {
+    2: [(2, (3, 4), None), (3, 4, None), ((2, 3), None, (0.5, 0.6)), (1, (5, 7), None)],
+    3: [(2, (2, 3, 2), None), ((2, 1, 3), 3, None), (2, None, (0.5, 0.6, 0.7)), (2, None, 0.5)],
+}
+FRACTIONAL_FN = {2: (F.fractional_max_pool2d, TF.fractional_max_pool2d),
+                 3: (F.fractional_max_pool3d, TF.fractional_max_pool3d)}
+
+
+def _same_draws(ours, theirs, x, *args, seed=3, **kwargs):
+    """Both under the same seed, each on its own copy of x: outputs (indices too), input
+    gradients for an exactly summable dy, and the generator's state after the call."""
+    results = []
+    for fn in (ours, theirs):
+        leaf = x.detach().clone().requires_grad_()
+        torch.manual_seed(seed)
+        out = fn(leaf, *args, **kwargs)
+        after = torch.rand(4)  # the generator moved on by the same draw
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.manual_seed(seed + 1)
+        outs[0].backward(exact_dy(outs[0].shape))
+        results.append((outs, leaf.grad, after))
+    (outs, grad, after), (touts, tgrad, tafter) = results
+    assert len(outs) == len(touts)
+    for a, b in zip(outs, touts):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(grad, tgrad, rtol=0, atol=0)
+    torch.testing.assert_close(after, tafter, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d,args", [(d, a) for d in FRACTIONAL for a in FRACTIONAL[d]], ids=str)
+def test_fractional_max_pool_gradients(d, args):
+    k, out, ratio = args
+    for shape in {2: [(2, 2, 6, 7), (3, 6, 8)], 3: [(1, 2, 5, 5, 6), (2, 5, 5, 6)]}[d]:
+        n = 1 if len(shape) == d + 1 else shape[0]
+        samples = torch.rand(n, shape[-d - 1], d, dtype=torch.float64)
+        check_gradients(lambda t: FRACTIONAL_FN[d][0](t, k, out, ratio, True, samples), distinct(*shape))
+
+
+@pytest.mark.parametrize("d,args", [(d, a) for d in FRACTIONAL for a in FRACTIONAL[d]], ids=str)
+def test_fractional_max_pool_draws_torchs_windows_under_the_same_seed(d, args):
+    ours, theirs = FRACTIONAL_FN[d]
+    k, out, ratio = args
+    for shape in {2: [(2, 3, 9, 11), (3, 10, 7)], 3: [(2, 3, 6, 7, 9), (3, 8, 5, 6)]}[d]:
+        _same_draws(ours, theirs, torch.randn(shape), k, out, ratio, True)
+        _same_draws(ours, theirs, torch.randn(shape), k, output_size=out, output_ratio=ratio)
+    x = torch.randn({2: (2, 3, 9, 11), 3: (2, 3, 6, 7, 9)}[d])
+    # non-contiguous and channels-last inputs
+    _same_draws(ours, theirs, noncontiguous(x), k, out, ratio, True)
+    _same_draws(ours, theirs, x.contiguous(memory_format=torch.channels_last if d == 2 else torch.channels_last_3d),
+                k, out, ratio, True)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_fractional_max_pool_with_given_samples_and_ties_matches_torch(d):
+    ours, theirs = FRACTIONAL_FN[d]
+    shape = (2, 3) + (9, 7, 8)[:d]
+    samples = torch.rand(2, 3, d)
+    same_exactly(ours, theirs, f32(*shape), 3, 4, None, True, samples)
+    same_exactly(ours, theirs, f32(*shape), 2, None, (0.5,) * d, _random_samples=samples)
+    same_exactly(ours, theirs, torch.ones(shape, requires_grad=True), 3, 4, _random_samples=samples)  # ties
+
+
+def test_fractional_max_pool_jvp_gathers_the_tangent_at_the_argmax():
+    for d in (2, 3):
+        x, t = torch.randn((2, 3) + (9, 7, 8)[:d]), torch.randn((2, 3) + (9, 7, 8)[:d])
+        samples = torch.rand(2, 3, d)
+        ours, theirs = FRACTIONAL_FN[d]
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(ours(fwAD.make_dual(x, t), 3, 4, _random_samples=samples)).tangent
+            expected = fwAD.unpack_dual(theirs(fwAD.make_dual(x, t), 3, 4, _random_samples=samples)).tangent
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fn,th,x,args,kwargs", [
+    (F.fractional_max_pool2d, TF.fractional_max_pool2d, (1, 2, 7, 7), (2,), {}),  # no output size or ratio
+    (F.fractional_max_pool2d, TF.fractional_max_pool2d, (1, 2, 7, 7), (2,), dict(output_ratio=(0.5, 0.5, 0.5))),
+    (F.fractional_max_pool2d, TF.fractional_max_pool2d, (1, 2, 7, 7), (2,), dict(output_ratio=0.5)),  # TypeError
+    (F.fractional_max_pool2d, TF.fractional_max_pool2d, (1, 2, 7, 7), (3, 6), {}),  # output + kernel > input
+    (F.fractional_max_pool2d, TF.fractional_max_pool2d, (1, 2, 7, 7), (2, 3),
+     dict(_random_samples=torch.rand(1, 3, 2))),  # samples of the wrong shape
+    (F.fractional_max_pool3d, TF.fractional_max_pool3d, (1, 2, 5, 5, 5), (2,), {}),
+    (F.fractional_max_pool3d, TF.fractional_max_pool3d, (1, 2, 5, 5, 5), (2, (2, 2, 5)), {}),
+    (F.fractional_max_pool3d, TF.fractional_max_pool3d, (2, 5, 5), (2, 2), {}),  # too few dims
+])
+def test_fractional_max_pool_bad_input_raises_like_torch(fn, th, x, args, kwargs):
+    assert_raises_like_torch(fn, th, torch.randn(x), *args, **kwargs)
+
+
+def test_fractional_max_pool3d_runs_on_meta_where_torchs_backward_does_not():
+    # (tests/compat/test_devices.py skips it: torch's fractional_max_pool3d_backward has no meta
+    # kernel; the forward's shapes are torch's, the scatter backward runs on meta)
+    x = torch.randn(2, 3, 5, 4, 6, device="meta", requires_grad=True)
+    samples = torch.rand(2, 3, 3, device="meta")
+    y, idx = F.fractional_max_pool3d(x, 2, output_ratio=0.5, return_indices=True, _random_samples=samples)
+    ty, tidx = TF.fractional_max_pool3d(x.detach(), 2, output_ratio=0.5, return_indices=True, _random_samples=samples)
+    assert (y.shape, idx.shape, y.dtype, idx.dtype) == (ty.shape, tidx.shape, ty.dtype, tidx.dtype)
+    y.backward(torch.ones_like(y))
+    assert (x.grad.device.type, x.grad.shape) == ("meta", x.shape)
