@@ -509,3 +509,22 @@ def test_fractional_max_pool3d_runs_on_meta_where_torchs_backward_does_not():
     assert (y.shape, idx.shape, y.dtype, idx.dtype) == (ty.shape, tidx.shape, ty.dtype, tidx.dtype)
     y.backward(torch.ones_like(y))
     assert (x.grad.device.type, x.grad.shape) == ("meta", x.shape)
+
+
+def test_new_poolings_work_under_vmap_of_grad():
+    # torch.func: the generated vmap rules, per-sample gradients against torch's
+    x = torch.randn(4, 3, 6, 5, 7)
+    y, idx = TF.max_pool2d(x[:, 0], 2, return_indices=True)
+    samples = torch.rand(1, 3, 3)  # each sample: (C, D, H, W) = (3, 6, 5, 7), unbatched
+    cases = [
+        (lambda m, t: m.avg_pool3d(t, 3, 2, 1, True, False)),
+        (lambda m, t: m.adaptive_avg_pool3d(t, (2, 3, 4))),
+        (lambda m, t: m.adaptive_max_pool3d(t, (2, 3, 4))),
+        (lambda m, t: m.lp_pool3d(t.abs() + 0.1, 3, 2)),
+        (lambda m, t: m.fractional_max_pool3d(t, 2, 3, _random_samples=samples)),
+        (lambda m, t: m.max_unpool2d(t[0, :, :2, :3], idx[0], 2, output_size=(5, 7))),
+    ]
+    for call in cases:
+        g = torch.func.vmap(torch.func.grad(lambda t: call(F, t).square().sum()))(x)
+        ref = torch.func.vmap(torch.func.grad(lambda t: call(TF, t).square().sum()))(x)
+        torch.testing.assert_close(g, ref)
