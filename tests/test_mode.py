@@ -162,6 +162,8 @@ CASES = [
     ("F.lp_pool2d", lambda x: F.lp_pool2d(x, 2, 2), lambda: leaves((1, 2, 4, 5)), "LPPoolFunctionBackward"),
     ("LPPool3d", lambda x, m=torch.nn.LPPool3d(2, 2): m(x), lambda: leaves((1, 2, 3, 4, 3)),
      "LPPool3dFunctionBackward"),
+    ("LPPool1d inf", lambda x, m=torch.nn.LPPool1d(float("inf"), 2): m(x), lambda: leaves((1, 2, 5)),
+     "LPPoolInfFunctionBackward"),
     ("F.max_unpool2d", lambda x: F.max_unpool2d(x, torch.tensor([[[[0, 3], [9, 10]]]]), 2),
      lambda: leaves((1, 1, 2, 2)), "MaxUnpoolFunctionBackward"),
     ("F.fractional_max_pool2d", lambda x: F.fractional_max_pool2d(x, 2, 3, _random_samples=torch.rand(1, 2, 2,

@@ -7,8 +7,9 @@ ops, torch's argmax among ties); the backwards are written here:
 - lp pooling, as torch defines it: y = (K s)^(1/p) with s = avg_pool(x^p) (no padding) and K
   the kernel's size, i.e. the window's sum of x^p to the power 1/p. By the chain rule
   dx = p x^(p-1) * avg_pool_backward(K (1/p) (K s)^(1/p - 1) dy), with no gradient where
-  K s = 0 (torch: sign(s) relu(|s|), and relu passes nothing at 0). p = +-inf is max pooling
-  of |x| (torch's own composition: its max-pooling Function with |x|'s gradient sign(x)).
+  K s = 0 (torch: sign(s) relu(|s|), and relu passes nothing at 0). p = +inf is the max of |x|
+  over the window, p = -inf its min (torch: max pooling of |x|, or of -|x|): y[w] = |x[idx[w]]|,
+  so dx = sign(x) * scatter_add of dy at idx.
 - max unpooling: y = zeros, y[idx[w]] = x[w] per (n, c) plane, so dx[w] = dy[idx[w]] (a gather)
   and the jvp is the unpooling of the tangent.
 - fractional max pooling: y[w] = x[idx[w]] over windows placed by the random samples, so
@@ -26,10 +27,8 @@ from .pooling import (
     _tuple,
     avg_pool_backward,
     avg_pool_forward,
-    max_pool1d,
-    max_pool2d,
-    max_pool3d,
     max_pool_backward,
+    max_pool_forward,
     max_pool_jvp,
 )
 
@@ -111,16 +110,58 @@ class LPPool3dFunction(LPPoolFunction):
     autocast = FLOAT32_ON_CPU
 
 
+class LPPoolInfFunction(torch.autograd.Function):
+    """p = +-inf: y[w] = |x[idx[w]]|, the largest (+inf) or smallest (-inf) |x| of window w."""
+    autocast = INPUT  # autocast: in the input's dtype (torch's max_pool1d/2d are on no autocast list)
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, d, norm_type, kernel_size, stride, ceil_mode):
+        # torch's composition: max_pool(|x|), or -max_pool(-|x|) (no padding, no dilation)
+        if norm_type > 0:
+            return max_pool_forward(x.abs(), d, kernel_size, stride, 0, 1, ceil_mode)
+        y, idx = max_pool_forward(-x.abs(), d, kernel_size, stride, 0, 1, ceil_mode)
+        return -y, idx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, d = inputs[:2]
+        _, idx = output
+        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # a missing dy comes in as None (see MaxPoolFunction)
+        ctx.d = d
+        ctx.save_for_backward(x, idx)
+        ctx.save_for_forward(x, idx)
+
+    @staticmethod
+    def backward(ctx, dy, _didx):
+        x, idx = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0] and dy is not None:
+            # d|x|[j] = sum of dy[w] over the windows w whose pick idx[w] is j        (*, *S)
+            # dx = sign(x) d|x|                                                      (*, *S) like x
+            dx = x.sign() * max_pool_backward(dy, idx, x.shape, ctx.d)
+        return dx, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, *_):
+        x, idx = ctx.saved_tensors
+        # dy[w] = sign(x) dx at idx[w]                                               (*, *O)
+        return max_pool_jvp(x.sign() * dx, idx, ctx.d), None
+
+
+class LPPoolInf3dFunction(LPPoolInfFunction):
+    """LPPoolInfFunction with d = 3: torch's max_pool3d is on its CPU float32 autocast list."""
+    autocast = FLOAT32_ON_CPU
+
+
 def _lp_pool(input, d, norm_type, kernel_size, stride, ceil_mode):
     if d > 1 and not isinstance(kernel_size, int) and len(kernel_size) != d:
         # torch unpacks the kernel into d sizes first (a ValueError there)
         raise ValueError(f"lp_pool{d}d: kernel_size must be an int or {d} ints, got {tuple(kernel_size)}")
     if norm_type in (math.inf, -math.inf):
-        # the max (or min) of |x| over each window: max pooling of |x| as torch composes it
-        max_pool = (max_pool1d, max_pool2d, max_pool3d)[d - 1]
-        if norm_type > 0:
-            return max_pool(input.abs(), kernel_size, stride, 0, 1, ceil_mode)
-        return -max_pool(-input.abs(), kernel_size, stride, 0, 1, ceil_mode)
+        fn = LPPoolInf3dFunction if d == 3 else LPPoolInfFunction
+        return apply(fn, input, d, norm_type, kernel_size, stride, ceil_mode)[0]
     return apply(LPPool3dFunction if d == 3 else LPPoolFunction, input, d, norm_type, kernel_size, stride, ceil_mode)
 
 

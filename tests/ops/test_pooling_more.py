@@ -199,6 +199,8 @@ AUTOCAST = {
     "lp_pool1d": (lambda m, x: m.lp_pool1d(x, 2, 3, 2), (2, 3, 9)),
     "lp_pool2d": (lambda m, x: m.lp_pool2d(x, 2, 2), (2, 3, 6, 4)),
     "lp_pool3d": (lambda m, x: m.lp_pool3d(x, 2, 2), (2, 3, 4, 6, 4)),
+    "lp_pool2d_inf": (lambda m, x: m.lp_pool2d(x, float("inf"), 2), (2, 3, 6, 4)),
+    "lp_pool3d_inf": (lambda m, x: m.lp_pool3d(x, -float("inf"), 2), (2, 3, 4, 6, 4)),
     "max_unpool1d": (lambda m, x: m.max_unpool1d(x, torch.tensor([[[0, 3, 5]]]), 2), (1, 1, 3)),
     "max_unpool2d": (lambda m, x: m.max_unpool2d(x, torch.tensor([[[[0, 3], [9, 10]]]]), 2), (1, 1, 2, 2)),
     "max_unpool3d": (lambda m, x: m.max_unpool3d(x, torch.tensor([[[[[0, 7]]]]]), 2), (1, 1, 1, 1, 2)),
@@ -270,6 +272,15 @@ def test_lp_pool_of_infinite_norm_is_max_pooling_of_abs_like_torch(d, p):
     # distinct magnitudes with either sign: |x| has no ties, and x no zero
     x = (distinct(*shape).detach() + 0.1) * torch.randn(shape, dtype=torch.float64).sign()
     check_gradients(ours, x.requires_grad_(), p, 2, 1)
+    # ties of |x| between x and -x, and zeros (sign 0: no gradient), where torch's pick goes
+    ties = torch.randint(-2, 3, shape).float().requires_grad_()
+    same_exactly(ours, theirs, ties, p, 3, 2, True)
+    # jvp: sign(x) dx at the pick
+    x, t = torch.randn(shape), torch.randn(shape)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(x, t), p, 2, 1)).tangent
+        expected = fwAD.unpack_dual(theirs(fwAD.make_dual(x, t), p, 2, 1)).tangent
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_lp_pool_by_hand_and_zero_windows_get_no_gradient():
