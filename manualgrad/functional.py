@@ -89,6 +89,19 @@ from .ops.pooling import (
     max_pool2d,
 )
 
+# more pooling: 3-d average and adaptive, adaptive max 1-d/3-d, lp, max unpooling, fractional max
+from .ops.pooling import adaptive_avg_pool3d, adaptive_max_pool1d, adaptive_max_pool3d, avg_pool3d
+from .ops.pooling_more import (
+    fractional_max_pool2d,
+    fractional_max_pool3d,
+    lp_pool1d,
+    lp_pool2d,
+    lp_pool3d,
+    max_unpool1d,
+    max_unpool2d,
+    max_unpool3d,
+)
+
 # padding
 from .ops.padding import pad
 

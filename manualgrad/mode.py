@@ -42,6 +42,7 @@ call is routed once however deep the nesting; each exit, also on an exception, r
 torch-function mode stack as it was. The mode holds no state besides that per-instance record.
 """
 import ast
+import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -126,12 +127,22 @@ _TORCH_LEVEL = [
 ]
 
 
+def _with_indices(twin, *args, **kwargs):
+    return twin(*args, **{**kwargs, "return_indices": True})
+
+
 def _build_routes():
     routes = {}
     for name in MF.__all__:  # torch.nn.functional twins: same signature, arguments pass through
         torch_fn = getattr(TF, name, None)
         if callable(torch_fn):
             routes[torch_fn] = _Route(getattr(MF, name))
+        # F.max_pool2d(..., return_indices=True) and the other max poolings dispatch on the flag to
+        # F.max_pool2d_with_indices, which asks the mode under its own name (with return_indices
+        # as a keyword): the twin with return_indices=True, as that function always returns both
+        with_indices = getattr(TF, name + "_with_indices", None)
+        if callable(with_indices):
+            routes[with_indices] = _Route(functools.partial(_with_indices, getattr(MF, name)))
     for fns, spec, twin_name, renames, fix in _TORCH_LEVEL:
         twin = getattr(MF, twin_name, None)
         if twin is None:  # a family not in manualgrad.functional (yet): torch runs these

@@ -146,6 +146,32 @@ CASES = [
     ("F.max_pool3d", lambda x: F.max_pool3d(x, 2, padding=1), lambda: leaves((1, 2, 3, 4, 3)),
      "MaxPool3dFunctionBackward"),
     # end of conv3d and the transposed convolutions
+    # more pooling (one block)
+    ("F.avg_pool3d", lambda x: F.avg_pool3d(x, 2, padding=1), lambda: leaves((1, 2, 3, 4, 3)), "AvgPool3dFunctionBackward"),
+    ("F.adaptive_avg_pool3d", lambda x: F.adaptive_avg_pool3d(x, (2, 3, 2)), lambda: leaves((1, 2, 3, 4, 3)),
+     "AdaptiveAvgPool3dFunctionBackward"),
+    ("F.adaptive_max_pool1d", lambda x: F.adaptive_max_pool1d(x, 3), lambda: leaves((1, 2, 7)),
+     "AdaptiveMaxPoolFunctionBackward"),
+    ("F.adaptive_max_pool3d", lambda x: F.adaptive_max_pool3d(x, 2, True)[0], lambda: leaves((1, 2, 3, 4, 3)),
+     "AdaptiveMaxPool3dFunctionBackward"),
+    # (return_indices=True: torch's F.*_with_indices, routed too)
+    ("F.max_pool2d indices", lambda x: F.max_pool2d(x, 2, return_indices=True)[0], lambda: leaves((1, 2, 4, 5)),
+     "MaxPoolFunctionBackward"),
+    ("F.adaptive_max_pool1d indices", lambda x: F.adaptive_max_pool1d(x, 3, True)[0], lambda: leaves((1, 2, 7)),
+     "AdaptiveMaxPoolFunctionBackward"),
+    ("F.lp_pool2d", lambda x: F.lp_pool2d(x, 2, 2), lambda: leaves((1, 2, 4, 5)), "LPPoolFunctionBackward"),
+    ("LPPool3d", lambda x, m=torch.nn.LPPool3d(2, 2): m(x), lambda: leaves((1, 2, 3, 4, 3)),
+     "LPPool3dFunctionBackward"),
+    ("LPPool1d inf", lambda x, m=torch.nn.LPPool1d(float("inf"), 2): m(x), lambda: leaves((1, 2, 5)),
+     "LPPoolInfFunctionBackward"),
+    ("F.max_unpool2d", lambda x: F.max_unpool2d(x, torch.tensor([[[[0, 3], [9, 10]]]]), 2),
+     lambda: leaves((1, 1, 2, 2)), "MaxUnpoolFunctionBackward"),
+    ("F.fractional_max_pool2d", lambda x: F.fractional_max_pool2d(x, 2, 3, _random_samples=torch.rand(1, 2, 2,
+     dtype=torch.float64, generator=torch.Generator().manual_seed(0))), lambda: leaves((1, 2, 5, 6)), "FractionalMaxPoolFunctionBackward"),
+    ("F.fractional_max_pool3d indices", lambda x: F.fractional_max_pool3d(x, 2, 2, return_indices=True,
+     _random_samples=torch.rand(1, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0], lambda: leaves((1, 2, 4, 4, 5)),
+     "FractionalMaxPoolFunctionBackward"),
+    # end of more pooling
 ]
 
 

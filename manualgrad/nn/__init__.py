@@ -54,6 +54,22 @@ from .pooling import (
     Unflatten,
 )
 
+# more pooling
+from .pooling_more import (
+    AdaptiveAvgPool3d,
+    AdaptiveMaxPool1d,
+    AdaptiveMaxPool3d,
+    AvgPool3d,
+    FractionalMaxPool2d,
+    FractionalMaxPool3d,
+    LPPool1d,
+    LPPool2d,
+    LPPool3d,
+    MaxUnpool1d,
+    MaxUnpool2d,
+    MaxUnpool3d,
+)
+
 # padding
 from .padding import (
     CircularPad1d,

@@ -26,7 +26,7 @@ forward and backward compute in exactly the dtypes chosen here (nothing inside i
 - ``FLOAT32_ON_CUDA``: float32 on CUDA, the input's dtype elsewhere (softmax, log_softmax,
   the norms, softplus): torch's CPU list leaves them alone, its CUDA list runs them in float32.
 - ``FLOAT32_ON_CPU``: the other way round (reflect pads of 1 and 2 dims, replicate pads,
-  max_pool3d): on torch's CPU float32 list, on no CUDA list.
+  the 3-d poolings, max unpooling, fractional max pooling): on torch's CPU float32 list, on no CUDA list.
 - ``INPUT``: no cast, the dtype the input arrives in (the other elementwise ops, pooling,
   dropout, embedding); ops with float32 parameters (the norms) mix dtypes like torch's kernels.
 

@@ -1,5 +1,5 @@
-"""Pooling over the last d spatial dims (d = 1 or 2; max pooling also 3): max, average, adaptive
-average, adaptive max.
+"""Pooling over the last d spatial dims (d = 1, 2 or 3): max, average, adaptive average, adaptive
+max. (lp pooling, max unpooling and fractional max pooling: pooling_more.py.)
 
 Shapes: x (N, C, *S) or unbatched (C, *S), S = (L,), (H, W) or (D, H, W); y (N, C, *O) or (C, *O).
 
@@ -15,7 +15,7 @@ The backwards are written here:
   dy[w] / divisor[w] spread back over its window (an expand for tiling windows, else a
   transposed convolution with a ones kernel), cropped to the unpadded input.
 - adaptive average pooling: y = A_h x A_w^T with A[i, j] = 1/|window i| on window i,
-  so dx = A_h^T dy A_w.
+  so dx = A_h^T dy A_w (one such matrix per dim: 1, 2 or 3 of them).
 
 Every backward is linear in dy with fixed indices / weights and written with differentiable
 torch ops, so double backward differentiates it again. Indices are non-differentiable outputs.
@@ -200,6 +200,10 @@ class AdaptiveMaxPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, d, output_size):
         # window i covers [floor(i L / o), ceil((i + 1) L / o)) along each dim: never empty
+        if d == 1:
+            return torch.adaptive_max_pool1d(x, output_size)
+        if d == 3:
+            return torch._C._nn.adaptive_max_pool3d(x, output_size)
         return torch._C._nn.adaptive_max_pool2d(x, output_size)
 
     @staticmethod
@@ -222,6 +226,12 @@ class AdaptiveMaxPoolFunction(torch.autograd.Function):
     def jvp(ctx, dx, *_):
         (idx,) = ctx.saved_tensors
         return max_pool_jvp(dx, idx, ctx.d), None
+
+
+class AdaptiveMaxPool3dFunction(AdaptiveMaxPoolFunction):
+    """AdaptiveMaxPoolFunction with d = 3, for its autocast policy: torch's CPU autocast runs
+    adaptive_max_pool3d in float32, unlike adaptive_max_pool1d/2d."""
+    autocast = FLOAT32_ON_CPU
 
 
 def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -249,6 +259,20 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     return (y, idx) if return_indices else y
 
 
+
+def adaptive_max_pool1d(input, output_size, return_indices=False):
+    """Drop-in for ``torch.nn.functional.adaptive_max_pool1d``."""
+    y, idx = apply(AdaptiveMaxPoolFunction, input, 1, output_size)
+    return (y, idx) if return_indices else y
+
+
+def adaptive_max_pool3d(input, output_size, return_indices=False):
+    """Drop-in for ``torch.nn.functional.adaptive_max_pool3d`` (None in output_size keeps that input size)."""
+    output_size = _list_with_default(output_size, input.size())
+    y, idx = apply(AdaptiveMaxPool3dFunction, input, 3, output_size)
+    return (y, idx) if return_indices else y
+
+
 # ---------------------------------------------------------------------------------------------
 # average pooling: y[w] = sum of x over window w (zero padding) / divisor[w]
 
@@ -257,6 +281,9 @@ def avg_pool_forward(x, d, kernel_size, stride, padding, ceil_mode, count_includ
     stride = () if stride is None else stride
     if d == 1:
         return torch.avg_pool1d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    if d == 3:
+        return torch._C._nn.avg_pool3d(x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                       divisor_override)
     return torch._C._nn.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
@@ -284,8 +311,8 @@ def _divisor(dy, x_shape, d, k, s, p, count_include_pad, divisor_override):
         return math.prod(sz[0] if sz else 1 for sz in per_dim)
     # divisor[w] = product over dims of the window's size along that dim        (*O)
     div = torch.tensor(per_dim[0], dtype=dy.dtype, device=dy.device)
-    if d == 2:
-        div = torch.outer(div, torch.tensor(per_dim[1], dtype=dy.dtype, device=dy.device))
+    for sizes in per_dim[1:]:
+        div = div.unsqueeze(-1) * torch.tensor(sizes, dtype=dy.dtype, device=dy.device)
     return div
 
 
@@ -304,11 +331,10 @@ def _spread(g, x_shape, d, k, s, p):
         return g.new_zeros(x_shape)
     if k == s:
         # tiling windows: repeat each g[w] over its k cells, a grid of out * k from the padded start
-        if d == 1:
-            full = g.unsqueeze(-1).expand(*lead, out[0], k[0]).reshape(*lead, out[0] * k[0])
-        else:
-            full = g[..., :, None, :, None].expand(*lead, out[0], k[0], out[1], k[1])
-            full = full.reshape(*lead, out[0] * k[0], out[1] * k[1])
+        # (each output dim o followed by a dim of 1 expanded to k: (*, o1, k1, .., od, kd))
+        full = g.reshape(*lead, *(n for o in out for n in (o, 1)))
+        full = full.expand(*lead, *(n for o, kk in zip(out, k) for n in (o, kk)))
+        full = full.reshape(*lead, *(o * kk for o, kk in zip(out, k)))
         # full starts at the padded input's start: crop the left padding, crop or zero-fill the right end
         pads = []
         for i in reversed(range(d)):
@@ -368,6 +394,12 @@ class AvgPoolFunction(torch.autograd.Function):
         return avg_pool_forward(dx, *ctx.args)
 
 
+class AvgPool3dFunction(AvgPoolFunction):
+    """AvgPoolFunction with d = 3, for its autocast policy: torch's CPU autocast runs avg_pool3d
+    in float32 (on its CPU float32 list), unlike avg_pool1d/2d."""
+    autocast = FLOAT32_ON_CPU
+
+
 def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
     """Drop-in for ``torch.nn.functional.avg_pool1d``; bad arguments fail in torch's kernel."""
     return apply(AvgPoolFunction, input, 1, kernel_size, stride, padding, ceil_mode, count_include_pad, None)
@@ -381,6 +413,14 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     )
 
 
+def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """Drop-in for ``torch.nn.functional.avg_pool3d``; bad arguments fail in torch's kernel."""
+    return apply(
+        AvgPool3dFunction, input, 3, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # adaptive average pooling: window i along a dim of length L, out o: [floor(i L / o), ceil((i + 1) L / o))
 
@@ -388,6 +428,8 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 def adaptive_avg_pool_forward(x, d, output_size):
     if d == 1:
         return torch.adaptive_avg_pool1d(x, output_size)
+    if d == 3:
+        return torch._C._nn.adaptive_avg_pool3d(x, output_size)
     return torch._C._nn.adaptive_avg_pool2d(x, output_size)
 
 
@@ -411,9 +453,18 @@ def adaptive_avg_pool_backward(dy, x_shape, d):
     if d == 1:
         # dx = dy A                                                              (*, L)
         return torch.matmul(dy, _adaptive_matrix(sizes[0], out[0], dy))
-    # dx = A_h^T (dy A_w)                                                        (*, H, W)
-    return torch.matmul(_adaptive_matrix(sizes[0], out[0], dy).t(),
-                        torch.matmul(dy, _adaptive_matrix(sizes[1], out[1], dy)))
+    if d == 2:
+        # dx = A_h^T (dy A_w)                                                    (*, H, W)
+        return torch.matmul(_adaptive_matrix(sizes[0], out[0], dy).t(),
+                            torch.matmul(dy, _adaptive_matrix(sizes[1], out[1], dy)))
+    # d = 3: the same product along each dim in turn, W, then H, then D
+    # dx[.., w] = sum_i dy[.., i] A_w[i, w]                                      (*, oD, oH, W)
+    dx = torch.matmul(dy, _adaptive_matrix(sizes[2], out[2], dy))
+    # dx[.., h, :] = sum_i A_h[i, h] dx[.., i, :]                                (*, oD, H, W)
+    dx = torch.matmul(_adaptive_matrix(sizes[1], out[1], dy).t(), dx)
+    # dx[.., t, :, :] = sum_i A_d[i, t] dx[.., i, :, :]                          (*, D, H, W)
+    # (as a product over the last dim: D swapped with W before and after)
+    return torch.matmul(dx.transpose(-3, -1), _adaptive_matrix(sizes[0], out[0], dy)).transpose(-3, -1)
 
 
 class AdaptiveAvgPoolFunction(torch.autograd.Function):
@@ -440,6 +491,11 @@ class AdaptiveAvgPoolFunction(torch.autograd.Function):
         return adaptive_avg_pool_forward(dx, ctx.d, ctx.output_size)
 
 
+class AdaptiveAvgPool3dFunction(AdaptiveAvgPoolFunction):
+    """AdaptiveAvgPoolFunction with d = 3, for its autocast policy: on torch's CPU float32 list."""
+    autocast = FLOAT32_ON_CPU
+
+
 def adaptive_avg_pool1d(input, output_size):
     """Drop-in for ``torch.nn.functional.adaptive_avg_pool1d``."""
     return apply(AdaptiveAvgPoolFunction, input, 1, output_size)
@@ -449,3 +505,9 @@ def adaptive_avg_pool2d(input, output_size):
     """Drop-in for ``torch.nn.functional.adaptive_avg_pool2d`` (None in output_size keeps that input size)."""
     output_size = _list_with_default(output_size, input.size())
     return apply(AdaptiveAvgPoolFunction, input, 2, output_size)
+
+
+def adaptive_avg_pool3d(input, output_size):
+    """Drop-in for ``torch.nn.functional.adaptive_avg_pool3d`` (None in output_size keeps that input size)."""
+    output_size = _list_with_default(output_size, input.size())
+    return apply(AdaptiveAvgPool3dFunction, input, 3, output_size)

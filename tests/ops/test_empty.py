@@ -38,6 +38,14 @@ def _lce_torch(input, linear_weight, target, *, linear_bias=None, **kwargs):
     return TF.cross_entropy(TF.linear(input, linear_weight, linear_bias), target, **kwargs)
 
 
+def _unpool_indices(N, C, *S):
+    """Indices as max pooling with kernel 2 would give them: window s at 2 s, flat in a grid of 2 S."""
+    idx = torch.zeros((), dtype=torch.long)
+    for s in S:
+        idx = idx[..., None] * (2 * s) + 2 * torch.arange(s)
+    return idx.expand(N, C, *S).contiguous()
+
+
 # name -> list of (variant, sizes, build); build(**sizes) -> (args, kwargs). The torch twin is
 # the same name in torch.nn.functional, else in torch (the matmul family), else TORCH[name].
 TORCH = {"linear_cross_entropy": _lce_torch}
@@ -183,6 +191,30 @@ CASES = {
     "max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(kernel_size=2)))],
     "adaptive_avg_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
     "adaptive_max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
+    # more pooling (one block)
+    "avg_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                    lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(kernel_size=2, padding=1, count_include_pad=False)))],
+    "adaptive_avg_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                             lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(output_size=(2, 3, 2))))],
+    "adaptive_max_pool1d": [("", ACT, _act(output_size=2)), ("indices", ACT, _act(output_size=3, return_indices=True))],
+    "adaptive_max_pool3d": [("indices", dict(N=2, C=3, D=2, H=4, W=3),
+                             lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(output_size=2, return_indices=True)))],
+    "lp_pool1d": [("", ACT, _act(norm_type=2, kernel_size=2))],
+    "lp_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(norm_type=2, kernel_size=2))),
+                  ("inf", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(norm_type=float("inf"), kernel_size=2)))],
+    "lp_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                   lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(norm_type=2, kernel_size=2)))],
+    "max_unpool1d": [("", ACT, lambda N, C, L: ((x(N, C, L), _unpool_indices(N, C, L)), dict(kernel_size=2)))],
+    "max_unpool2d": [("", dict(ACT, W=3),
+                      lambda N, C, L, W: ((x(N, C, L, W), _unpool_indices(N, C, L, W)), dict(kernel_size=2)))],
+    "max_unpool3d": [("", dict(N=2, C=3, D=2, H=3, W=2),
+                      lambda N, C, D, H, W: ((x(N, C, D, H, W), _unpool_indices(N, C, D, H, W)), dict(kernel_size=2)))],
+    "fractional_max_pool2d": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W), 2), dict(output_size=(L, W - 1)))),
+                              ("ratio-indices", dict(ACT, W=4),
+                               lambda N, C, L, W: ((x(N, C, L, W), 2), dict(output_ratio=(0.5, 0.5), return_indices=True)))],
+    "fractional_max_pool3d": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                               lambda N, C, D, H, W: ((x(N, C, D, H, W), (1, 2, 2)), dict(output_ratio=0.5)))],
+    # end of more pooling
     # padding
     "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))
             for mode in ("constant", "reflect", "replicate", "circular")] + [
