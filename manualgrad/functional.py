@@ -53,6 +53,9 @@ from .ops.padding import pad
 # rearrangements: pixel and channel shuffles, fold / unfold
 from .ops.shuffle import channel_shuffle, fold, pixel_shuffle, pixel_unshuffle, unfold
 
+# resampling
+from .ops.resample import interpolate
+
 # normalization
 from .ops.normalization import batch_norm, group_norm, layer_norm, rms_norm
 

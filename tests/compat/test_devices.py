@@ -90,6 +90,9 @@ SAMPLES = {
                                                 _x(1, 1, 8), _x(1, 1, 8), True, 0.0, _x(8, 8), _x(8)),
                                                dict(need_weights=False)), None),
     "nll_loss": (lambda: ((_x(5, 4), _cls(5, 4)), {}), None),
+    # resampling
+    "interpolate": (lambda: ((_x(2, 3, 7, 6),), dict(size=(4, 9), mode="bicubic", align_corners=True)), None),
+    # end of resampling
     "pad": (lambda: ((_x(2, 3, 7, 6), (2, 1, -1, 3)), dict(mode="reflect")), None),
     "pixel_shuffle": (lambda: ((_x(2, 8, 3, 5), 2), {}), None),
     "pixel_unshuffle": (lambda: ((_x(2, 3, 4, 6), 2), {}), None),

@@ -161,6 +161,13 @@ CASES = {
     "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))
             for mode in ("constant", "reflect", "replicate", "circular")] + [
         ("constant-value", ACT, _act(pad=(-1, 2), value=3.0))],
+    # resampling
+    "interpolate": [(f"{mode}-{len(S)}d", dict(N=2, C=3, **dict(zip("DHW"[-len(S):], S))),
+                     lambda N, C, mode=mode, **S: ((x(N, C, *S.values()),), dict(size=(3,) * len(S), mode=mode)))
+                    for mode, S in (("nearest", (4,)), ("nearest-exact", (2, 3)), ("linear", (4,)), ("bilinear", (2, 3)),
+                                    ("bicubic", (2, 3)), ("trilinear", (2, 2, 3)), ("area", (2, 3)),
+                                    ("area", (2, 2, 3)))],
+    # end of resampling
     # rearrangements
     "pixel_shuffle": [("", dict(N=2, C=2, H=2, W=3), lambda N, C, H, W: ((x(N, 4 * C, H, W), 2), {}))],
     "pixel_unshuffle": [("", dict(N=2, C=2, H=2, W=3), lambda N, C, H, W: ((x(N, C, 2 * H, 2 * W), 2), {}))],
@@ -226,6 +233,7 @@ TORCH_DIFFERS = {
     # torch's backward kernel refuses the channel-less gradient of the output its forward made
     ("adaptive_avg_pool1d", "", "C"): "raises",
     ("adaptive_avg_pool2d", "", "C"): "raises",
+    ("interpolate", "area-2d", "C"): "raises",  # resampling: area is adaptive_avg_pool2d
     # rearrangements: torch's pixel_(un)shuffle return an empty input in its own shape, which its
     # backward then refuses; its channel_shuffle backward asks for C / g = 0 groups
     **{(name, "", dim): "raises" for name in ("pixel_shuffle", "pixel_unshuffle") for dim in "NCHW"},
