@@ -54,6 +54,7 @@ from .ops.padding import pad
 from .ops.shuffle import channel_shuffle, fold, pixel_shuffle, pixel_unshuffle, unfold
 
 # resampling
+from .ops.grid_sample import affine_grid, grid_sample
 from .ops.resample import interpolate
 
 # normalization

@@ -92,6 +92,9 @@ SAMPLES = {
     "nll_loss": (lambda: ((_x(5, 4), _cls(5, 4)), {}), None),
     # resampling
     "interpolate": (lambda: ((_x(2, 3, 7, 6),), dict(size=(4, 9), mode="bicubic", align_corners=True)), None),
+    "grid_sample": (lambda: ((_x(2, 3, 7, 6), _x(2, 4, 5, 2)), dict(mode="bicubic", padding_mode="reflection",
+                                                                    align_corners=False)), None),
+    "affine_grid": (lambda: ((_x(2, 2, 3), (2, 3, 7, 6)), dict(align_corners=False)), None),
     # end of resampling
     "pad": (lambda: ((_x(2, 3, 7, 6), (2, 1, -1, 3)), dict(mode="reflect")), None),
     "pixel_shuffle": (lambda: ((_x(2, 8, 3, 5), 2), {}), None),

@@ -167,6 +167,16 @@ CASES = {
                     for mode, S in (("nearest", (4,)), ("nearest-exact", (2, 3)), ("linear", (4,)), ("bilinear", (2, 3)),
                                     ("bicubic", (2, 3)), ("trilinear", (2, 2, 3)), ("area", (2, 3)),
                                     ("area", (2, 2, 3)))],
+    "grid_sample": [(f"{mode}-{pad}", dict(N=2, C=3, H=3, W=4, Ho=2, Wo=3),
+                     lambda N, C, H, W, Ho, Wo, mode=mode, pad=pad: (
+                         (x(N, C, H, W), x(N, Ho, Wo, 2)), dict(mode=mode, padding_mode=pad, align_corners=False)))
+                    for mode, pad in (("bilinear", "zeros"), ("nearest", "border"), ("bicubic", "reflection"))] + [
+        ("3d", dict(N=2, C=3, D=2, H=3, W=2, Do=2),
+         lambda N, C, D, H, W, Do: ((x(N, C, D, H, W), x(N, Do, 2, 1, 3)), dict(align_corners=True)))],
+    "affine_grid": [("2d", dict(N=2, C=3, H=3, W=4),
+                     lambda N, C, H, W: ((x(N, 2, 3), (N, C, H, W)), dict(align_corners=False))),
+                    ("3d", dict(N=2, C=3, D=2, H=3, W=4),
+                     lambda N, C, D, H, W: ((x(N, 3, 4), (N, C, D, H, W)), dict(align_corners=True)))],
     # end of resampling
     # rearrangements
     "pixel_shuffle": [("", dict(N=2, C=2, H=2, W=3), lambda N, C, H, W: ((x(N, 4 * C, H, W), 2), {}))],
