@@ -21,6 +21,9 @@ the scale s, the input length per output step:
     cubic          K = 4: r as for linear, not clamped at 0; taps i - 1 .. i + 2 clamped into [0, L),
                    weights from Keys' cubic convolution kernel with A = -0.75 at distances
                    1 + t, t, 1 - t, 2 - t (t = r - i)
+    antialias      bilinear / bicubic with antialias=True: K = 2 ceil(h max(s, 1)) + 1 taps around
+                   c = s (o + 1/2), weights filter((j + 1/2 - c) / max(s, 1)) normalized to sum 1,
+                   filter = 1 - |x| (h = 1) or Keys' kernel with A = -0.5 (h = 2)
     area           adaptive average pooling: the average of the window [floor(o L / Lo), ceil((o + 1) L / Lo))
 
 The forward runs torch's own kernels (the same numbers and checks). The backward is the adjoint
@@ -40,6 +43,8 @@ adjoint of its own forward:
 Here the gradient is the adjoint of the forward torch computes (the finite difference agrees;
 tests/ops/test_resample.py pins both, and torch's behaviour).
 """
+import math
+
 import torch
 
 from ._apply import FLOAT32_ON_CPU, INPUT, apply
@@ -129,8 +134,45 @@ def cubic_taps(L, Lo, align_corners, scale, dtype, device=None):
     return idx, w.to(dtype)
 
 
+def _triangle(x):  # the antialiasing filter of bilinear: 1 - |x| on (-1, 1)
+    return (1 - x.abs()).clamp(min=0)
+
+
+def _keys_half(x):  # of bicubic: Keys' kernel with A = -0.5 (as Pillow; not the -0.75 above)
+    x = x.abs()
+    near = ((-0.5 + 2) * x - (-0.5 + 3)) * x * x + 1
+    far = ((-0.5 * x + 2.5) * x - 4) * x + 2
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def antialias_taps(mode, L, Lo, align_corners, scale, dtype, device=None):
+    """idx, w (Lo, K) of torch's antialiased bilinear / bicubic (_compute_weights_aa): output o
+    averages the inputs j within `support` of its center c = s (o + 1/2) with weights
+    filter((j + 1/2 - c) / max(s, 1)), normalized to sum to 1. Downsampling (s > 1) stretches the
+    filter by s, so every input pixel contributes: a low-pass filter before the sampling."""
+    op = _opmath(dtype)
+    s = pixel_scale(L, Lo, align_corners, scale, op).to(device)
+    half = 1.0 if mode == "bilinear-aa" else 2.0  # the filter's half-width: interp_size / 2
+    stretch = s if float(s) >= 1 else torch.ones_like(s)
+    support = half * stretch
+    K = math.ceil(float(support)) * 2 + 1
+    # c[o] = s (o + 1/2); the window [xmin, xmin + size) of inputs within support   (Lo,)
+    c = s * (torch.arange(Lo, device=device, dtype=op) + 0.5)
+    xmin = (c - support + 0.5).trunc().long().clamp(min=0)
+    size = ((c + support + 0.5).trunc().long().clamp(max=L) - xmin).clamp(0, K)
+    j = torch.arange(K, device=device)
+    # w[o, j] = filter((xmin + j + 1/2 - c) / stretch) on the window, 0 beyond       (Lo, K)
+    x = (j + xmin[:, None] - c[:, None] + 0.5) * (1 / stretch)
+    w = (_triangle(x) if mode == "bilinear-aa" else _keys_half(x)) * (j < size[:, None])
+    total = w.sum(1, keepdim=True)
+    w = torch.where(total != 0, w / total, w)
+    return (xmin[:, None] + j).clamp(max=L - 1), w.to(dtype)
+
+
 def taps(mode, L, Lo, align_corners, scale, dtype, device=None, d=1):
     """(idx, w) of one spatial dim of a d-dim resampling; w is None for the nearest modes (weight 1)."""
+    if mode.endswith("-aa"):
+        return antialias_taps(mode, L, Lo, align_corners, scale, dtype, device)
     if mode in ("nearest", "nearest-exact"):
         return nearest_taps(L, Lo, scale, mode == "nearest-exact", d == 2, device), None
     if mode == "bicubic":
@@ -152,6 +194,8 @@ _KERNELS = {
     ("bilinear", 2): torch._C._nn.upsample_bilinear2d,
     ("trilinear", 3): torch._C._nn.upsample_trilinear3d,
     ("bicubic", 2): torch._C._nn.upsample_bicubic2d,
+    ("bilinear-aa", 2): torch._C._nn._upsample_bilinear2d_aa,
+    ("bicubic-aa", 2): torch._C._nn._upsample_bicubic2d_aa,
 }
 
 
@@ -308,7 +352,8 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
     """Drop-in for ``torch.nn.functional.interpolate`` with a hand-written backward.
 
     Modes nearest, nearest-exact, linear, bilinear, bicubic, trilinear and area;
-    ``antialias=True`` raises NotImplementedError. Bad arguments fail like torch's."""
+    ``antialias=True`` for bilinear and bicubic; mode ``lanczos`` raises NotImplementedError.
+    Bad arguments fail like torch's."""
     if mode in ("nearest", "area", "nearest-exact"):
         if align_corners is not None:
             raise ValueError("align_corners option can only be set with the interpolating modes: "
@@ -321,11 +366,15 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
         if not (mode in ("bilinear", "bicubic", "lanczos") and input.dim() == 4):
             raise ValueError("Anti-alias option is restricted to bilinear, bicubic, and lanczos modes and "
                              "requires a 4-D tensor as input")
-        raise NotImplementedError(f"interpolate: antialias=True ({mode}) has no hand-written backward in "
-                                  "manualgrad yet; use torch.nn.functional.interpolate")
     if mode == "lanczos":
+        if align_corners:
+            raise ValueError("Lanczos mode does not support align_corners=True")
+        if not antialias:
+            raise ValueError("Lanczos mode requires antialias=True")
         raise NotImplementedError("interpolate: mode 'lanczos' has no hand-written backward in manualgrad yet")
-    if d not in _DIMS.get(mode, ()):
+    if antialias:
+        mode += "-aa"  # the antialiased taps (antialias_taps)
+    if d not in _DIMS.get(mode.removesuffix("-aa"), ()):
         if mode in _NEEDS and d in (1, 2, 3):
             raise NotImplementedError(f"Got {d + 2}D input, but {mode} mode needs {_NEEDS[mode]} input")
         raise NotImplementedError(

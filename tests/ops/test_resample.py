@@ -197,6 +197,8 @@ def x3(*s):
     ((x3(2, 4),), dict(size=3)),                                    # 2-D input
     ((x3(1, 2, 4),), dict(size=3, mode="cubic")),                   # unknown mode
     ((x3(1, 2, 4),), dict(size=3, mode="linear", antialias=True)),  # antialias needs 4-D bilinear / bicubic
+    ((x3(1, 2, 4, 4),), dict(size=3, mode="lanczos")),              # lanczos needs antialias
+    ((x3(1, 2, 4, 4),), dict(size=3, mode="lanczos", antialias=True, align_corners=True)),
     ((x3(1, 2, 4),), dict(size=0, mode="linear")),                  # empty output
     ((x3(1, 2, 0, 3),), dict(size=3, mode="bilinear")),             # empty input
     ((x3(2, 0, 4),), dict(size=3)),                                 # no channels
@@ -205,6 +207,34 @@ def test_interpolate_bad_input_fails_like_torch(args, kwargs):
     assert_raises_like_torch(F.interpolate, TF.interpolate, *args, **kwargs)
 
 
-def test_interpolate_antialias_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="antialias"):
-        F.interpolate(torch.randn(1, 2, 8, 8), size=3, mode="bilinear", antialias=True)
+AA_SIZINGS = [dict(size=(3, 4)), dict(size=(2, 13)), dict(scale_factor=0.3), dict(scale_factor=(0.45, 1.3)),
+              dict(size=(1, 1)), dict(scale_factor=0.26, recompute_scale_factor=True)]
+AA_CASES = list(itertools.product(["bilinear", "bicubic"], [False, True], AA_SIZINGS))
+
+
+@pytest.mark.parametrize("mode, align_corners, sizing", AA_CASES, ids=[f"{m}-{a}-{s}" for m, a, s in AA_CASES])
+def test_antialiased_interpolate_matches_torch(mode, align_corners, sizing):
+    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+    same_as_torch(x, mode=mode, align_corners=align_corners, antialias=True, **sizing)
+
+
+@pytest.mark.parametrize("mode, align_corners", list(itertools.product(["bilinear", "bicubic"], [False, True])))
+def test_antialiased_interpolate_gradients(mode, align_corners):
+    x = torch.randn(1, 1, 7, 5, dtype=torch.float64, requires_grad=True)
+    for sizing in (dict(size=(3, 2)), dict(scale_factor=(0.4, 1.5))):
+        check_gradients(F.interpolate, x, mode=mode, align_corners=align_corners, antialias=True, **sizing)
+
+
+def test_antialias_taps_match_a_box_worked_out_by_hand():
+    # bilinear, L = 6 -> Lo = 2: s = 3, filter 1 - |x| stretched by 3 around c = 1.5 (o = 0):
+    # input centers j + 1/2 = 0.5 .. 3.5 at distances 1, 0, 1, 2 (/ 3) weigh 2/3, 1, 2/3, 1/3 (the
+    # mirror of input 3, at -0.5, is outside) -> normalized by 8/3: 1/4, 3/8, 1/4, 1/8
+    idx, w = taps("bilinear-aa", 6, 2, False, None, torch.float64)
+    nonzero = w[0] != 0
+    assert idx[0][nonzero].tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(w[0][nonzero], torch.tensor([2, 3, 2, 1], dtype=torch.float64) / 8)
+
+
+def test_lanczos_is_not_implemented():
+    with pytest.raises(NotImplementedError, match="lanczos"):
+        F.interpolate(torch.randn(1, 2, 8, 8), size=3, mode="lanczos", antialias=True)
