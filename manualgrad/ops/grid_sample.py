@@ -285,8 +285,9 @@ class AffineGridFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dgrid):
-        dtheta = affine_grid_backward(dgrid, tuple(ctx.size[2:]), ctx.align_corners) if ctx.needs_input_grad[0] else None
-        return dtheta, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return affine_grid_backward(dgrid, tuple(ctx.size[2:]), ctx.align_corners), None, None
 
     @staticmethod
     def jvp(ctx, t_theta, *_):

@@ -16,8 +16,9 @@ the scale s, the input length per output step:
 
     nearest        K = 1: idx = min(floor(o s), L - 1)   (2-d: o where Lo = L, o // 2 where Lo = 2 L)
     nearest-exact  K = 1: idx = min(floor((o + 1/2) s), L - 1)
-    linear         K = 2 (K = 1, a copy, where Lo = L, as in torch's kernels): source r = s o (align_corners) or max(s (o + 1/2) - 1/2, 0); i = floor(r),
-                   lam = r - i: taps i, i + 1 (i again at the last position) with weights 1 - lam, lam
+    linear         K = 2: source r = s o (align_corners) or max(s (o + 1/2) - 1/2, 0); i = floor(r),
+                   lam = r - i: taps i, i + 1 (i again at the last position) with weights 1 - lam, lam;
+                   a dim whose length is unchanged is copied (K = 1), whatever the scale, as torch's kernels
     cubic          K = 4: r as for linear, not clamped at 0; taps i - 1 .. i + 2 clamped into [0, L),
                    weights from Keys' cubic convolution kernel with A = -0.75 at distances
                    1 + t, t, 1 - t, 2 - t (t = r - i)

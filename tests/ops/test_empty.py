@@ -164,9 +164,9 @@ CASES = {
     # resampling
     "interpolate": [(f"{mode}-{len(S)}d", dict(N=2, C=3, **dict(zip("DHW"[-len(S):], S))),
                      lambda N, C, mode=mode, **S: ((x(N, C, *S.values()),), dict(size=(3,) * len(S), mode=mode)))
-                    for mode, S in (("nearest", (4,)), ("nearest-exact", (2, 3)), ("linear", (4,)), ("bilinear", (2, 3)),
-                                    ("bicubic", (2, 3)), ("trilinear", (2, 2, 3)), ("area", (2, 3)),
-                                    ("area", (2, 2, 3)))] + [
+                    for mode, S in (("nearest", (4,)), ("nearest-exact", (2, 3)), ("linear", (4,)),
+                                    ("bilinear", (2, 3)), ("bicubic", (2, 3)), ("trilinear", (2, 2, 3)),
+                                    ("area", (2, 3)), ("area", (2, 2, 3)))] + [
         ("bicubic-antialias", dict(N=2, C=3, H=5, W=4),
          lambda N, C, H, W: ((x(N, C, H, W),), dict(size=(2, 3), mode="bicubic", antialias=True)))],
     "grid_sample": [(f"{mode}-{pad}", dict(N=2, C=3, H=3, W=4, Ho=2, Wo=3),

@@ -203,3 +203,13 @@ def test_converted_spatial_transformer_matches_torch_loss_and_every_gradient():
             names.add(node.name())
             stack.extend(n for n, _ in node.next_functions)
     assert {"GridSampleFunctionBackward", "AffineGridFunctionBackward"} <= names
+
+
+def test_grid_sample_and_affine_grid_save_no_more_than_torch():
+    from manualgrad.testing import saved_bytes
+    x, grid = torch.randn(2, 3, 8, 9, requires_grad=True), points(2, (5, 6), 2)
+    assert saved_bytes(F.grid_sample, x, grid, align_corners=False)[0] <= \
+        saved_bytes(TF.grid_sample, x, grid, align_corners=False)[0]
+    theta = torch.randn(2, 2, 3, requires_grad=True)
+    assert saved_bytes(F.affine_grid, theta, (2, 3, 8, 9), align_corners=False)[0] <= \
+        saved_bytes(TF.affine_grid, theta, (2, 3, 8, 9), align_corners=False)[0]

@@ -238,3 +238,14 @@ def test_antialias_taps_match_a_box_worked_out_by_hand():
 def test_lanczos_is_not_implemented():
     with pytest.raises(NotImplementedError, match="lanczos"):
         F.interpolate(torch.randn(1, 2, 8, 8), size=3, mode="lanczos", antialias=True)
+
+
+def test_interpolate_saves_no_more_than_torch():
+    # only sizes are kept: the taps are recomputed in backward (torch saves nothing either, but
+    # adaptive_avg_pool3d, which keeps its input)
+    from manualgrad.testing import saved_bytes
+    x4, x5 = torch.randn(2, 3, 8, 9, requires_grad=True), torch.randn(2, 3, 4, 8, 9, requires_grad=True)
+    for x, kw in ((x4, dict(size=(5, 17), mode="bicubic")),
+                  (x4, dict(scale_factor=0.5, mode="bilinear", antialias=True)),
+                  (x5, dict(size=(5, 3, 17), mode="area")), (x5, dict(scale_factor=2.0, mode="nearest"))):
+        assert saved_bytes(F.interpolate, x, **kw)[0] <= saved_bytes(TF.interpolate, x, **kw)[0]
