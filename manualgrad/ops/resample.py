@@ -45,6 +45,7 @@ Here the gradient is the adjoint of the forward torch computes (the finite diffe
 tests/ops/test_resample.py pins both, and torch's behaviour).
 """
 import math
+import numbers
 
 import torch
 
@@ -309,6 +310,12 @@ _DIMS = {"nearest": (1, 2, 3), "nearest-exact": (1, 2, 3), "area": (1, 2, 3), "l
 _NEEDS = {"linear": "3D", "bilinear": "4D", "trilinear": "5D", "bicubic": "4D"}
 
 
+def _is_integer(v):
+    # an int, or an integer tensor (torch accepts both for sizes)
+    return (isinstance(v, int) and not isinstance(v, bool)) or (
+        isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex())
+
+
 def _sizes_and_scales(input, size, scale_factor, mode, recompute_scale_factor):
     """torch's rules: exactly one of size and scale_factor, one entry per spatial dim; returns
     (output_size, scales), one of them None, as torch passes them to its kernels."""
@@ -324,12 +331,13 @@ def _sizes_and_scales(input, size, scale_factor, mode, recompute_scale_factor):
                 raise ValueError(
                     f"Input and output must have the same number of spatial dimensions, but got input with "
                     f"spatial dimensions of {list(input.shape[2:])} and output size of {size}.")
-            if not all(isinstance(s, int) or (isinstance(s, torch.Tensor) and not s.is_floating_point())
-                       for s in size):
+            if not all(_is_integer(s) for s in size):
                 raise TypeError(f"expected size to be one of int or Tuple[int] or Tuple[int, int] or "
                                 f"Tuple[int, int, int], but got size with types {[type(s) for s in size]}")
             output_size = [int(s) for s in size]
         else:
+            if not _is_integer(size):
+                raise TypeError(f"interpolate: size must be an int or a sequence of ints, got {type(size).__name__}")
             output_size = [int(size)] * dim
     else:
         if isinstance(scale_factor, (list, tuple)):
@@ -337,9 +345,12 @@ def _sizes_and_scales(input, size, scale_factor, mode, recompute_scale_factor):
                 raise ValueError(
                     f"Input and scale_factor must have the same number of spatial dimensions, but got input "
                     f"with spatial dimensions of {list(input.shape[2:])} and scale_factor of shape {scale_factor}.")
-            scales = [float(s) for s in scale_factor]
+            scales = list(scale_factor)
         else:
-            scales = [float(scale_factor)] * dim
+            scales = [scale_factor] * dim
+        if not all(isinstance(s, numbers.Real) and not isinstance(s, torch.Tensor) for s in scales):
+            raise TypeError(f"interpolate: scale_factor must be a float or a sequence of floats, got {scale_factor!r}")
+        scales = [float(s) for s in scales]
     if recompute_scale_factor and size is not None:
         raise ValueError("recompute_scale_factor is not meaningful with an explicit size.")
     if (recompute_scale_factor or mode == "area") and scales is not None:

@@ -189,6 +189,8 @@ def x3(*s):
     ((x3(1, 2, 4),), dict(size=(3, 3))),                            # size per dim
     ((x3(1, 2, 4, 4),), dict(scale_factor=(2.0,))),                 # scale per dim
     ((x3(1, 2, 4),), dict(size=(2.5,))),                            # non-integer size
+    ((x3(1, 2, 4),), dict(size=2.5)),
+    ((x3(1, 2, 4),), dict(scale_factor=torch.tensor(2.0))),         # a tensor scale
     ((x3(1, 2, 4),), dict(size=3, recompute_scale_factor=True)),
     ((x3(1, 2, 4),), dict(size=3, align_corners=True)),             # nearest with align_corners
     ((x3(1, 2, 4),), dict(size=3, mode="bilinear")),                # wrong dims for the mode
