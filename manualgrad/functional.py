@@ -108,6 +108,10 @@ from .ops.padding import pad
 # rearrangements: pixel and channel shuffles, fold / unfold
 from .ops.shuffle import channel_shuffle, fold, pixel_shuffle, pixel_unshuffle, unfold
 
+# resampling
+from .ops.grid_sample import affine_grid, grid_sample
+from .ops.resample import interpolate
+
 # normalization
 from .ops.normalization import batch_norm, group_norm, layer_norm, rms_norm
 

@@ -89,6 +89,9 @@ from .padding import (
     ZeroPad3d,
 )
 
+# resampling
+from .resample import Upsample, UpsamplingBilinear2d, UpsamplingNearest2d
+
 # rearrangements
 from .shuffle import ChannelShuffle, Fold, PixelShuffle, PixelUnshuffle, Unfold
 

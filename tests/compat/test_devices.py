@@ -125,6 +125,12 @@ SAMPLES = {
     "multi_margin_loss": (lambda: ((_x(4, 3), _cls(4, 3)), dict(p=2, margin=0.5, weight=torch.rand(3))), None),
     "bilinear": (lambda: ((_x(2, 3, 4), _x(2, 3, 5), _x(6, 4, 5), _x(6)), {}), None),
     # end of pointwise and margin losses, bilinear
+    # resampling
+    "interpolate": (lambda: ((_x(2, 3, 7, 6),), dict(size=(4, 9), mode="bicubic", align_corners=True)), None),
+    "grid_sample": (lambda: ((_x(2, 3, 7, 6), _x(2, 4, 5, 2)), dict(mode="bicubic", padding_mode="reflection",
+                                                                    align_corners=False)), None),
+    "affine_grid": (lambda: ((_x(2, 2, 3), (2, 3, 7, 6)), dict(align_corners=False)), None),
+    # end of resampling
     "pad": (lambda: ((_x(2, 3, 7, 6), (2, 1, -1, 3)), dict(mode="reflect")), None),
     "pixel_shuffle": (lambda: ((_x(2, 8, 3, 5), 2), {}), None),
     "pixel_unshuffle": (lambda: ((_x(2, 3, 4, 6), 2), {}), None),

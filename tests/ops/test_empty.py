@@ -219,6 +219,25 @@ CASES = {
     "pad": [(mode, dict(ACT, W=4), lambda N, C, L, W, mode=mode: ((x(N, C, L, W),), dict(pad=(1, 2, 2, -1), mode=mode)))
             for mode in ("constant", "reflect", "replicate", "circular")] + [
         ("constant-value", ACT, _act(pad=(-1, 2), value=3.0))],
+    # resampling
+    "interpolate": [(f"{mode}-{len(S)}d", dict(N=2, C=3, **dict(zip("DHW"[-len(S):], S))),
+                     lambda N, C, mode=mode, **S: ((x(N, C, *S.values()),), dict(size=(3,) * len(S), mode=mode)))
+                    for mode, S in (("nearest", (4,)), ("nearest-exact", (2, 3)), ("linear", (4,)),
+                                    ("bilinear", (2, 3)), ("bicubic", (2, 3)), ("trilinear", (2, 2, 3)),
+                                    ("area", (2, 3)), ("area", (2, 2, 3)))] + [
+        ("bicubic-antialias", dict(N=2, C=3, H=5, W=4),
+         lambda N, C, H, W: ((x(N, C, H, W),), dict(size=(2, 3), mode="bicubic", antialias=True)))],
+    "grid_sample": [(f"{mode}-{pad}", dict(N=2, C=3, H=3, W=4, Ho=2, Wo=3),
+                     lambda N, C, H, W, Ho, Wo, mode=mode, pad=pad: (
+                         (x(N, C, H, W), x(N, Ho, Wo, 2)), dict(mode=mode, padding_mode=pad, align_corners=False)))
+                    for mode, pad in (("bilinear", "zeros"), ("nearest", "border"), ("bicubic", "reflection"))] + [
+        ("3d", dict(N=2, C=3, D=2, H=3, W=2, Do=2),
+         lambda N, C, D, H, W, Do: ((x(N, C, D, H, W), x(N, Do, 2, 1, 3)), dict(align_corners=True)))],
+    "affine_grid": [("2d", dict(N=2, C=3, H=3, W=4),
+                     lambda N, C, H, W: ((x(N, 2, 3), (N, C, H, W)), dict(align_corners=False))),
+                    ("3d", dict(N=2, C=3, D=2, H=3, W=4),
+                     lambda N, C, D, H, W: ((x(N, 3, 4), (N, C, D, H, W)), dict(align_corners=True)))],
+    # end of resampling
     # rearrangements
     "pixel_shuffle": [("", dict(N=2, C=2, H=2, W=3), lambda N, C, H, W: ((x(N, 4 * C, H, W), 2), {}))],
     "pixel_unshuffle": [("", dict(N=2, C=2, H=2, W=3), lambda N, C, H, W: ((x(N, C, 2 * H, 2 * W), 2), {}))],
@@ -323,6 +342,7 @@ TORCH_DIFFERS = {
     # torch's backward kernel refuses the channel-less gradient of the output its forward made
     ("adaptive_avg_pool1d", "", "C"): "raises",
     ("adaptive_avg_pool2d", "", "C"): "raises",
+    ("interpolate", "area-2d", "C"): "raises",  # resampling: area is adaptive_avg_pool2d
     # rearrangements: torch's pixel_(un)shuffle return an empty input in its own shape, which its
     # backward then refuses; its channel_shuffle backward asks for C / g = 0 groups
     **{(name, "", dim): "raises" for name in ("pixel_shuffle", "pixel_unshuffle") for dim in "NCHW"},
