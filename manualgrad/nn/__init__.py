@@ -69,6 +69,9 @@ from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, Lay
 from .attention import MultiheadAttention
 from .embedding import Embedding
 
+# transformer layers
+from .transformer import Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
+
 # fused linear + cross-entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss
 
