@@ -113,11 +113,12 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     ``src_key_padding_mask`` (and no ``mask``), torch packs the batch into a nested tensor,
     runs every layer on the real tokens only and pads the result back with zeros, so padded
     positions come out as zeros (then ``norm``, if any, is applied to them). torch does this
-    only when the first layer needs no gradient; with no gradient anywhere the twin calls
-    torch's forward. With gradients (a frozen first layer under trainable ones, where torch
-    itself fails on the nested tensor) the twin runs the padded batch with the key padding
-    mask, which gives the real tokens the same values, and zeros the padded positions as
-    torch's nested path does.
+    only when neither src nor the first layer's parameters require grad; otherwise its padded
+    positions hold the layers' values like any other. With no gradient anywhere the twin
+    calls torch's forward. With gradients, where torch would still nest (a frozen first layer
+    under trainable ones: torch itself then fails in the second layer on the nested tensor),
+    the twin runs the padded batch with the key padding mask, which gives the real tokens
+    the same values, and zeros the padded positions as torch's nested path does.
     """
 
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
@@ -144,10 +145,12 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         return output
 
     def _nests(self, src, mask, src_key_padding_mask, first):
-        """torch's conditions for packing src into a nested tensor, but for its no-grad ones.
-        (A padding mask is float here, 0 = keep, as torch's after _canonical_mask.)"""
+        """torch's conditions for packing src into a nested tensor (grad mode is on here; the
+        padding mask is float, 0 = keep, as torch's after _canonical_mask)."""
         return (
-            torch.backends.mha.get_fastpath_enabled()
+            not src.requires_grad
+            and not any(p.requires_grad for p in first.parameters())  # torch's tensor_args: all of them
+            and torch.backends.mha.get_fastpath_enabled()
             and getattr(self, "use_nested_tensor", False)
             and not first.training
             and src.dim() == 3

@@ -265,23 +265,23 @@ def test_eval_without_grad_is_torchs_fast_path_bit_for_bit():
 
 
 @pytest.mark.parametrize("norm", [False, True])
-def test_encoder_nested_path_values_with_gradients_match_torchs_no_grad_output(norm):
-    """torch packs the padded batch into a nested tensor (eval, no grad): its padded positions
-    come out as zeros (then the final norm). The twin with gradients gives the same values."""
-    enc = nn.TransformerEncoder(
+def test_encoder_in_eval_with_padding_matches_torch_with_and_without_gradients(norm):
+    """With no gradient torch packs the padded batch into a nested tensor: padded positions
+    come out as zeros (then the final norm). With gradients it runs the padded batch, and the
+    padded positions hold values. The twin matches torch both ways; the real tokens agree."""
+    enc, ours = twins(lambda: nn.TransformerEncoder(
         nn.TransformerEncoderLayer(E, H, FF, 0.1, batch_first=True), 2, norm=nn.LayerNorm(E) if norm else None,
-    ).eval()
-    ours = converted(enc)
+    ).eval())
     src, pad = seq(True, 5), padding()
     with torch.no_grad():
-        expected = enc(src, src_key_padding_mask=pad)
+        nested = enc(src, src_key_padding_mask=pad)
+        assert torch.equal(ours(src, src_key_padding_mask=pad), nested)
     if not norm:
-        assert (expected[pad] == 0).all()  # torch's nested path pads with zeros
-    out = ours(src.requires_grad_(), src_key_padding_mask=pad)
-    assert out.requires_grad
-    torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
-    out.sum().backward()
-    assert src.grad[pad].abs().sum() == 0  # padded positions neither attend nor are attended to
+        assert (nested[pad] == 0).all()
+    assert_matches_torch(enc, [src], dict(src_key_padding_mask=pad), ours=ours)
+    padded = ours(src.requires_grad_(), src_key_padding_mask=pad)
+    assert (padded[pad] != nested[pad]).any()
+    torch.testing.assert_close(padded[~pad], nested[~pad], rtol=RTOL, atol=ATOL)
 
 
 def test_encoder_with_a_frozen_first_layer_computes_torchs_nested_output():
@@ -312,3 +312,21 @@ def test_eval_with_gradients_matches_torch_and_its_fast_path(norm_first):
     with torch.no_grad():
         fast = model(src, tgt, **kwargs)
     torch.testing.assert_close(ours(src, tgt, **kwargs), fast, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("needs_grad", ["src", "weights"])
+def test_encoder_in_eval_with_padding_does_not_nest_when_src_or_first_layer_needs_grad(needs_grad):
+    """torch does not nest (padded positions hold values) when src or a first-layer weight
+    requires grad, nor does the twin."""
+    enc, ours = twins(lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, 0.0, batch_first=True), 2).eval())
+    if needs_grad == "src":
+        for p in [*enc.parameters(), *ours.parameters()]:
+            p.requires_grad_(False)
+    src, pad = seq(True, 5).requires_grad_(needs_grad == "src"), padding()
+    expected, out = enc(src, src_key_padding_mask=pad), ours(src, src_key_padding_mask=pad)
+    assert (expected[pad] != 0).all()
+    torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+    dy = exact_dy(out.shape)
+    wrt = (src,) if needs_grad == "src" else (enc.layers[0].linear1.weight,)
+    our_wrt = (src,) if needs_grad == "src" else (ours.layers[0].linear1.weight,)
+    torch.testing.assert_close(torch.autograd.grad(out, our_wrt, dy), torch.autograd.grad(expected, wrt, dy), rtol=RTOL, atol=ATOL)
