@@ -158,7 +158,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
             and mask is None
             and not torch.is_autocast_enabled()
             and not torch.overrides.has_torch_function((src,))  # e.g. under manualgrad.enable()
-            and src.device.type in ("cpu", "cuda", "xpu", torch.utils.backend_registration._privateuse1_backend_name)
+            and (src.device.type == "cpu" or src.device.type in ("cuda", "xpu", torch.utils.backend_registration._privateuse1_backend_name))
             and (not getattr(self, "mask_check", True) or torch._nested_tensor_from_mask_left_aligned(src, src_key_padding_mask.logical_not()))
         )
 
