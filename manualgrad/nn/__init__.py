@@ -69,6 +69,9 @@ from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, Lay
 from .attention import MultiheadAttention
 from .embedding import Embedding
 
+# metric-learning losses
+from .loss_metric import CosineEmbeddingLoss, TripletMarginLoss, TripletMarginWithDistanceLoss
+
 # transformer layers
 from .transformer import Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
 
