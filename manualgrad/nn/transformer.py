@@ -118,11 +118,14 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     calls torch's forward. With gradients, where torch would still nest (a frozen first layer
     under trainable ones: torch itself then fails in the second layer on the nested tensor),
     the twin runs the padded batch with the key padding mask, which gives the real tokens
-    the same values, and zeros the padded positions as torch's nested path does.
+    the same values, and zeros the padded positions as torch's nested path does. So does it
+    under a TorchFunctionMode such as ``manualgrad.enable()``, where torch's checks would not
+    nest: the twin's output is the same with and without the mode.
     """
 
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
-        if not _needs_grad(self, src):  # no autograd: torch's forward (nested tensors, fused kernels)
+        if not _needs_grad(self, src) and not torch.overrides.has_torch_function((src,)):
+            # no autograd and no mode: torch's forward (nested tensors, fused kernels)
             return super().forward(src, mask, src_key_padding_mask, is_causal)
         src_key_padding_mask = TF._canonical_mask(
             mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=TF._none_or_dtype(mask),
@@ -145,11 +148,10 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         return output
 
     def _nests(self, src, mask, src_key_padding_mask, first):
-        """torch's conditions for packing src into a nested tensor (grad mode is on here; the
-        padding mask is float, 0 = keep, as torch's after _canonical_mask)."""
+        """torch's conditions for packing src into a nested tensor, out of any TorchFunctionMode
+        (the padding mask is float, 0 = keep, as torch's after _canonical_mask)."""
         return (
-            not src.requires_grad
-            and not any(p.requires_grad for p in first.parameters())  # torch's tensor_args: all of them
+            not (torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in first.parameters())))
             and torch.backends.mha.get_fastpath_enabled()
             and getattr(self, "use_nested_tensor", False)
             and not first.training
@@ -157,7 +159,6 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
             and src_key_padding_mask is not None
             and mask is None
             and not torch.is_autocast_enabled()
-            and not torch.overrides.has_torch_function((src,))  # e.g. under manualgrad.enable()
             and (src.device.type == "cpu" or src.device.type in ("cuda", "xpu", torch.utils.backend_registration._privateuse1_backend_name))
             and (not getattr(self, "mask_check", True) or torch._nested_tensor_from_mask_left_aligned(src, src_key_padding_mask.logical_not()))
         )

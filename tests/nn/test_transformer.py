@@ -330,3 +330,25 @@ def test_encoder_in_eval_with_padding_does_not_nest_when_src_or_first_layer_need
     wrt = (src,) if needs_grad == "src" else (enc.layers[0].linear1.weight,)
     our_wrt = (src,) if needs_grad == "src" else (ours.layers[0].linear1.weight,)
     torch.testing.assert_close(torch.autograd.grad(out, our_wrt, dy), torch.autograd.grad(expected, wrt, dy), rtol=RTOL, atol=ATOL)
+
+
+def test_seq2seq_under_enable_matches_torch_in_training_and_eval():
+    """Under manualgrad.enable() (a TorchFunctionMode: torch's fast-path checks see a torch
+    function and run the general path) the converted model gives torch's values and gradients."""
+    model = seq2seq(0.1)
+    ours = converted(model)
+    src, tgt = seq(True, 6), seq(True, 5)
+    kwargs = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(5), src_key_padding_mask=padding(length=6))
+    with torch.no_grad():
+        dy = exact_dy(model(src, tgt, **kwargs).shape)
+    out, grads, _ = run(model, [src, tgt], kwargs, dy)
+    with manualgrad.enable():
+        our_out, our_grads, _ = run(ours, [src, tgt], kwargs, dy)
+    torch.testing.assert_close(our_out, out, rtol=RTOL, atol=ATOL)
+    for name, g in grads.items():
+        torch.testing.assert_close(our_grads[name], g, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+    model.eval(), ours.eval()
+    with torch.no_grad():
+        expected = model(src, tgt, **kwargs)  # torch's fast path, nested tensors
+        with manualgrad.enable():
+            torch.testing.assert_close(ours(src, tgt, **kwargs), expected, rtol=RTOL, atol=ATOL)
