@@ -231,3 +231,34 @@ def test_bfloat16_autocast_gives_torchs_dtype_and_values(name, inputs):
     # values: float32 rounding apart; the third is torch's Python on bfloat16 ops
     tol = dict(rtol=1e-5, atol=1e-5) if theirs.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ours, theirs, **tol)
+
+
+@pytest.mark.parametrize("loss", ["TripletMarginLoss", "TripletMarginWithDistanceLoss", "CosineEmbeddingLoss"])
+def test_embedding_net_trains_like_torch(loss):
+    """A small embedding net (Linear, ReLU, Linear) with each loss module, both
+    converted with strict=True: three SGD steps, loss and every gradient like torch's."""
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+        crit = {"TripletMarginLoss": lambda: nn.TripletMarginLoss(margin=0.5, swap=True),
+                "TripletMarginWithDistanceLoss": lambda: nn.TripletMarginWithDistanceLoss(margin=0.5),
+                "CosineEmbeddingLoss": lambda: nn.CosineEmbeddingLoss(margin=0.1)}[loss]()
+        return nn.ModuleDict(dict(net=net, loss=crit))
+
+    def step(m, batch):
+        a, p, n = (m["net"](v) for v in batch)
+        out = m["loss"](a, p, torch.tensor([1.0, -1.0] * 4)) if loss == "CosineEmbeddingLoss" else m["loss"](a, p, n)
+        out.backward()
+        return out.detach()
+
+    theirs, ours = make(), manualgrad.convert(make(), strict=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (theirs, ours)]
+    for _ in range(3):
+        batch = [torch.randn(8, 6) for _ in range(3)]
+        for opt in opts:
+            opt.zero_grad()
+        torch.testing.assert_close(step(ours, batch), step(theirs, batch), rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        for opt in opts:
+            opt.step()
