@@ -129,6 +129,9 @@ from .ops.multi_head_attention import multi_head_attention_forward
 # tensor-level products (torch.matmul, mm, bmm, addmm, baddbmm)
 from .ops.matmul import addmm, baddbmm, bmm, matmul, mm
 
+# metric-learning losses (on the distances)
+from .ops.loss_metric import cosine_embedding_loss, triplet_margin_loss, triplet_margin_with_distance_loss
+
 # fused linear + cross-entropy
 from .ops.linear_cross_entropy import linear_cross_entropy
 

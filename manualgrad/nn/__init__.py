@@ -125,6 +125,12 @@ from .lazy import (
 from .attention import MultiheadAttention
 from .embedding import Embedding
 
+# metric-learning losses
+from .loss_metric import CosineEmbeddingLoss, TripletMarginLoss, TripletMarginWithDistanceLoss
+
+# transformer layers
+from .transformer import Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
+
 # fused linear + cross-entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss
 

@@ -166,6 +166,10 @@ SAMPLES = {
     "normalize": (lambda: ((_x(4, 6),), dict(p=3.0)), None),
     "pairwise_distance": (lambda: ((_x(4, 6), _x(4, 6)), dict(p=1.5)), None),
     "pdist": (lambda: ((_x(5, 3),), {}), None),
+    # metric-learning losses (ops/loss_metric.py)
+    "cosine_embedding_loss": (lambda: ((_x(4, 6), _x(4, 6), torch.tensor([1.0, -1.0, 1.0, -1.0])), dict(margin=-0.2)), None),
+    "triplet_margin_loss": (lambda: ((_x(4, 6), _x(4, 6), _x(4, 6)), dict(p=1.5, swap=True)), None),
+    "triplet_margin_with_distance_loss": (lambda: ((_x(4, 6), _x(4, 6), _x(4, 6)), dict(swap=True, margin=2.0)), None),
     # more dropouts (ops/dropout_more.py)
     "alpha_dropout": (lambda: ((_x(4, 6), 0.3, True), {}), None),
     "feature_alpha_dropout": (lambda: ((_x(4, 6, 3), 0.3, True), {}), None),

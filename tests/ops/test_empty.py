@@ -327,6 +327,17 @@ CASES = {
     "dropout2d": [("train", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W),), dict(p=0.5)))],
     "dropout3d": [("train", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W, 2),), dict(p=0.5))),
                   ("unbatched", dict(ACT, W=2), lambda N, C, L, W: ((x(N, C, L, W),), dict(p=0.5)))],
+    # metric-learning losses (ops/loss_metric.py)
+    "cosine_embedding_loss": [(r, dict(N=3, D=4), lambda N, D, r=r: ((x(N, D), x(N, D), torch.tensor([1.0, -1.0, 1.0])[:N]),
+                                                                    dict(margin=0.2, reduction=r)))
+                              for r in ("mean", "sum", "none")],
+    "triplet_margin_loss": [(f"{r} swap={s}", dict(N=3, D=4), lambda N, D, r=r, s=s: ((x(N, D), x(N, D), x(N, D)),
+                                                                                       dict(swap=s, reduction=r)))
+                            for r in ("mean", "sum", "none") for s in (False, True)],
+    "triplet_margin_with_distance_loss": [(r, dict(N=3, D=4), lambda N, D, r=r: ((x(N, D), x(N, D), x(N, D)),
+                                                                               dict(swap=True, reduction=r)))
+                                          for r in ("mean", "sum", "none")],
+    # end of metric-learning losses
     "matmul": [
         ("2d", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {})),
         ("1d", dict(K=3), lambda K: ((x(K), x(K)), {})),
