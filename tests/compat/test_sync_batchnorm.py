@@ -28,8 +28,12 @@ import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torch.nn.parallel import DistributedDataParallel as DDP
+
 import manualgrad
+import manualgrad.functional as MF
 import manualgrad.nn as mnn
+from tests.compat._models import cnn
 from tests.conftest import exact_dy
 
 pytestmark = [
@@ -100,6 +104,25 @@ def _worker(rank, port, states, batches, outdir):
         results[name] = dict(classes=[f"{type(m).__module__}.{type(m).__name__}" for m in model],
                              record=_run(model, batches[name], rows, rank))
 
+    # a converted CNN, mean loss on this rank's half, gradients averaged over the ranks as DDP
+    # would (DDP itself refuses SyncBatchNorm layers on CPU, torch's and so the twin: recorded)
+    model = cnn()
+    model.load_state_dict(states["ddp_cnn"])
+    model = manualgrad.convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(model), strict=True)
+    try:
+        DDP(model)
+        results["ddp_on_cpu"] = "ran"
+    except ValueError as e:
+        results["ddp_on_cpu"] = str(e)
+    x, target = (t.chunk(WORLD)[rank] for t in batches["ddp_cnn"])
+    MF.cross_entropy(model(x), target).backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= WORLD
+    results["ddp_cnn"] = dict(grads={k: p.grad for k, p in model.named_parameters()},
+                              buffers={k: b.clone() for k, b in model.named_buffers()},
+                              classes=sorted({type(m).__module__.split(".")[0] for m in model[:4]}))
+
     # what torch's own SyncBatchNorm does with a CPU input here
     try:
         torch.nn.SyncBatchNorm(3)(torch.randn(4, 3))
@@ -141,6 +164,8 @@ def sync_run(tmp_path_factory):
     for name, (shape, _, dtype, cls, kwargs) in SCENARIOS.items():
         states[name] = copy.deepcopy(_batch_norm(cls, kwargs, dtype, shape[1]).state_dict())
         batches[name] = _inputs(shape, dtype)
+    states["ddp_cnn"] = cnn().state_dict()
+    batches["ddp_cnn"] = (torch.randn(8, 2, 6, 6), torch.randint(0, 3, (8,)))
     outdir = str(tmp_path_factory.mktemp("syncbn"))
     mp.spawn(_worker, args=(_free_port(), states, batches, outdir), nprocs=WORLD, join=True)
     ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
@@ -181,6 +206,14 @@ def test_torch_sync_batchnorm_cannot_run_on_cpu_under_a_process_group(sync_run):
             "torch's SyncBatchNorm now runs on CPU: compare the synchronized path against it too")
 
 
+def test_ddp_refuses_sync_batchnorm_layers_on_cpu(sync_run):
+    # DDP's own check (isinstance torch.nn.SyncBatchNorm, device "cpu"): the twin cannot go
+    # under DDP on CPU; its gradients are averaged by hand in the CNN test instead
+    for results in sync_run[2]:
+        assert results["ddp_on_cpu"] == "SyncBatchNorm layers only work with GPU modules", (
+            "DDP now accepts SyncBatchNorm on CPU: run the CNN test under DDP")
+
+
 def test_convert_sync_batchnorm_output_converts_to_the_twin(sync_run):
     for results in sync_run[2]:
         for name in SCENARIOS:
@@ -210,6 +243,21 @@ def test_each_rank_gets_its_rows_of_one_process_on_the_whole_batch(sync_run, nam
             for k, g in whole[step]["params"].items():  # each rank's own sums; DDP adds them up
                 _close(ranks[0][name]["record"][step]["params"][k] + ranks[1][name]["record"][step]["params"][k],
                        g, m, f"{impl} step {step} d{k}")
+
+
+def test_converted_cnn_with_averaged_gradients_gets_the_whole_batch_gradients_and_running_stats(sync_run):
+    # unlike plain BatchNorm under DDP (tests/compat/test_ddp.py: the mean of the halves' gradients)
+    states, batches, ranks = sync_run
+    model = cnn()
+    model.load_state_dict(states["ddp_cnn"])
+    torch.nn.functional.cross_entropy(model(batches["ddp_cnn"][0]), batches["ddp_cnn"][1]).backward()
+    m = 8 * 6 * 6  # the longest sum: the BatchNorm's and the conv weight gradient's, over N H W
+    for rank, results in enumerate(ranks):
+        assert results["ddp_cnn"]["classes"] == ["manualgrad"]
+        for k, p in model.named_parameters():
+            _close(results["ddp_cnn"]["grads"][k], p.grad, m, f"rank {rank} d{k}")
+        for k, b in model.named_buffers():
+            _close(results["ddp_cnn"]["buffers"][k], b, m, f"rank {rank} {k}")
 
 
 def test_each_ranks_weight_gradient_is_its_own_part(sync_run):
