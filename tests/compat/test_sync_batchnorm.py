@@ -8,7 +8,9 @@ therefore torch's (and manualgrad's) BatchNorm on the whole batch, which the syn
 reproduces by definition: each rank's output and input gradient are its rows of the whole batch's,
 its weight and bias gradients sum over the ranks to the whole batch's (DDP's all-reduce does that
 sum; torch's SyncBatchNorm leaves them per rank too), and the running stats equal the whole batch's
-on every rank. Batches split evenly, unevenly, and with one rank empty.
+on every rank. Batches split evenly, unevenly, and with one rank empty. A converted CNN with the
+ranks' gradients averaged (DDP's job; DDP itself refuses SyncBatchNorm on CPU) gets the whole batch's
+gradients. A process group of one rank is batch_norm on that rank's rows alone.
 
 The processes are started once (torch.multiprocessing.spawn, as tests/compat/test_ddp.py) and run
 every scenario; each writes what it saw to a file and the tests compare in this process. One step
@@ -122,6 +124,16 @@ def _worker(rank, port, states, batches, outdir):
     results["ddp_cnn"] = dict(grads={k: p.grad for k, p in model.named_parameters()},
                               buffers={k: b.clone() for k, b in model.named_buffers()},
                               classes=sorted({type(m).__module__.split(".")[0] for m in model[:4]}))
+
+    # a process group of this rank alone (world size 1): manualgrad's batch_norm on the half
+    groups = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
+    model = mnn.SyncBatchNorm(3, process_group=groups[rank])
+    x = batches["ddp_cnn"][0][:, :1].reshape(8, 3, -1).chunk(WORLD)[rank].clone().requires_grad_()
+    y = model(x)
+    dy = exact_dy(y.shape)
+    y.backward(dy)
+    results["alone"] = dict(x=x.detach(), dy=dy, y=y.detach(), dx=x.grad, node=type(y.grad_fn).__name__,
+                            buffers={k: b.clone() for k, b in model.named_buffers()})
 
     # what torch's own SyncBatchNorm does with a CPU input here
     try:
@@ -258,6 +270,20 @@ def test_converted_cnn_with_averaged_gradients_gets_the_whole_batch_gradients_an
             _close(results["ddp_cnn"]["grads"][k], p.grad, m, f"rank {rank} d{k}")
         for k, b in model.named_buffers():
             _close(results["ddp_cnn"]["buffers"][k], b, m, f"rank {rank} {k}")
+
+
+def test_a_process_group_of_one_is_batch_norm_on_the_rank_alone(sync_run):
+    for rank, results in enumerate(sync_run[2]):
+        alone = results["alone"]
+        assert alone["node"] == "BatchNormFunctionBackward", "not manualgrad's batch_norm"
+        ref = torch.nn.BatchNorm1d(3)
+        x = alone["x"].clone().requires_grad_()
+        y = ref(x)
+        y.backward(alone["dy"])
+        assert torch.equal(alone["y"], y), f"rank {rank}"  # the same torch kernel
+        _close(alone["dx"], x.grad, x.numel() // 3, f"rank {rank} dx")
+        for k, b in ref.named_buffers():
+            assert torch.equal(alone["buffers"][k], b), k
 
 
 def test_each_ranks_weight_gradient_is_its_own_part(sync_run):
