@@ -53,13 +53,15 @@ SCENARIOS = {
                             dict(affine=False, track_running_stats=False)),
     "one_rank_empty": ((5, 3), (5, 0), torch.float32, torch.nn.BatchNorm1d, {}),
     "float64": ((6, 3, 2, 3, 2), (3, 3), torch.float64, torch.nn.BatchNorm3d, {}),
+    # a bfloat16 input, float32 parameters and stats (statistics and backward in float32, as torch)
+    "bfloat16": ((6, 3, 4), (2, 4), torch.bfloat16, torch.nn.BatchNorm1d, {}),
 }
 STEPS = 2
 
 
 def _batch_norm(cls, kwargs, dtype, c):
     """A torch BatchNorm of c channels with random (not 1, 0) weight, bias and running stats."""
-    bn = cls(c, **kwargs).to(dtype)
+    bn = cls(c, **kwargs).to(torch.float32 if dtype == torch.bfloat16 else dtype)
     with torch.no_grad():
         for p in bn.parameters():
             p.uniform_(0.5, 1.5)
@@ -185,8 +187,11 @@ def sync_run(tmp_path_factory):
 
 
 def _tol(ref, m):
-    # M u relative to the largest magnitude (see the module docstring)
-    return m * torch.finfo(ref.dtype).eps * max([1.0] + ref.abs().flatten().tolist())
+    # M u relative to the largest magnitude (see the module docstring); a bfloat16 result: the float32
+    # values within that, then rounded to bfloat16 on each side, one bfloat16 ulp apart at most
+    u = torch.finfo(torch.float32 if ref.dtype == torch.bfloat16 else ref.dtype).eps
+    ulp = torch.finfo(torch.bfloat16).eps if ref.dtype == torch.bfloat16 else 0
+    return (m * u + ulp) * max([1.0] + ref.abs().flatten().tolist())
 
 
 def _close(actual, expected, m, what):
