@@ -101,6 +101,9 @@ from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, Lay
 # instance norm
 from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
+# sync batch norm
+from .sync_batchnorm import SyncBatchNorm
+
 # local response norm
 from .lrn import CrossMapLRN2d, LocalResponseNorm
 
