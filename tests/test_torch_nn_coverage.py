@@ -45,7 +45,6 @@ GAP_LAYERS = {
     "AdaptiveLogSoftmaxWithLoss",
     "CTCLoss",
     "EmbeddingBag",
-    "SyncBatchNorm",
 }
 GAP_FUNCTIONS = {
     "ctc_loss",
