@@ -277,3 +277,35 @@ def test_conv_tbc_bad_input_raises_like_torch():
     bad = [(x[0], w, b), (x, w[0], b), (x, w, b[None]), (x, w, b[:3]), (x, w[:, :2], b), (x, torch.randn(9, 3, 4), b)]
     for args in bad:
         assert_raises_like_torch(lambda: F.conv_tbc(*args), lambda: torch.conv_tbc(*args))
+
+
+# ---------------------------------------------------------------------------------------------
+# enable() and autocast
+
+def test_enable_routes_the_new_names_to_manualgrad():
+    import manualgrad
+
+    x = torch.randn(2, 3, 6, 4, requires_grad=True)
+    calls = {
+        "ReLUFunctionBackward": lambda: TF.relu_(x * 1),
+        "LeakyReLUFunctionBackward": lambda: TF.leaky_relu_(x * 1, 0.1),
+        "InterpolateFunctionBackward": lambda: TF.upsample_bilinear(x, size=(5, 5)),
+        "MaxPoolFunctionBackward": lambda: TF.max_pool2d_with_indices(x, 2)[0],
+        "GumbelSoftmaxFunctionBackward": lambda: TF.gumbel_softmax(x, hard=True),
+        "ChannelShuffleFunctionBackward": lambda: TF.native_channel_shuffle(x, 3),
+        "ConvTBCFunctionBackward": lambda: torch.conv_tbc(x[0], torch.randn(2, 4, 5), torch.randn(5), 1),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # upsample_bilinear's deprecation
+        for node, call in calls.items():
+            with manualgrad.enable():
+                out = call()
+            assert node in _grad_fn_names(out), node
+
+
+def test_conv_tbc_under_bfloat16_autocast_runs_in_bfloat16_like_torch():
+    x, w, b = torch.randn(7, 2, 3), torch.randn(3, 3, 4), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = F.conv_tbc(x, w, b, 1), torch.conv_tbc(x, w, b, 1)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
