@@ -135,4 +135,22 @@ from .ops.loss_metric import cosine_embedding_loss, triplet_margin_loss, triplet
 # fused linear + cross-entropy
 from .ops.linear_cross_entropy import linear_cross_entropy
 
+# functional leftovers: in-place activations, deprecated upsample aliases, the *_with_indices
+# poolings, gumbel_softmax, native_channel_shuffle, conv_tbc
+from .ops.activation import elu_, leaky_relu_, relu_
+from .ops.conv import conv_tbc
+from .ops.pooling import (
+    adaptive_max_pool1d_with_indices,
+    adaptive_max_pool2d_with_indices,
+    adaptive_max_pool3d_with_indices,
+    max_pool1d_with_indices,
+    max_pool2d_with_indices,
+    max_pool3d_with_indices,
+)
+from .ops.pooling_more import fractional_max_pool2d_with_indices, fractional_max_pool3d_with_indices
+from .ops.resample import upsample, upsample_bilinear, upsample_nearest
+from .ops.shuffle import native_channel_shuffle
+from .ops.softmax import gumbel_softmax
+# end of functional leftovers
+
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -140,5 +140,8 @@ from .linear_cross_entropy import LinearCrossEntropyLoss
 # recurrent layers and cells
 from .recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
+# adaptive softmax
+from .adaptive import AdaptiveLogSoftmaxWithLoss
+
 # The module classes only (dir() would also list the submodules: activation, loss, ...).
 __all__ = [name for name, value in list(globals().items()) if isinstance(value, type)]

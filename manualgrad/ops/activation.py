@@ -802,3 +802,22 @@ class GLUFunction(torch.autograd.Function):
 def glu(input, dim=-1):
     """Drop-in for ``torch.nn.functional.glu``."""
     return apply(GLUFunction, input, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# functional in-place forms (torch.nn.functional.relu_, elu_, leaky_relu_): the Functions above
+# with inplace=True (the input is overwritten and returned; backward from the output)
+
+def relu_(input):
+    """Drop-in for ``torch.nn.functional.relu_``: ``relu(input, inplace=True)``."""
+    return relu(input, inplace=True)
+
+
+def elu_(input, alpha=1.0):
+    """Drop-in for ``torch.nn.functional.elu_``: ``elu(input, alpha, inplace=True)``."""
+    return elu(input, alpha, inplace=True)
+
+
+def leaky_relu_(input, negative_slope=0.01):
+    """Drop-in for ``torch.nn.functional.leaky_relu_``: ``leaky_relu(input, negative_slope, inplace=True)``."""
+    return leaky_relu(input, negative_slope, inplace=True)

@@ -319,3 +319,109 @@ def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     Bad shapes and options fail inside torch's convolution with torch's own RuntimeError.
     """
     return _conv(3, input, weight, bias, stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# conv_tbc: a 1-d convolution of time-batch-channel data (torch.conv_tbc, fairseq's layout).
+#
+#     x (T, B, Ci), W (K, Ci, Co), b (Co), pad p:
+#     y[t, n, o] = b[o] + sum_{k, i} x[t + k - p, n, i] W[k, i, o]          (T + 2p - K + 1, B, Co)
+#
+# which is conv1d on permuted views: y = conv1d(x', W', b, padding=p)'' with x' = x.permute(1, 2, 0)
+# (B, Ci, T), W' = W.permute(2, 1, 0) (Co, Ci, K), and the output (B, Co, To) permuted (2, 0, 1).
+# A permutation is linear and its own adjoint is the inverse permutation, so the gradients are
+# conv1d's (conv_backward), permuted back: dx = dx'.permute(2, 0, 1), dW = dW'.permute(2, 1, 0).
+
+def _tbc_views(x, w):
+    # x' = x.permute(1, 2, 0): (B, Ci, T);  W' = W.permute(2, 1, 0): (Co, Ci, K)
+    return x.permute(1, 2, 0), w.permute(2, 1, 0)
+
+
+def conv_tbc_forward(x, w, b, pad):
+    xp, wp = _tbc_views(x, w)
+    T_out = x.shape[0] + 2 * pad - w.shape[0] + 1
+    if T_out == 0 or xp.numel() == 0 or wp.numel() == 0:
+        # nothing to convolve (no time steps out, no batch or no channels): the bias, or empty
+        return b.expand(T_out, x.shape[1], w.shape[2]).contiguous()
+    # y' = conv1d(x', W', b, padding=p)                              (B, Co, To)
+    y = conv_forward(xp, wp, b, (1,), (pad,), (0,), (1,), 1)
+    # y = y'.permute(2, 0, 1)                                          (To, B, Co)
+    return y.permute(2, 0, 1).contiguous()
+
+
+def conv_tbc_backward(dy, x, w, pad, needs=(True, True, True)):
+    T_out = dy.shape[0]
+    # db[o] = sum_{t, n} dy[t, n, o]                                   (Co,)
+    db = dy.sum((0, 1)) if needs[2] else None
+    if T_out == 0 or x.numel() == 0 or w.numel() == 0:
+        # a sum over nothing: 0
+        return (x.new_zeros(x.shape) if needs[0] else None), (w.new_zeros(w.shape) if needs[1] else None), db
+    xp, wp = _tbc_views(x, w)
+    # dy' = dy.permute(1, 2, 0)                                        (B, Co, To)
+    # dx', dW' = conv1d's backward of dy' (x' and W' as in forward)    (B, Ci, T), (Co, Ci, K)
+    dxp, dwp, _ = conv_backward(dy.permute(1, 2, 0), xp, wp, xp.shape, wp.shape[2:], (1,), (pad,), (0,), (1,), 1,
+                                needs=(needs[0], needs[1], False))
+    # dx = dx'.permute(2, 0, 1)                                        (T, B, Ci)
+    # dW = dW'.permute(2, 1, 0)                                        (K, Ci, Co)
+    dx = dxp.permute(2, 0, 1) if dxp is not None else None
+    dw = dwp.permute(2, 1, 0) if dwp is not None else None
+    return dx, dw, db
+
+
+def _conv_tbc_checks(x, w, b, pad):
+    # torch's checks and messages (aten/src/ATen/native/ConvolutionTBC.cpp)
+    if x.dim() != 3:
+        raise RuntimeError("Input must have 3 dims: time, batch, in_channel")
+    if w.dim() != 3:
+        raise RuntimeError("Weight tensor must have 3 dims: kernel_width, in_channels, out_channels.")
+    if b.dim() != 1:
+        raise RuntimeError("Bias must be 1-D")
+    if b.shape[0] != w.shape[2]:
+        raise RuntimeError("Bias size must equal dim 2 in the weight tensor (output channels).")
+    if x.shape[2] != w.shape[1]:
+        raise RuntimeError("Input dim 2 (input channels) is not == dim 1 in the weight tensor")
+    T_out = x.shape[0] + 2 * pad - w.shape[0] + 1
+    if T_out < 0:
+        raise RuntimeError(f"Trying to create tensor with negative dimension {T_out}: "
+                           f"[{T_out}, {x.shape[1]}, {w.shape[2]}]")
+
+
+class ConvTBCFunction(torch.autograd.Function):
+    """torch.conv_tbc: conv1d of (T, B, C) data through permuted views (see above)."""
+    autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list has conv_tbc)
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, b, pad):
+        return conv_tbc_forward(x, w, b, pad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, pad = inputs
+        ctx.pad = pad
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx, dw, db = conv_tbc_backward(dy, x, w, ctx.pad, needs=ctx.needs_input_grad[:3])
+        return dx, dw, db, None
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _pad):
+        x, w = ctx.saved_tensors
+        # bilinear: dy = conv_tbc(dx, W, 0) + conv_tbc(x, dW, 0) + db      (To, B, Co)
+        T_out, B, Co = x.shape[0] + 2 * ctx.pad - w.shape[0] + 1, x.shape[1], w.shape[2]
+        out = (db if db is not None else x.new_zeros(Co)).expand(T_out, B, Co)
+        if dx is not None:
+            out = out + conv_tbc_forward(dx, w, x.new_zeros(Co), ctx.pad)
+        if dw is not None:
+            out = out + conv_tbc_forward(x, dw, x.new_zeros(Co), ctx.pad)
+        return out.contiguous()
+
+
+def conv_tbc(input, weight, bias, pad=0):
+    """Drop-in for ``torch.conv_tbc`` (time, batch, channel 1-d convolution; bias required)."""
+    _conv_tbc_checks(input, weight, bias, pad)
+    return apply(ConvTBCFunction, input, weight, bias, pad)

@@ -511,3 +511,40 @@ def adaptive_avg_pool3d(input, output_size):
     """Drop-in for ``torch.nn.functional.adaptive_avg_pool3d`` (None in output_size keeps that input size)."""
     output_size = _list_with_default(output_size, input.size())
     return apply(AdaptiveAvgPool3dFunction, input, 3, output_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's *_with_indices names (what F.max_pool2d(..., return_indices=True) dispatches to): the
+# output and the indices always, whatever return_indices says, as torch's
+
+def max_pool1d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False):
+    """Drop-in for ``torch.nn.functional.max_pool1d_with_indices``: (output, indices)."""
+    return max_pool1d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+def max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False):
+    """Drop-in for ``torch.nn.functional.max_pool2d_with_indices``: (output, indices)."""
+    return max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+def max_pool3d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False):
+    """Drop-in for ``torch.nn.functional.max_pool3d_with_indices``: (output, indices)."""
+    return max_pool3d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+def adaptive_max_pool1d_with_indices(input, output_size, return_indices=False):
+    """Drop-in for ``torch.nn.functional.adaptive_max_pool1d_with_indices``: (output, indices)."""
+    return adaptive_max_pool1d(input, output_size, return_indices=True)
+
+
+def adaptive_max_pool2d_with_indices(input, output_size, return_indices=False):
+    """Drop-in for ``torch.nn.functional.adaptive_max_pool2d_with_indices``: (output, indices)."""
+    return adaptive_max_pool2d(input, output_size, return_indices=True)
+
+
+def adaptive_max_pool3d_with_indices(input, output_size, return_indices=False):
+    """Drop-in for ``torch.nn.functional.adaptive_max_pool3d_with_indices``: (output, indices)."""
+    return adaptive_max_pool3d(input, output_size, return_indices=True)

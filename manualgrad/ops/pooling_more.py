@@ -356,3 +356,17 @@ def fractional_max_pool3d(input, kernel_size, output_size=None, output_ratio=Non
     """Drop-in for ``torch.nn.functional.fractional_max_pool3d``: the same windows as torch's
     under the same seed (or the same ``_random_samples``, shape (N, C, 3))."""
     return _fractional_max_pool(input, 3, kernel_size, output_size, output_ratio, return_indices, _random_samples)
+
+
+# torch's *_with_indices names (what return_indices=True dispatches to): always (output, indices)
+
+def fractional_max_pool2d_with_indices(input, kernel_size, output_size=None, output_ratio=None,
+                                       return_indices=False, _random_samples=None):
+    """Drop-in for ``torch.nn.functional.fractional_max_pool2d_with_indices``: (output, indices)."""
+    return _fractional_max_pool(input, 2, kernel_size, output_size, output_ratio, True, _random_samples)
+
+
+def fractional_max_pool3d_with_indices(input, kernel_size, output_size=None, output_ratio=None,
+                                       return_indices=False, _random_samples=None):
+    """Drop-in for ``torch.nn.functional.fractional_max_pool3d_with_indices``: (output, indices)."""
+    return _fractional_max_pool(input, 3, kernel_size, output_size, output_ratio, True, _random_samples)

@@ -46,6 +46,7 @@ tests/ops/test_resample.py pins both, and torch's behaviour).
 """
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -399,3 +400,25 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
             return adaptive_avg_pool2d(input, output_size)
         return apply(Area3dFunction, input, output_size)
     return apply(InterpolateFunction, input, mode, d, output_size, scales, align_corners)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's deprecated aliases of interpolate: the same UserWarning as torch's, then interpolate
+
+def upsample(input, size=None, scale_factor=None, mode="nearest", align_corners=None):
+    """Drop-in for ``torch.nn.functional.upsample`` (deprecated): ``interpolate``."""
+    warnings.warn("`nn.functional.upsample` is deprecated. Use `nn.functional.interpolate` instead.")
+    return interpolate(input, size, scale_factor, mode, align_corners)
+
+
+def upsample_nearest(input, size=None, scale_factor=None):
+    """Drop-in for ``torch.nn.functional.upsample_nearest`` (deprecated): ``interpolate``, mode nearest."""
+    warnings.warn("`nn.functional.upsample_nearest` is deprecated. Use `nn.functional.interpolate` instead.")
+    return interpolate(input, size, scale_factor, mode="nearest")
+
+
+def upsample_bilinear(input, size=None, scale_factor=None):
+    """Drop-in for ``torch.nn.functional.upsample_bilinear`` (deprecated): ``interpolate``, mode
+    bilinear with align_corners=True."""
+    warnings.warn("`nn.functional.upsample_bilinear` is deprecated. Use `nn.functional.interpolate` instead.")
+    return interpolate(input, size, scale_factor, mode="bilinear", align_corners=True)

@@ -254,3 +254,9 @@ def fold(input, output_size, kernel_size, dilation=1, padding=0, stride=1):
     """Drop-in for ``torch.nn.functional.fold`` (col2im); bad arguments fail in torch's kernel."""
     return apply(FoldFunction, input, _pair(output_size), _pair(kernel_size), _pair(dilation), _pair(padding),
                  _pair(stride))
+
+
+def native_channel_shuffle(input, groups):
+    """Drop-in for ``torch.nn.functional.native_channel_shuffle`` (torch's kernel-level twin of
+    ``channel_shuffle``: the same permutation, so the same Function)."""
+    return apply(ChannelShuffleFunction, input, groups)

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from ._apply import FLOAT32_ON_CUDA, apply
+from ._apply import FLOAT32_ON_CUDA, INPUT, apply
 
 
 def _get_softmax_dim(name, ndim, stacklevel):
@@ -163,3 +163,90 @@ def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
     if dim is None:
         dim = _get_softmax_dim("log_softmax", input.dim(), _stacklevel)
     return apply(LogSoftmaxFunction, input, dim, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# gumbel_softmax: y = softmax((x + g) / tau), g = -log(e), e ~ Exponential(1) (g ~ Gumbel(0, 1))
+#
+# The noise g is drawn outside the Function, exactly as torch draws it, so the same seed gives
+# torch's samples; inside, it is a constant. With z = (x + g) / tau, dz/dx = I / tau, so the
+# backward is softmax's, divided by tau. hard=True: the output is the one-hot y_hard of the
+# argmax, formed as torch's y_hard - y_soft + y_soft (straight through: the gradient is y_soft's).
+
+def gumbel_softmax_forward(x, g, tau, dim):
+    # z = (x + g) / tau                                    (*) like x
+    # y = softmax(z)                                       (*) like x
+    # (torch's softmax kernel, as torch's gumbel_softmax calls it: the same samples to the bit)
+    return ((x + g) / tau).softmax(dim)
+
+
+def gumbel_softmax_backward(dy, y, tau, dim):
+    # dz = y * (dy - sum(dy * y))                          (*) like y
+    # dx = dz / tau                                        (*) like y
+    return softmax_backward(dy, y, dim).div_(tau)
+
+
+class GumbelSoftmaxFunction(torch.autograd.Function):
+    """y_soft = softmax((x + g) / tau) for drawn Gumbel noise g (no gradient)."""
+    autocast = FLOAT32_ON_CUDA  # autocast: softmax's policy (float32 on CUDA, input dtype on CPU)
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, g, tau, dim):
+        return gumbel_softmax_forward(x, g, tau, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.tau, ctx.dim = inputs[2], inputs[3]
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        dx = gumbel_softmax_backward(dy, y, ctx.tau, ctx.dim) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _g, _tau, _dim):
+        (y,) = ctx.saved_tensors
+        # J is symmetric: dy = softmax_jvp(dx / tau)
+        return softmax_jvp(dx / ctx.tau, y, ctx.dim)
+
+
+class StraightThroughFunction(torch.autograd.Function):
+    """hard=True: the one-hot of y_soft's argmax along dim, formed as torch forms it,
+    y_hard - y_soft + y_soft (so the values are torch's to the bit); the gradient passes straight
+    through to y_soft: dy_soft = dy."""
+    autocast = INPUT  # autocast: in the input's dtype (no arithmetic to speak of)
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y_soft, dim):
+        index = y_soft.max(dim, keepdim=True)[1]
+        y_hard = torch.zeros_like(y_soft, memory_format=torch.legacy_contiguous_format).scatter_(dim, index, 1.0)
+        return y_hard - y_soft + y_soft
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, dy):
+        # d(y_hard - y_soft.detach() + y_soft) / dy_soft = I: dy_soft = dy   (*) like y_soft
+        return dy, None
+
+    @staticmethod
+    def jvp(ctx, dx, _dim):
+        return dx
+
+
+def gumbel_softmax(logits, tau=1, hard=False, eps=1e-10, dim=-1):
+    """Drop-in for ``torch.nn.functional.gumbel_softmax``: torch's noise under the same seed,
+    softmax's backward (divided by tau); ``hard=True`` is straight through."""
+    if eps != 1e-10:
+        warnings.warn("`eps` parameter is deprecated and has no effect.", stacklevel=2)
+    # g ~ Gumbel(0, 1): torch's draw, in torch's order and layout
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log()
+    y_soft = apply(GumbelSoftmaxFunction, logits, gumbels, tau, dim)
+    return apply(StraightThroughFunction, y_soft, dim) if hard else y_soft

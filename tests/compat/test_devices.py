@@ -176,12 +176,30 @@ SAMPLES = {
     "dropout1d": (lambda: ((_x(4, 6, 3), 0.3), {}), None),
     "dropout2d": (lambda: ((_x(2, 4, 3, 3), 0.3), {}), None),
     "dropout3d": (lambda: ((_x(2, 4, 3, 2, 2), 0.3), {}), None),
+    # functional leftovers: upsample aliases, *_with_indices, gumbel_softmax, native_channel_shuffle, conv_tbc
+    "upsample": (lambda: ((_x(2, 3, 7, 6),), dict(size=(4, 9), mode="bicubic", align_corners=True)), None),
+    "upsample_nearest": (lambda: ((_x(2, 3, 7, 6),), dict(scale_factor=2)), None),
+    "upsample_bilinear": (lambda: ((_x(2, 3, 7, 6),), dict(size=(4, 9))), None),
+    "max_pool1d_with_indices": (lambda: ((_x(2, 3, 7), 2), dict(stride=2, padding=1)), None),
+    "max_pool2d_with_indices": (lambda: ((_x(2, 3, 7, 6), 2), dict(stride=2, padding=1)), None),
+    "max_pool3d_with_indices": (lambda: ((_x(2, 3, 5, 4, 6), 2), {}), None),
+    "adaptive_max_pool1d_with_indices": (lambda: ((_x(2, 3, 7), 3), {}), None),
+    "adaptive_max_pool2d_with_indices": (lambda: ((_x(2, 3, 7, 6), (3, 2)), {}), None),
+    "adaptive_max_pool3d_with_indices": (lambda: ((_x(2, 3, 5, 4, 6), (2, 3, 2)), {}), None),
+    "fractional_max_pool2d_with_indices": (lambda: ((_x(2, 3, 7, 6), 2), dict(output_size=(4, 3))), None),
+    "fractional_max_pool3d_with_indices": (lambda: ((_x(2, 3, 5, 4, 6), 2), dict(output_ratio=(0.5, 0.5, 0.6))), None),
+    "gumbel_softmax": (lambda: ((_x(4, 6),), dict(tau=0.5, dim=0)), None),
+    # (torch's native_channel_shuffle has no derivative: the reference is the same permutation's)
+    "native_channel_shuffle": (lambda: ((_x(2, 6, 3, 5), 3), {}), TF.channel_shuffle),
+    "conv_tbc": (lambda: ((_x(7, 2, 3), _x(3, 3, 4), _x(4), 1), {}), None),
+    # end of functional leftovers
 }
 # In-place-only names (hardtanh_ ...): their input cannot be a leaf that requires grad, so they
 # run in test_inplace_variants_stay_on_the_input_device below, on x * 1.
 INPLACE_VARIANTS = {
     "hardtanh_": ((-0.5, 0.7), {}), "threshold_": ((0.1, 2.0), {}), "selu_": ((), {}), "celu_": ((0.5,), {}),
     "rrelu_": ((), {}),
+    "relu_": ((), {}), "elu_": ((0.5,), {}), "leaky_relu_": ((0.2,), {}),  # functional leftovers
 }
 OPS = sorted(SAMPLES)
 DEVICES = [

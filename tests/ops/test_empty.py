@@ -338,6 +338,30 @@ CASES = {
                                                                                dict(swap=True, reduction=r)))
                                           for r in ("mean", "sum", "none")],
     # end of metric-learning losses
+    # functional leftovers: in-place activations, upsample aliases, *_with_indices, gumbel_softmax,
+    # native_channel_shuffle, conv_tbc
+    **{name: [("", ACT, lambda N, C, L: ((torch.randn(N, C, L),), {}))] for name in ("relu_", "elu_", "leaky_relu_")},
+    "upsample": [("nearest-1d", ACT, _act(scale_factor=2)),
+                 ("bilinear-2d", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(size=(3, 5), mode="bilinear")))],
+    "upsample_nearest": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(scale_factor=2)))],
+    "upsample_bilinear": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(size=(3, 5))))],
+    "max_pool1d_with_indices": [("", ACT, _act(kernel_size=2))],
+    "max_pool2d_with_indices": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(kernel_size=2)))],
+    "max_pool3d_with_indices": [("", dict(N=2, C=3, D=2, H=2, W=3),
+                                 lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(kernel_size=2)))],
+    "adaptive_max_pool1d_with_indices": [("", ACT, _act(output_size=3))],
+    "adaptive_max_pool2d_with_indices": [("", dict(ACT, W=4), lambda N, C, L, W: ((x(N, C, L, W),), dict(output_size=2)))],
+    "adaptive_max_pool3d_with_indices": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                                          lambda N, C, D, H, W: ((x(N, C, D, H, W),), dict(output_size=2)))],
+    "fractional_max_pool2d_with_indices": [("", dict(ACT, W=4),
+                                            lambda N, C, L, W: ((x(N, C, L, W), 2), dict(output_ratio=(0.5, 0.5))))],
+    "fractional_max_pool3d_with_indices": [("", dict(N=2, C=3, D=2, H=4, W=3),
+                                            lambda N, C, D, H, W: ((x(N, C, D, H, W), (1, 2, 2)), dict(output_ratio=0.5)))],
+    "gumbel_softmax": [("soft", ACT, _act(dim=1)), ("hard", ACT, _act(tau=0.5, hard=True))],
+    "native_channel_shuffle": [("", dict(N=2, C=2, L=3), lambda N, C, L: ((x(N, 2 * C, L), 2), {}))],
+    "conv_tbc": [(f"pad={p}", dict(T=5, B=2, Ci=3, Co=4), lambda T, B, Ci, Co, p=p: ((x(T, B, Ci), x(2, Ci, Co), x(Co), p), {}))
+                 for p in (0, 1)],
+    # end of functional leftovers
     "matmul": [
         ("2d", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {})),
         ("1d", dict(K=3), lambda K: ((x(K), x(K)), {})),
@@ -358,6 +382,8 @@ TORCH_DIFFERS = {
     # backward then refuses; its channel_shuffle backward asks for C / g = 0 groups
     **{(name, "", dim): "raises" for name in ("pixel_shuffle", "pixel_unshuffle") for dim in "NCHW"},
     ("channel_shuffle", "", "C"): "raises",
+    # torch's native_channel_shuffle has no derivative at all: its backward raises for any input
+    **{("native_channel_shuffle", "", dim): "raises" for dim in "NCL"},
     # torch's dW of groups without elements is nan (its 1/std of nothing, times an empty sum)
     ("group_norm", "", "L"): "nan",
     # multi_margin_loss, multilabel_margin_loss: torch's kernels reduce no rows to memory they never
