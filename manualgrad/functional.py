@@ -75,22 +75,23 @@ from .ops.conv import conv1d, conv2d, conv3d
 # transposed convolution
 from .ops.conv_transpose import conv_transpose1d, conv_transpose2d, conv_transpose3d
 
-# 3-d max pooling (the 3-D CNN's pooling; the pooling family's Function)
-from .ops.pooling import max_pool3d
-
 # pooling
 from .ops.pooling import (
     adaptive_avg_pool1d,
     adaptive_avg_pool2d,
+    adaptive_avg_pool3d,
+    adaptive_max_pool1d,
     adaptive_max_pool2d,
+    adaptive_max_pool3d,
     avg_pool1d,
     avg_pool2d,
+    avg_pool3d,
     max_pool1d,
     max_pool2d,
+    max_pool3d,
 )
 
-# more pooling: 3-d average and adaptive, adaptive max 1-d/3-d, lp, max unpooling, fractional max
-from .ops.pooling import adaptive_avg_pool3d, adaptive_max_pool1d, adaptive_max_pool3d, avg_pool3d
+# more pooling: lp, max unpooling, fractional max
 from .ops.pooling_more import (
     fractional_max_pool2d,
     fractional_max_pool3d,

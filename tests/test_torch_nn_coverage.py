@@ -42,21 +42,12 @@ NOT_DIFFERENTIABLE = {
 
 # Open work (issue 14): layers and functions that still run torch's backward. This list only shrinks.
 GAP_LAYERS = {
-    "AdaptiveLogSoftmaxWithLoss",
     "CTCLoss",
     "EmbeddingBag",
 }
 GAP_FUNCTIONS = {
     "ctc_loss",
     "embedding_bag",
-    "gumbel_softmax",
-    "relu_", "elu_", "leaky_relu_",  # the in-place functional spellings (the ops take inplace=True)
-    "upsample", "upsample_nearest", "upsample_bilinear",  # deprecated aliases of interpolate
-    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
-    "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices",
-    "fractional_max_pool2d_with_indices", "fractional_max_pool3d_with_indices",
-    "native_channel_shuffle",
-    "conv_tbc",
     "grouped_mm", "scaled_mm", "scaled_grouped_mm",  # grouped and fp8-scaled GEMMs (torch 2.9+)
 }
 

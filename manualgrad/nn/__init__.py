@@ -38,9 +38,6 @@ from .conv import Conv1d, Conv2d, Conv3d
 # transposed convolution
 from .conv_transpose import ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 
-# 3-d max pooling
-from .pooling import MaxPool3d
-
 # pooling
 from .pooling import (
     AdaptiveAvgPool1d,
@@ -51,6 +48,7 @@ from .pooling import (
     Flatten,
     MaxPool1d,
     MaxPool2d,
+    MaxPool3d,
     Unflatten,
 )
 
