@@ -18,7 +18,9 @@ with both alpha and beta including the emission at t (torch's convention):
     log beta_t(s)    = lp_t(l'_s) + logsumexp(beta_{t+1}(s), beta_{t+1}(s+1), beta_{t+1}(s+2) if skip(s+2))
     nll              = -log p(l | x) = -logsumexp(alpha_{T_n-1}(2 S_n), alpha_{T_n-1}(2 S_n - 1))
 
-with skip(s) = [l'_s != blank and l'_s != l'_{s-2}]. Gradient (Graves eq. 14-16): alpha_t(s) beta_t(s) / y_t(l'_s)
+with skip(s) = [l'_s != l'_{s-2}]: Graves's "l'_s is a label other than l'_{s-2}", since for even s
+both are blanks. (Written as torch checks it: a target holding the blank index, which torch accepts,
+is then a label that may be skipped to.) Gradient (Graves eq. 14-16): alpha_t(s) beta_t(s) / y_t(l'_s)
 is the probability mass of the paths through s at t, so
 
     d nll / d lp_t(c) = -sum_{s: l'_s = c} exp(log alpha_t(s) + log beta_t(s) - lp_t(c) + nll)
@@ -58,7 +60,7 @@ def _shift(x, k):
 
 
 def extended_labels(targets, target_lengths, blank):
-    """l' (N, L = 2 S + 1), l' used past 2 S_n (blank there), skip(s) and valid s < 2 S_n + 1, each (N, L)."""
+    """l' (N, L = 2 S + 1) (blanks past 2 S_n), skip(s) and valid s < 2 S_n + 1, each (N, L)."""
     n, s_max = targets.shape
     k = torch.arange(s_max, device=targets.device)
     # labels past S_n are padding: blank, so they never allow a skip       (N, S)
@@ -67,8 +69,8 @@ def extended_labels(targets, target_lengths, blank):
     ext = torch.stack([torch.full_like(labels, blank), labels], 2).reshape(n, 2 * s_max)
     ext = torch.cat([ext, ext.new_full((n, 1), blank)], 1)
     s = torch.arange(2 * s_max + 1, device=targets.device)
-    # skip(s): s -> s - 2 allowed when l'_s is a label and differs from l'_{s-2}   (N, L)
-    skip = (s >= 2) & (ext != blank) & (ext != torch.cat([ext[:, :2], ext[:, :-2]], 1))
+    # skip(s): s - 2 -> s allowed when l'_s differs from l'_{s-2} (never for even s: both blank)   (N, L)
+    skip = (s >= 2) & (ext != torch.cat([ext[:, :2], ext[:, :-2]], 1))
     valid = s < 2 * target_lengths[:, None] + 1
     return ext, skip, valid
 
@@ -126,6 +128,9 @@ def ctc_grad(lp, ext, skip, valid, input_lengths, target_lengths, log_alpha, nll
     t_max, n, c = lp.shape
     log_beta = ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths)
     lpe = lp.gather(2, ext.expand(t_max, n, ext.shape[1]))
+    impossible = torch.isinf(nll)[:, None]
+    # (no path: alpha beta = 0 everywhere; a finite nll there keeps exp and its derivatives nan-free)
+    nll = torch.where(impossible[:, 0], 0.0, nll)
     # gamma_t(s) = alpha_t(s) beta_t(s) / (y_t(l'_s) p(l|x)): state occupancy, <= 1   (T, N, L)
     gamma = torch.exp(log_alpha + log_beta - lpe + nll[:, None])
     # sum over the states s with l'_s = c                                     (T, N, C)
@@ -134,7 +139,6 @@ def ctc_grad(lp, ext, skip, valid, input_lengths, target_lengths, log_alpha, nll
     grad = torch.exp(lp) - occupancy
     # no path (nll = inf): torch's exp(-inf + inf) is nan for every class;
     # with zero_infinity the gradient is 0                                    (T, N, C)
-    impossible = torch.isinf(nll)[:, None]
     grad = torch.where(impossible, 0.0 if zero_infinity else float("nan"), grad)
     # no gradient past each sequence's end t >= T_n                           (T, N, C)
     inside = torch.arange(t_max, device=lp.device)[:, None, None] < input_lengths[:, None]
