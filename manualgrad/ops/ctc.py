@@ -109,7 +109,7 @@ def ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths):
     # a path ends on the last blank or the last label                        (N, L)
     ends = ((s == 2 * target_lengths[:, None]) | (s == 2 * target_lengths[:, None] - 1)) & valid
     # skip from s to s + 2 is skip(s + 2)                                     (N, L)
-    skip_next = torch.cat([skip[:, 2:], skip.new_zeros(n, 2)], 1)
+    skip_next = torch.cat([skip, skip.new_zeros(n, 2)], 1)[:, 2:]
     last_t = (input_lengths - 1)[:, None]
     nxt = lpe.new_full((n, length), NEG_INF)
     beta = []

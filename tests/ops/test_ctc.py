@@ -43,6 +43,7 @@ CASES = {
     "empty targets": ((5, 3, 3), [[1, 2], [0, 0], [2, 0]], (5, 4, 1), (2, 0, 0), 0),
     # torch accepts them (as labels). Not as the last label: there torch's backward sets the gradient at
     # T_n - 1 from the final label's state alone, assuming it differs from the blank's
+    "no targets at all": ((4, 2, 3), [[], []], (4, 3), (0, 0), 0),  # S = 0: l' is one blank
     "targets containing blank": ((6, 2, 4), [[0, 2, 1], [1, 0, 3]], (6, 6), (3, 3), 0),
     "impossible": ((6, 3, 4), [[1, 1, 2], [1, 2, 3], [3, 3, 3]], (6, 2, 4), (3, 3, 3), 0),  # 1 1 2 needs 4 steps > 2; 3 3 3 needs 5 > 4
     "long": ((11, 1, 2), [[1, 1, 1, 1, 1]], (11,), (5,), 0),
@@ -55,7 +56,7 @@ CASES = {
 @pytest.mark.parametrize("layout", ["padded", "concatenated"])
 def test_ctc_loss_matches_torch(case, reduction, zero_infinity, layout):
     (t, n, c), targets, il, tl, blank = CASES[case]
-    targets = torch.tensor(targets)
+    targets = torch.tensor(targets, dtype=torch.long)
     if layout == "concatenated":
         targets = torch.cat([row[:k] for row, k in zip(targets, tl)])
     assert_same_as_torch(F.ctc_loss, TF.ctc_loss, log_probs(t, n, c), targets, il, tl, blank=blank,
