@@ -197,3 +197,26 @@ def _bad(case):
 def test_ctc_loss_bad_input_raises_like_torch(case):
     args, kw = _bad(case)
     assert_raises_like_torch(F.ctc_loss, TF.ctc_loss, *args, **kw)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ctc_loss_runs_on_meta_with_torchs_output_shape(reduction):
+    # torch's forward runs on meta (tuple lengths), its backward has no meta kernel: the
+    # gradient's shape is log_probs'
+    lp = torch.randn(6, 3, 5, device="meta", requires_grad=True)
+    args = (torch.tensor([[1, 2, 2], [4, 3, 0], [1, 0, 0]], device="meta"), (6, 5, 4), (3, 2, 1))
+    out, expected = F.ctc_loss(lp, *args, reduction=reduction), TF.ctc_loss(lp, *args, reduction=reduction)
+    assert (out.device.type, out.shape, out.dtype) == ("meta", expected.shape, expected.dtype)
+    (g,) = torch.autograd.grad(out.sum(), lp)
+    assert (g.device.type, g.shape) == ("meta", lp.shape)
+
+
+def test_ctc_loss_is_reached_by_convert_and_by_enable():
+    model = manualgrad.convert(nn.Sequential(nn.CTCLoss(blank=1, reduction="sum")), strict=True)
+    assert type(model[0]) is manualgrad.nn.CTCLoss and model[0].blank == 1
+    lp = log_probs(5, 2, 4)
+    args = (torch.tensor([[2, 3], [3, 0]]), (5, 4), (2, 1))
+    with manualgrad.enable():
+        loss = TF.ctc_loss(lp, *args)
+    assert type(loss.grad_fn).__name__ == "CTCLossFunctionBackward"
+    torch.testing.assert_close(loss, TF.ctc_loss(lp, *args), **TOL)
