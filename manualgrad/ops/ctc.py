@@ -207,6 +207,16 @@ class CTCLossFunction(torch.autograd.Function):
         return _reduce(dnll, scale, ctx.reduction), None, None
 
 
+def _check_length_types(input_lengths, target_lengths):
+    """torch's two overloads: both lengths tensors, or both sequences of ints."""
+    tensors = isinstance(input_lengths, torch.Tensor), isinstance(target_lengths, torch.Tensor)
+    ints = all(isinstance(v, (tuple, list)) and all(isinstance(i, int) for i in v)
+               for v in (input_lengths, target_lengths))
+    if not (all(tensors) or ints):
+        raise TypeError("ctc_loss(): input_lengths and target_lengths must both be tensors or both tuples of "
+                        f"ints, got {type(input_lengths).__name__} and {type(target_lengths).__name__}")
+
+
 def _lengths(lengths, name, n, device):
     t = torch.as_tensor(lengths, device=device)
     if t.is_floating_point() or t.is_complex():
@@ -243,6 +253,7 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     t_max, n, c = lp.shape
     if not 0 <= blank < c:
         raise RuntimeError("blank must be in label range")
+    _check_length_types(input_lengths, target_lengths)
     il = _lengths(input_lengths, "input_lengths", n, lp.device)
     tl = _lengths(target_lengths, "target_lengths", n, lp.device)
     targets = targets.to(lp.device, torch.long)

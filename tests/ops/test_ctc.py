@@ -184,6 +184,14 @@ def _bad(case):
         il = (0, 0)
     elif case == "half":
         lp = lp.detach().half()
+    elif case == "a tensor and a tuple of lengths":
+        il = torch.tensor(il)
+    elif case == "int lengths":
+        lp, targets, il, tl = log_probs(5, None, 4), targets[0], 5, 3
+    elif case == "float lengths":
+        il = (5.0, 5.0)
+    elif case == "float tensor lengths":
+        il, tl = torch.tensor(il).float(), torch.tensor(tl)
     elif case == "bad reduction":
         kw["reduction"] = "batchmean"
     return (lp, targets, il, tl), kw
@@ -192,7 +200,8 @@ def _bad(case):
 @pytest.mark.parametrize("case", [
     "target length above S", "input length above T", "negative input length", "negative target length",
     "concatenated of the wrong size", "padded of the wrong batch", "lengths of the wrong batch", "blank = C",
-    "blank < 0", "empty log_probs", "half", "bad reduction",
+    "blank < 0", "empty log_probs", "half", "bad reduction", "a tensor and a tuple of lengths", "int lengths",
+    "float lengths", "float tensor lengths",
 ])
 def test_ctc_loss_bad_input_raises_like_torch(case):
     args, kw = _bad(case)
