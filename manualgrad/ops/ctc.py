@@ -25,11 +25,17 @@ is the probability mass of the paths through s at t, so
 
     d nll / d lp_t(c) = -sum_{s: l'_s = c} exp(log alpha_t(s) + log beta_t(s) - lp_t(c) + nll)
 
-torch's ctc_loss_backward returns exp(lp_t(c)) plus that, the gradient with respect to the
-logits u of lp = log_softmax(u) (the exp(lp) term sums with the rest to zero over c, so through a
-log_softmax both are the same gradient). manualgrad returns torch's: a drop-in gives the same
-.grad, and gradchecks go through a log_softmax. For t >= T_n the gradient is 0.
+Every path is in exactly one state at each t < T_n, so the occupancies gamma_t(s) =
+exp(log alpha_t(s) + log beta_t(s) - lp_t(l'_s) + nll) sum to 1 over s. torch's
+ctc_loss_backward returns exp(lp_t(c)) plus the sum above: the gradient with respect to the logits
+u of lp = log_softmax(u), since log_softmax's backward g - exp(lp) sum_c g adds exp(lp) to a g
+summing to -1 and leaves one summing to 0 unchanged. Through a log_softmax both are the same
+gradient; on lp itself they differ. manualgrad returns torch's (a drop-in gives the same .grad;
+gradchecks go through a log_softmax). For t >= T_n the gradient is 0.
 zero_infinity: a loss of inf (no path fits: S_n + repeats > T_n) and its gradient become 0.
+Reductions: 'none' (N,), 'sum', 'mean' = mean_n nll_n / max(S_n, 1).
+The backward is torch ops on lp: with create_graph it recomputes alpha from lp, so double
+backward differentiates the whole recursion (slow, for checks).
 """
 import torch
 

@@ -45,7 +45,8 @@ CASES = {
     # T_n - 1 from the final label's state alone, assuming it differs from the blank's
     "no targets at all": ((4, 2, 3), [[], []], (4, 3), (0, 0), 0),  # S = 0: l' is one blank
     "targets containing blank": ((6, 2, 4), [[0, 2, 1], [1, 0, 3]], (6, 6), (3, 3), 0),
-    "impossible": ((6, 3, 4), [[1, 1, 2], [1, 2, 3], [3, 3, 3]], (6, 2, 4), (3, 3, 3), 0),  # 1 1 2 needs 4 steps > 2; 3 3 3 needs 5 > 4
+    # 1 1 2 fits in 6 steps; 1 2 3 needs 3 > 2; 3 3 3 needs 5 > 4 (a blank between repeats)
+    "impossible": ((6, 3, 4), [[1, 1, 2], [1, 2, 3], [3, 3, 3]], (6, 2, 4), (3, 3, 3), 0),
     "long": ((11, 1, 2), [[1, 1, 1, 1, 1]], (11,), (5,), 0),
 }
 
@@ -115,7 +116,8 @@ def test_ctc_loss_gradients(reduction, layout):
 def test_ctc_loss_gradients_blank_not_zero_zero_infinity_and_unbatched():
     # the second sample cannot fit (3 labels in 2 steps): loss and gradient 0 with zero_infinity
     check_gradients(lambda u, **kw: F.ctc_loss(u.log_softmax(2), **kw),
-                    torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True), targets=torch.tensor([[0, 1, 0], [1, 0, 1]]),
+                    torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True),
+                    targets=torch.tensor([[0, 1, 0], [1, 0, 1]]),
                     input_lengths=(4, 2), target_lengths=(2, 3), blank=2, reduction="sum", zero_infinity=True)
     check_gradients(lambda u, **kw: F.ctc_loss(u.log_softmax(1), **kw),
                     torch.randn(4, 3, dtype=torch.float64, requires_grad=True), targets=torch.tensor([2, 1]),
