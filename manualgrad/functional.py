@@ -133,6 +133,9 @@ from .ops.matmul import addmm, baddbmm, bmm, matmul, mm
 # metric-learning losses (on the distances)
 from .ops.loss_metric import cosine_embedding_loss, triplet_margin_loss, triplet_margin_with_distance_loss
 
+# connectionist temporal classification
+from .ops.ctc import ctc_loss
+
 # fused linear + cross-entropy
 from .ops.linear_cross_entropy import linear_cross_entropy
 

@@ -128,6 +128,8 @@ from .embedding import Embedding
 
 # metric-learning losses
 from .loss_metric import CosineEmbeddingLoss, TripletMarginLoss, TripletMarginWithDistanceLoss
+# connectionist temporal classification
+from .ctc import CTCLoss
 
 # transformer layers
 from .transformer import Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer

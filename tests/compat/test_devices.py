@@ -170,6 +170,10 @@ SAMPLES = {
     "cosine_embedding_loss": (lambda: ((_x(4, 6), _x(4, 6), torch.tensor([1.0, -1.0, 1.0, -1.0])), dict(margin=-0.2)), None),
     "triplet_margin_loss": (lambda: ((_x(4, 6), _x(4, 6), _x(4, 6)), dict(p=1.5, swap=True)), None),
     "triplet_margin_with_distance_loss": (lambda: ((_x(4, 6), _x(4, 6), _x(4, 6)), dict(swap=True, margin=2.0)), None),
+    # ctc_loss (ops/ctc.py): padded targets, lengths as tuples (torch has no meta kernel for tensor lengths)
+    "ctc_loss": (lambda: ((_x(6, 3, 5).log_softmax(2).detach().requires_grad_(), torch.tensor([[1, 2, 2], [4, 3, 0], [1, 0, 0]]),
+                           (6, 5, 4), (3, 2, 1)), dict(blank=0, zero_infinity=True)), None),
+    # end of ctc_loss
     # more dropouts (ops/dropout_more.py)
     "alpha_dropout": (lambda: ((_x(4, 6), 0.3, True), {}), None),
     "feature_alpha_dropout": (lambda: ((_x(4, 6, 3), 0.3, True), {}), None),

@@ -362,6 +362,11 @@ CASES = {
     "conv_tbc": [(f"pad={p}", dict(T=5, B=2, Ci=3, Co=4), lambda T, B, Ci, Co, p=p: ((x(T, B, Ci), x(2, Ci, Co), x(Co), p), {}))
                  for p in (0, 1)],
     # end of functional leftovers
+    # ctc_loss (ops/ctc.py): torch refuses empty log_probs (T, N or C = 0); S = 0 is empty targets
+    "ctc_loss": [(r, dict(T=4, N=2, C=3, S=2), lambda T, N, C, S, r=r: (
+        (x(T, N, C).log_softmax(2).detach().requires_grad_(), torch.randint(1, max(C, 2), (N, S)),
+         torch.full((N,), T), torch.full((N,), S)), dict(reduction=r))) for r in ("mean", "sum", "none")],
+    # end of ctc_loss
     "matmul": [
         ("2d", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {})),
         ("1d", dict(K=3), lambda K: ((x(K), x(K)), {})),
