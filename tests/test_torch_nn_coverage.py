@@ -42,11 +42,9 @@ NOT_DIFFERENTIABLE = {
 
 # Open work (issue 14): layers and functions that still run torch's backward. This list only shrinks.
 GAP_LAYERS = {
-    "CTCLoss",
     "EmbeddingBag",
 }
 GAP_FUNCTIONS = {
-    "ctc_loss",
     "embedding_bag",
     "grouped_mm", "scaled_mm", "scaled_grouped_mm",  # grouped and fp8-scaled GEMMs (torch 2.9+)
 }
