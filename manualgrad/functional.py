@@ -109,6 +109,9 @@ from .ops.attention import scaled_dot_product_attention
 from .ops.embedding import embedding
 from .ops.multi_head_attention import multi_head_attention_forward
 
+# embedding bags (sum / mean / max of rows)
+from .ops.embedding_bag import embedding_bag
+
 # tensor-level products (torch.matmul, mm, bmm, addmm, baddbmm)
 from .ops.matmul import addmm, baddbmm, bmm, matmul, mm
 

@@ -106,6 +106,9 @@ from .lazy import (
 from .attention import MultiheadAttention
 from .embedding import Embedding
 
+# embedding bags
+from .embedding_bag import EmbeddingBag
+
 # fused linear + cross-entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss
 

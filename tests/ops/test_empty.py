@@ -242,6 +242,22 @@ CASES = {
          lambda N, L, V, D: ((classes((N, L), V), x(V, D)), dict(scale_grad_by_freq=True))),
         # (max_norm: NotImplementedError in manualgrad, whatever the sizes)
     ],
+    # embedding bags (one block): B bags of N indices into V rows of D, as a 2-D input or 1-D with offsets
+    # (D = 0 only with a padding_idx: without one torch's sum and mean kernels index past a table of
+    #  width 0 and raise, with one they give the empty (B, 0) result manualgrad gives for all)
+    "embedding_bag": [
+        *[(f"2-d {mode}", dict(B=2, N=3, V=5),
+           lambda B, N, V, mode=mode: ((classes((B, N), V), x(V, 4)), dict(mode=mode)))
+          for mode in ("sum", "mean", "max")],
+        *[(f"offsets {mode}", dict(B=2, N=3, V=5, D=4),
+           lambda B, N, V, D, mode=mode: ((classes((B * N,), V), x(V, D), torch.arange(B) * N),
+                                          dict(mode=mode, padding_idx=0)))
+          for mode in ("sum", "mean", "max")],
+        ("per_sample_weights include_last_offset", dict(B=2, N=3, V=5),
+         lambda B, N, V: ((classes((B * N,), V), x(V, 4), torch.arange(B + 1) * N),
+                          dict(mode="sum", per_sample_weights=x(B * N), include_last_offset=True))),
+    ],
+    # end of embedding bags
     "multi_head_attention_forward": [("", dict(L=3, S=4, N=2, E=4), _mha)],
     "mm": [("", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {}))],
     "bmm": [("", dict(B=2, M=2, K=3, N=4), lambda B, M, K, N: ((x(B, M, K), x(B, K, N)), {}))],
