@@ -12,6 +12,8 @@ last offset) or hold padding_idx get c_i = 0 and take no part:
     dW[j]  = sum_{i: idx_i = j} c_i p_i dy[bag_i]             (the transposed lookup, as in embedding)
     dp_i   = c_i dy[bag_i] . W[idx_i]                         (sum mode only: torch takes p there only)
     scale_grad_by_freq: dW[j] /= count of j in idx
+    sparse=True: dW as a sparse (num, D) COO tensor of the terms u_i dy[bag_i] at rows idx_i, one per
+        entry that takes part (c_i != 0), uncoalesced, as torch's
 
     max:  y[b, d] = max_{i in b} W[idx_i, d]  (0 for an empty bag), a[b, d] the row it came from
     dW[j, d] = sum_{b: a[b, d] = j} dy[b, d]                  (each output reads one row per feature)
@@ -25,6 +27,7 @@ import torch
 
 from ._apply import INPUT, apply
 from ._checks import can_inspect_values, is_transformed
+from .embedding import embedding_renorm_
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,15 +41,24 @@ def bag_sum_forward(idx, bag, c, w, p, num_bags):
     return rows.new_zeros(num_bags, w.shape[1]).index_add(0, bag, rows)
 
 
-def bag_sum_backward(dy, idx, bag, c, w, p, num, scale_grad_by_freq=False, needs=(True, True)):
+def bag_sum_backward(dy, idx, bag, c, w, p, num, scale_grad_by_freq=False, needs=(True, True), sparse=False):
     """(dW, dp), each where needs says so."""
     dw = dp = None
     # g_i = dy[bag_i]: the gradient reaching entry i        (n, D)
     g = dy.index_select(0, bag)
     if needs[0]:
         u = c if p is None else c * p
-        # dW[j] = sum_{i: idx_i = j} u_i g_i                 (num, D)
+        # u_i g_i: what entry i adds to its row              (n, D)
         gu = g * u.unsqueeze(1)
+        if sparse:
+            # dW = sum_i e_{idx_i} (u_i g_i)^T over the entries that take part (c_i != 0), kept as a
+            # list of terms: COO indices (1, n'), values (n', D)
+            part = c != 0
+            if gu.numel() == 0:  # terms of width 0: torch's gradient holds none
+                part = part & False
+            dw = torch.sparse_coo_tensor(idx[part].unsqueeze(0), gu[part], (num, dy.shape[1]), check_invariants=False)
+            return dw, (c * (g * w.index_select(0, idx)).sum(1) if needs[1] else None)
+        # dW[j] = sum_{i: idx_i = j} u_i g_i                 (num, D)
         dw = dy.new_zeros(num, dy.shape[1])
         # (in place on a fresh table, except under a transform: see embedding_backward)
         dw = dw.index_add(0, idx, gu) if is_transformed(gu) else dw.index_add_(0, idx, gu)
@@ -66,13 +78,13 @@ class EmbeddingBagSumFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(idx, bag, c, w, p, num_bags, scale_grad_by_freq):
+    def forward(idx, bag, c, w, p, num_bags, scale_grad_by_freq, sparse):
         return bag_sum_forward(idx, bag, c, w, p, num_bags)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        idx, bag, c, w, p, _, scale_grad_by_freq = inputs
-        ctx.num, ctx.num_bags, ctx.scale_grad_by_freq = w.shape[0], inputs[5], scale_grad_by_freq
+        idx, bag, c, w, p, num_bags, scale_grad_by_freq, sparse = inputs
+        ctx.num, ctx.num_bags, ctx.scale_grad_by_freq, ctx.sparse = w.shape[0], num_bags, scale_grad_by_freq, sparse
         ctx.save_for_backward(idx, bag, c, w, p)
         ctx.save_for_forward(idx, bag, c, w, p)
 
@@ -80,11 +92,13 @@ class EmbeddingBagSumFunction(torch.autograd.Function):
     def backward(ctx, dy):
         idx, bag, c, w, p = ctx.saved_tensors
         needs = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dw, dp = bag_sum_backward(dy, idx, bag, c, w, p, ctx.num, ctx.scale_grad_by_freq, needs)
-        return None, None, None, dw, dp, None, None
+        if ctx.sparse and ctx.scale_grad_by_freq and needs[0]:  # (torch's type and message, in backward as torch)
+            raise RuntimeError("embedding_backward: scale_grad_by_freq not supported with sparse gradients")
+        dw, dp = bag_sum_backward(dy, idx, bag, c, w, p, ctx.num, ctx.scale_grad_by_freq, needs, ctx.sparse)
+        return None, None, None, dw, dp, None, None, None
 
     @staticmethod
-    def jvp(ctx, _didx, _dbag, _dc, dw, dp, _num_bags, _scale):
+    def jvp(ctx, _didx, _dbag, _dc, dw, dp, _num_bags, _scale, _sparse):
         idx, bag, c, w, p = ctx.saved_tensors
         # dy[b] = sum_{i in b} c_i (p_i dW[idx_i] + dp_i W[idx_i])      (B, D), each term where its tangent exists
         terms = []
@@ -202,7 +216,8 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
                   sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
     """Drop-in for ``torch.nn.functional.embedding_bag`` with a hand-written backward.
 
-    ``max_norm`` and ``sparse=True`` raise NotImplementedError. ``scale_grad_by_freq`` divides
+    ``max_norm`` rescales the rows read in place first and ``sparse=True`` gives a sparse weight
+    gradient, as torch's. ``scale_grad_by_freq`` divides
     each row's gradient by its count in ``input``, as documented (torch 2.13's CPU kernel divides
     some rows by another row's count: pytorch/pytorch#190063)."""
     psw = per_sample_weights
@@ -237,15 +252,13 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
     if mode == "max" and sparse:
         raise ValueError("max mode does not support sparse weights")
     if max_norm is not None:
-        raise NotImplementedError("embedding_bag: max_norm is not supported by manualgrad "
-                                  "(it rewrites weight in place)")
+        # the rows read are rescaled in place where torch does it: before the remaining checks
+        _check_index_dtype(input, "indices")
+        embedding_renorm_(weight, input, max_norm, norm_type)
     if psw is not None and mode != "sum":
         raise NotImplementedError(
             "embedding_bag: per_sample_weights was not None. per_sample_weights is only supported for mode='sum' "
             f"(got mode='{mode}'), as in torch")
-    if sparse:
-        raise NotImplementedError("embedding_bag: sparse=True (a sparse weight gradient) is not supported "
-                                  "by manualgrad")
     _check_index_dtype(input, "indices")
     _check_index_dtype(offsets, "offsets")
     if psw is not None and psw.dtype != weight.dtype:
@@ -273,4 +286,4 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
     if mode == "mean":
         size = torch.zeros(num_bags, dtype=weight.dtype, device=idx.device).index_add_(0, bag, c)
         c = c / size.clamp_min(1).index_select(0, bag)
-    return apply(EmbeddingBagSumFunction, idx, bag, c, weight, psw, num_bags, scale_grad_by_freq)
+    return apply(EmbeddingBagSumFunction, idx, bag, c, weight, psw, num_bags, scale_grad_by_freq, bool(sparse))

@@ -179,10 +179,58 @@ def test_embedding_bag_rejects_decreasing_offsets(mode):
         F.embedding_bag(torch.tensor([1, 2, 4, 5, 4, 3, 2, 0]), torch.randn(6, 3), torch.tensor([0, 5, 3]), mode=mode)
 
 
-@pytest.mark.parametrize("kwargs,option", [(dict(max_norm=1.0), "max_norm"), (dict(sparse=True), "sparse")])
-def test_embedding_bag_unsupported_options_raise_not_implemented(kwargs, option):
-    with pytest.raises(NotImplementedError, match=option):
-        F.embedding_bag(torch.tensor([1, 2]), torch.randn(3, 2), torch.tensor([0]), **kwargs)
+def _after_call(fn, x, w, offsets, dy, **kwargs):
+    """(output, weight after the call, weight gradient) of fn on a copy of w."""
+    w = w.detach().clone().requires_grad_()
+    y = fn(x, w, offsets, **kwargs)
+    y.backward(dy)
+    return y, w.detach(), w.grad
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, float("inf")])
+def test_embedding_bag_max_norm_rescales_the_rows_read_like_torch(case, mode, norm_type):
+    x, offsets, ilo = case
+    w = torch.randn(6, 7) * torch.linspace(0.1, 3, 6).unsqueeze(1)
+    max_norm = float(w.norm(norm_type, dim=1).median())
+    dy = torch.randn(offsets.numel() - ilo if offsets is not None else x.shape[0], 7)
+    kw = dict(mode=mode, max_norm=max_norm, norm_type=norm_type, include_last_offset=ilo)
+    (y, w_after, g), (y_t, w_after_t, g_t) = (_after_call(fn, x, w, offsets, dy, **kw)
+                                              for fn in (F.embedding_bag, TF.embedding_bag))
+    assert torch.equal(w_after, w_after_t)  # the same float32 operations: bit for bit
+    assert not torch.equal(w_after, w), "no row was rescaled: the test would not see a wrong scale"
+    torch.testing.assert_close(y, y_t)
+    torch.testing.assert_close(g, g_t)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("mean", False), ("sum", True)])
+@pytest.mark.parametrize("padding_idx", [None, 4])
+def test_embedding_bag_sparse_gradient_is_torchs(case, mode, padding_idx, weighted):
+    x, offsets, ilo = case
+    w = torch.randn(6, 5)
+    p = torch.randn(x.shape) if weighted else None
+    dy = torch.randn(offsets.numel() - ilo if offsets is not None else x.shape[0], 5)
+    kw = dict(mode=mode, sparse=True, padding_idx=padding_idx, include_last_offset=ilo, per_sample_weights=p)
+    (y, _, g), (y_t, _, g_t) = (_after_call(fn, x, w, offsets, dy, **kw) for fn in (F.embedding_bag, TF.embedding_bag))
+    torch.testing.assert_close(y, y_t)
+    assert g.is_sparse and g.shape == g_t.shape and g.dtype == g_t.dtype
+    # the same terms in the same order (uncoalesced), and the same after coalesce
+    assert torch.equal(g._indices(), g_t._indices())
+    torch.testing.assert_close(g._values(), g_t._values())
+    g, g_t = g.coalesce(), g_t.coalesce()
+    assert torch.equal(g.indices(), g_t.indices())
+    torch.testing.assert_close(g.values(), g_t.values())
+
+
+def test_embedding_bag_sparse_with_scale_grad_by_freq_raises_in_backward_like_torch():
+    def run(fn):
+        w = torch.randn(3, 2, requires_grad=True)
+        y = fn(torch.tensor([1, 1]), w, torch.tensor([0]), mode="sum", sparse=True, scale_grad_by_freq=True)
+        y.sum().backward()
+
+    assert_raises_like_torch(lambda: run(F.embedding_bag), lambda: run(TF.embedding_bag), match="scale_grad_by_freq")
 
 
 def test_embedding_bag_signature_matches_torch():
@@ -223,6 +271,24 @@ def test_embedding_bag_from_pretrained_matches_torch():
     th = torch.nn.EmbeddingBag.from_pretrained(table, freeze=False, mode="max", padding_idx=0)
     assert type(ours) is mnn.EmbeddingBag
     assert_same_as_torch(ours, th, torch.tensor([[0, 3, 3], [1, 0, 4]]))
+
+
+@pytest.mark.parametrize("kwargs", [dict(sparse=True, mode="sum", padding_idx=0), dict(max_norm=1.0, mode="max")])
+def test_embedding_bag_module_with_sparse_or_max_norm_trains_like_torch(kwargs):
+    th = torch.nn.EmbeddingBag(9, 4, **kwargs)
+    ours = copy.deepcopy(th)
+    mg.convert(ours, strict=True)
+    assert type(ours) is mnn.EmbeddingBag
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, th)]
+    for step in range(3):
+        x = torch.randint(0, 9, (4, 5))
+        dy = exact_dy((4, 4))
+        for m, opt in zip((ours, th), opts):
+            opt.zero_grad()
+            m(x).backward(dy)
+            assert m.weight.grad.is_sparse == th.sparse
+            opt.step()
+        torch.testing.assert_close(ours.weight, th.weight, rtol=0, atol=0)
 
 
 def test_embedding_bag_is_routed_under_enable():

@@ -240,7 +240,10 @@ CASES = {
          lambda N, L, V, D: ((classes((N, L), V), x(V, D)), dict(padding_idx=0))),
         ("scale_grad_by_freq", dict(N=2, L=3, V=5, D=4),
          lambda N, L, V, D: ((classes((N, L), V), x(V, D)), dict(scale_grad_by_freq=True))),
-        # (max_norm: NotImplementedError in manualgrad, whatever the sizes)
+        ("max_norm", dict(N=2, L=3, V=5, D=4),
+         lambda N, L, V, D: ((classes((N, L), V), x(V, D) * 3), dict(max_norm=1.0))),
+        ("sparse", dict(N=2, L=3, V=5, D=4),
+         lambda N, L, V, D: ((classes((N, L), V), x(V, D)), dict(sparse=True, padding_idx=1))),
     ],
     # embedding bags (one block): B bags of N indices into V rows of D, as a 2-D input or 1-D with offsets
     # (D = 0 only with a padding_idx: without one torch's sum and mean kernels index past a table of
@@ -253,6 +256,9 @@ CASES = {
            lambda B, N, V, D, mode=mode: ((classes((B * N,), V), x(V, D), torch.arange(B) * N),
                                           dict(mode=mode, padding_idx=0)))
           for mode in ("sum", "mean", "max")],
+        ("offsets sparse max_norm", dict(B=2, N=3, V=5, D=4),
+         lambda B, N, V, D: ((classes((B * N,), V), x(V, D) * 3, torch.arange(B) * N),
+                             dict(mode="sum", padding_idx=0, sparse=True, max_norm=1.0))),
         ("per_sample_weights include_last_offset", dict(B=2, N=3, V=5),
          lambda B, N, V: ((classes((B * N,), V), x(V, 4), torch.arange(B + 1) * N),
                           dict(mode="sum", per_sample_weights=x(B * N), include_last_offset=True))),
