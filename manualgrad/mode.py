@@ -123,6 +123,8 @@ _TORCH_LEVEL = [
     ((torch.rrelu,), "input, lower=0.125, upper=0.3333333333333333, training=False", "rrelu", None, None),
     ((torch.alpha_dropout,), "input, p, train", "alpha_dropout", {"train": "training"}, None),
     ((torch.feature_alpha_dropout,), "input, p, train", "feature_alpha_dropout", {"train": "training"}, None),
+    # weight normalization (ops/weight_norm.py): what torch.nn.utils.parametrizations.weight_norm calls
+    ((torch._weight_norm,), "v, g, dim=0", "weight_norm", None, None),
 ]
 
 

@@ -76,6 +76,9 @@ def _case(name):
                                                                per_sample_weights=m.linear(p, w[:3, :5])),
                                [_leaf(6, 5), _leaf(4, 5)]),
         # end of embedding bags
+        # weight normalization (one block): on no autocast list, float32 stays float32
+        "weight_norm": (lambda m, v, g: (MF.weight_norm if m is MF else torch._weight_norm)(v, g, 0),
+                        [_leaf(4, 3, 5), _leaf(4, 1, 1)]),
         "mse_loss": (lambda m, x, y: m.mse_loss(m.linear(x, w), y), [x3, _leaf(4, 6, 5)]),
         "l1_loss": (lambda m, x, y: m.l1_loss(m.linear(x, w), y), [x3, _leaf(4, 6, 5)]),
         "huber_loss": (lambda m, x, y: m.huber_loss(m.linear(x, w), y, delta=0.5), [x3, _leaf(4, 6, 5)]),
@@ -98,6 +101,7 @@ OPS = [
     "avg_pool2d", "adaptive_avg_pool2d", "embedding", "mse_loss", "l1_loss", "huber_loss", "cross_entropy",
     "cross_entropy_probs", "nll_loss", "binary_cross_entropy", "bce_with_logits", "kl_div", "linear_cross_entropy",
     "embedding_bag", "embedding_bag_bf16",  # embedding bags (one block)
+    "weight_norm",  # weight normalization (one block)
 ]
 
 

@@ -109,6 +109,12 @@ from .embedding import Embedding
 # embedding bags
 from .embedding_bag import EmbeddingBag
 
+# parametrizations (torch.nn.utils.parametrizations' modules: not torch.nn names, so not in
+# __all__), swapped by convert like the layers
+from . import weight_norm as _weight_norm
+
+PARAMETRIZATIONS = (_weight_norm.WeightNorm,)
+
 # fused linear + cross-entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss
 

@@ -40,7 +40,7 @@ def _lce_torch(input, linear_weight, target, *, linear_bias=None, **kwargs):
 
 # name -> list of (variant, sizes, build); build(**sizes) -> (args, kwargs). The torch twin is
 # the same name in torch.nn.functional, else in torch (the matmul family), else TORCH[name].
-TORCH = {"linear_cross_entropy": _lce_torch}
+TORCH = {"linear_cross_entropy": _lce_torch, "weight_norm": torch._weight_norm}
 
 ACT = dict(N=2, C=3, L=4)
 
@@ -264,6 +264,15 @@ CASES = {
                           dict(mode="sum", per_sample_weights=x(B * N), include_last_offset=True))),
     ],
     # end of embedding bags
+    # weight normalization (one block): v of a conv weight, the norm over all dims but dim (-1: all)
+    # (no size 0 along dim: torch's kernel then raises or dies of a division by zero, SIGFPE;
+    #  manualgrad raises RuntimeError, tests/ops/test_weight_norm.py)
+    "weight_norm": [
+        ("dim=0", dict(I=3, K=4), lambda I, K: ((x(2, I, K), x(2, 1, 1)), dict(dim=0))),
+        ("dim=2", dict(O=2, I=3), lambda O, I: ((x(O, I, 4), x(1, 1, 4)), dict(dim=2))),
+        ("dim=-1", dict(O=2, I=3, K=4), lambda O, I, K: ((x(O, I, K), x()), dict(dim=-1))),
+    ],
+    # end of weight normalization
     "multi_head_attention_forward": [("", dict(L=3, S=4, N=2, E=4), _mha)],
     "mm": [("", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {}))],
     "bmm": [("", dict(B=2, M=2, K=3, N=4), lambda B, M, K, N: ((x(B, M, K), x(B, K, N)), {}))],
