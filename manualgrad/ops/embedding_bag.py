@@ -114,22 +114,29 @@ class EmbeddingBagSumFunction(torch.autograd.Function):
 
 def bag_max_forward(idx, bag, keep, w, num_bags):
     """y (B, D) and a (B, D): the row each maximum was read from (-1 for an empty bag), the
-    first one on ties, as torch."""
+    first one on ties, as torch. NaN as torch's running max: a bag whose first entry is NaN
+    gives NaN, a NaN later in a bag is passed over."""
     n, d = idx.shape[0], w.shape[1]
-    # W[idx_i], -inf where entry i takes no part           (n, D)
-    rows = w.index_select(0, idx).masked_fill(~keep.unsqueeze(1), -math.inf)
+    rows = w.index_select(0, idx)  #                         (n, D)
+    nan = rows.isnan()
+    # W[idx_i], -inf where entry i takes no part or is NaN   (n, D)
+    vals = rows.masked_fill(~keep.unsqueeze(1) | nan, -math.inf)
     at = bag.unsqueeze(1).expand(n, d)
-    # y[b, d] = max_{i in b} W[idx_i, d]                     (B, D)
-    y = rows.new_full((num_bags, d), -math.inf).scatter_reduce(0, at, rows, "amax")
-    # first entry of each bag that reaches it (n: none)     (B, D)
-    hit = (rows == y.index_select(0, bag)) & keep.unsqueeze(1)
-    pos = torch.arange(n, device=idx.device).unsqueeze(1).expand(n, d)
-    first = torch.full((num_bags, d), n, dtype=torch.long, device=idx.device)
-    first = first.scatter_reduce(0, at, torch.where(hit, pos, n), "amin")
+    # m[b, d] = max_{i in b} W[idx_i, d] over the numbers    (B, D)
+    m = vals.new_full((num_bags, d), -math.inf).scatter_reduce(0, at, vals, "amax")
+    # the entries that reach it, and a NaN that leads its bag (the first entry taking part)   (n, D)
+    i = torch.arange(n, device=idx.device)
+    start = torch.full((num_bags,), n, device=idx.device).scatter_reduce(0, bag, torch.where(keep, i, n), "amin")
+    leads = keep & (i == start.index_select(0, bag))
+    hit = ((vals == m.index_select(0, bag)) & keep.unsqueeze(1) & ~nan) | (leads.unsqueeze(1) & nan)
+    # the first such entry per bag and feature (n: none)    (B, D)
+    first = torch.full((num_bags, d), n, device=idx.device)
+    first = first.scatter_reduce(0, at, torch.where(hit, i.unsqueeze(1).expand(n, d), n), "amin")
     # a[b, d] = idx at that entry, -1 for an empty bag       (B, D)
     a = torch.cat([idx, idx.new_full((1,), -1)])[first]
-    # an empty bag gives 0                                   (B, D)
-    return torch.where(a < 0, 0, y), a
+    # y[b, d] = W[idx, d] at that entry, 0 for an empty bag  (B, D)
+    y = torch.cat([rows, rows.new_zeros(1, d)]).gather(0, first)
+    return y, a
 
 
 def bag_max_backward(dy, a, num):

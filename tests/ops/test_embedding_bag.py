@@ -73,6 +73,21 @@ def test_embedding_bag_max_sends_the_gradient_to_the_first_maximum_row_per_featu
     assert w.grad.tolist() == [[1.0, 0.0], [100.0, 1010.0], [0.0, 0.0]]
 
 
+NAN_BAGS = [([0, 1, 2], [0]), ([1, 0, 2], [0]), ([1], [0]), ([3, 3], [0]), ([4, 1, 0], [0, 1]),
+            ([2, 1, 3, 0], [0, 0, 2]), ([4], [0])]
+
+
+@pytest.mark.parametrize("bags", NAN_BAGS, ids=str)
+@pytest.mark.parametrize("padding_idx", [None, 1])
+def test_embedding_bag_max_treats_nan_and_inf_like_torch(bags, padding_idx):
+    # torch's running max: a NaN first in its bag is the maximum, a NaN later is passed over
+    nan = float("nan")
+    w = torch.tensor([[1.0, 2.0], [nan, 0.0], [3.0, -1.0], [nan, nan], [-float("inf"), 5.0]])
+    idx, offsets = torch.tensor(bags[0]), torch.tensor(bags[1])
+    assert_same_as_torch(F.embedding_bag, TF.embedding_bag, idx, w.requires_grad_(), offsets, mode="max",
+                         padding_idx=padding_idx, grad_output=exact_dy((len(bags[1]), 2)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_embedding_bag_scale_grad_by_freq_divides_by_the_count_in_the_input(mode):
     # torch 2.13's CPU kernel divides row 2 by row 1's count here (pytorch/pytorch#190063):
