@@ -13,7 +13,8 @@ A parametrized module (``torch.nn.utils.parametrize``: weight_norm, spectral_nor
 has a class of its own, made by torch for it: ``ParametrizedConv1d``, the torch class plus
 one property per parametrized tensor. It becomes the same class made on the twin (the properties
 copied), and its parametrizations are modules of their own, swapped like any other (weight_norm's
-has a twin; one without stays torch's and strict mode lists it).
+has a twin; one without stays torch's and strict mode lists it). The deprecated
+``torch.nn.utils.weight_norm`` is a forward pre-hook object instead: it gets its twin's class.
 """
 import torch
 from torch.nn.utils import parametrize
@@ -116,8 +117,12 @@ def convert(model, strict=False):
                 left.append(f"{name or '(root)'}: {type(m).__name__}" + ("" if reason == "no twin" else f" ({reason})"))
         if left:
             raise NotImplementedError("manualgrad cannot convert these modules: " + ", ".join(left))
+    hook_twins = {cls.__bases__[0]: cls for cls in mgnn.FORWARD_PRE_HOOKS}
     for _, m in modules:
         twin = _twin_of(m, twins)
         if twin is not None and _reason(twin, m) is None:
             m.__class__ = twin
+        for hook in m._forward_pre_hooks.values():  # the deprecated torch.nn.utils.weight_norm's
+            if type(hook) in hook_twins:
+                hook.__class__ = hook_twins[type(hook)]
     return model

@@ -114,6 +114,7 @@ from .embedding_bag import EmbeddingBag
 from . import weight_norm as _weight_norm
 
 PARAMETRIZATIONS = (_weight_norm.WeightNorm,)
+FORWARD_PRE_HOOKS = (_weight_norm.LegacyWeightNorm,)  # objects convert swaps among a module's pre-hooks
 
 # fused linear + cross-entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss

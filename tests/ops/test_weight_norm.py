@@ -10,7 +10,7 @@ import manualgrad as mg
 import manualgrad.functional as F
 import manualgrad.nn as mnn
 from manualgrad.coverage import graph_nodes
-from manualgrad.nn.weight_norm import WeightNorm
+from manualgrad.nn.weight_norm import LegacyWeightNorm, WeightNorm
 from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
 from tests.conftest import exact_dy
 
@@ -106,6 +106,33 @@ def test_weight_normalized_conv_converts_strictly_and_trains_like_torch():
             torch.testing.assert_close(p.grad, grads_t[name].grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
         for opt in opts:
             opt.step()
+
+
+def test_deprecated_weight_norm_hook_converts_and_trains_like_torch():
+    def make():  # (a module with this hook cannot be deep-copied: made twice from one seed)
+        torch.manual_seed(3)
+        with pytest.warns(FutureWarning):
+            return torch.nn.utils.weight_norm(torch.nn.Conv1d(6, 4, 3, padding=1, groups=2), dim=2)
+
+    theirs, ours = make(), mg.convert(make(), strict=True)
+    assert isinstance(ours, mnn.Conv1d)
+    assert [type(h) for h in ours._forward_pre_hooks.values()] == [LegacyWeightNorm]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, theirs)]
+    for step in range(3):
+        x, dy = torch.randn(2, 6, 7), exact_dy((2, 4, 7))
+        y, y_t = ours(x), theirs(x)
+        assert {type(n).__name__ for n in graph_nodes([y.grad_fn])} == {
+            "ConvFunctionBackward", "WeightNormFunctionBackward", "AccumulateGrad"}
+        torch.testing.assert_close(y, y_t)
+        for m, out, opt in ((ours, y, opts[0]), (theirs, y_t, opts[1])):
+            opt.zero_grad()
+            out.backward(dy)
+        for (name, p), p_t in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, p_t.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        for opt in opts:
+            opt.step()
+    torch.nn.utils.remove_weight_norm(ours)  # finds the hook it registered (the twin is one)
+    assert not ours._forward_pre_hooks and "weight" in dict(ours.named_parameters())
 
 
 def test_converted_weight_norm_can_be_removed_and_copied():
