@@ -52,20 +52,18 @@ def bag_sum_backward(dy, idx, bag, c, w, p, num, scale_grad_by_freq=False, needs
         gu = g * u.unsqueeze(1)
         if sparse:
             # dW = sum_i e_{idx_i} (u_i g_i)^T over the entries that take part (c_i != 0), kept as a
-            # list of terms: COO indices (1, n'), values (n', D)
-            part = c != 0
-            if gu.numel() == 0:  # terms of width 0: torch's gradient holds none
-                part = part & False
+            # list of terms: COO indices (1, n'), values (n', D); terms of width 0: none, as torch
+            part = (c != 0) if gu.numel() > 0 else torch.zeros_like(c, dtype=torch.bool)
             dw = torch.sparse_coo_tensor(idx[part].unsqueeze(0), gu[part], (num, dy.shape[1]), check_invariants=False)
-            return dw, (c * (g * w.index_select(0, idx)).sum(1) if needs[1] else None)
-        # dW[j] = sum_{i: idx_i = j} u_i g_i                 (num, D)
-        dw = dy.new_zeros(num, dy.shape[1])
-        # (in place on a fresh table, except under a transform: see embedding_backward)
-        dw = dw.index_add(0, idx, gu) if is_transformed(gu) else dw.index_add_(0, idx, gu)
-        if scale_grad_by_freq:
-            # dW[j] /= count_j (rows never read stay 0 / 1 = 0)  (num, D)
-            counts = torch.bincount(idx, minlength=num).clamp_min_(1).to(dw.dtype)
-            dw = dw / counts.unsqueeze(1)
+        else:
+            # dW[j] = sum_{i: idx_i = j} u_i g_i             (num, D)
+            dw = dy.new_zeros(num, dy.shape[1])
+            # (in place on a fresh table, except under a transform: see embedding_backward)
+            dw = dw.index_add(0, idx, gu) if is_transformed(gu) else dw.index_add_(0, idx, gu)
+            if scale_grad_by_freq:
+                # dW[j] /= count_j (rows never read stay 0 / 1 = 0)   (num, D)
+                counts = torch.bincount(idx, minlength=num).clamp_min_(1).to(dw.dtype)
+                dw = dw / counts.unsqueeze(1)
     if needs[1]:
         # dp_i = c_i g_i . W[idx_i]                          (n,)
         dp = c * (g * w.index_select(0, idx)).sum(1)
