@@ -8,8 +8,16 @@ Two optional hooks on a twin class refine this: ``unsupported(module)`` returns 
 torch module's configuration cannot run on the twin (then it is left as it is and strict
 mode lists the reason), and ``covers_submodules = True`` says the twin's forward does the
 work of its submodules itself (their own forward never runs), so they are not listed.
+
+A parametrized module (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal)
+has a class of its own, made by torch for it: ``ParametrizedConv1d``, the torch class plus
+one property per parametrized tensor. It becomes the same class made on the twin (the properties
+copied), and its parametrizations are modules of their own, swapped like any other (weight_norm's
+has a twin; one without stays torch's and strict mode lists it). The deprecated
+``torch.nn.utils.weight_norm`` is a forward pre-hook object instead: it gets its twin's class.
 """
 import torch
+from torch.nn.utils import parametrize
 
 from . import nn as mgnn
 
@@ -20,8 +28,7 @@ _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict, to
 def _twins():
     """torch.nn class -> manualgrad.nn class, read off manualgrad.nn's class hierarchy."""
     table = {}
-    for name in mgnn.__all__:
-        cls = getattr(mgnn, name)
+    for cls in [getattr(mgnn, name) for name in mgnn.__all__] + list(mgnn.PARAMETRIZATIONS):
         if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
             torch_cls = cls.__bases__[0]
             if torch_cls.__module__.startswith("torch.nn"):
@@ -34,6 +41,29 @@ def supported_modules():
     return tuple(_twins())
 
 
+_PARAMETRIZED = {}  # torch's parametrized class of one module -> the same class on the twin
+
+
+def _parametrized_twin(cls, twins):
+    """The twin of a class torch made for a parametrized module, or None (not one, or its torch
+    class has no twin). Made once per class (torch makes one per module)."""
+    if cls.__module__ != parametrize.__name__ or not cls.__name__.startswith("Parametrized"):
+        return None
+    twin = twins.get(cls.__bases__[0])
+    if twin is None:
+        return None
+    if cls not in _PARAMETRIZED:
+        body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        body["__module__"] = twin.__module__
+        _PARAMETRIZED[cls] = type(cls.__name__, (twin,), body)
+    return _PARAMETRIZED[cls]
+
+
+def _twin_of(module, twins):
+    cls = type(module)
+    return twins.get(cls) or _parametrized_twin(cls, twins)
+
+
 def _reason(twin, module):
     check = getattr(twin, "unsupported", None)
     return check(module) if check is not None else None
@@ -42,10 +72,11 @@ def _reason(twin, module):
 def _unsupported(module, twins):
     """Why ``module`` will still run torch's backward after convert, or None."""
     cls = type(module)
-    if isinstance(module, _CONTAINERS) or cls in twins.values():
+    if isinstance(module, _CONTAINERS) or cls in twins.values() or cls in _PARAMETRIZED.values():
         return None
-    if cls in twins:
-        return _reason(twins[cls], module)
+    twin = _twin_of(module, twins)
+    if twin is not None:
+        return _reason(twin, module)
     if cls.__module__.startswith("torch.nn"):
         return "no twin"  # a torch layer manualgrad has no twin for (yet)
     # A user's module: its own forward is beyond reach, but parameters it holds directly
@@ -86,8 +117,12 @@ def convert(model, strict=False):
                 left.append(f"{name or '(root)'}: {type(m).__name__}" + ("" if reason == "no twin" else f" ({reason})"))
         if left:
             raise NotImplementedError("manualgrad cannot convert these modules: " + ", ".join(left))
+    hook_twins = {cls.__bases__[0]: cls for cls in mgnn.FORWARD_PRE_HOOKS}
     for _, m in modules:
-        twin = twins.get(type(m))
+        twin = _twin_of(m, twins)
         if twin is not None and _reason(twin, m) is None:
             m.__class__ = twin
+        for hook in m._forward_pre_hooks.values():  # the deprecated torch.nn.utils.weight_norm's
+            if type(hook) in hook_twins:
+                hook.__class__ = hook_twins[type(hook)]
     return model

@@ -127,6 +127,12 @@ from .ops.attention import scaled_dot_product_attention
 from .ops.embedding import embedding
 from .ops.multi_head_attention import multi_head_attention_forward
 
+# embedding bags (sum / mean / max of rows)
+from .ops.embedding_bag import embedding_bag
+
+# weight normalization (torch._weight_norm, behind torch.nn.utils.parametrizations.weight_norm)
+from .ops.weight_norm import weight_norm
+
 # tensor-level products (torch.matmul, mm, bmm, addmm, baddbmm)
 from .ops.matmul import addmm, baddbmm, bmm, matmul, mm
 

@@ -24,8 +24,8 @@ Everything else runs through torch unchanged, and so does a routed call that
   positional ``beta``/``alpha``, ``torch.embedding``'s out-of-range padding index);
 - has no floating-point tensor argument, or a complex one (integer index arithmetic, masks);
 - hits an option the twin does not support: the twin raises ``NotImplementedError`` while
-  checking its arguments, before any work (``embedding(max_norm=...)``, ``sparse=True``), and
-  torch's function runs the call instead;
+  checking its arguments, before any work (``scaled_dot_product_attention``'s dropout off the
+  CPU, nested tensors in ``multi_head_attention_forward``), and torch's function runs the call instead;
 - comes from inside an autograd.Function's forward or a manualgrad backward (see
   ``_inside_function``; ``loss.backward()`` under the mode runs without it anyway: torch pops
   a mode for the torch functions it handles, and backward is one).
@@ -124,6 +124,8 @@ _TORCH_LEVEL = [
     ((torch.rrelu,), "input, lower=0.125, upper=0.3333333333333333, training=False", "rrelu", None, None),
     ((torch.alpha_dropout,), "input, p, train", "alpha_dropout", {"train": "training"}, None),
     ((torch.feature_alpha_dropout,), "input, p, train", "feature_alpha_dropout", {"train": "training"}, None),
+    # weight normalization (ops/weight_norm.py): what torch.nn.utils.parametrizations.weight_norm calls
+    ((torch._weight_norm,), "v, g, dim=0", "weight_norm", None, None),
 ]
 
 

@@ -70,6 +70,15 @@ def _case(name):
         "avg_pool2d": (lambda m, x: m.avg_pool2d(x, 3, stride=2), [_leaf(2, 3, 9, 9)]),
         "adaptive_avg_pool2d": (lambda m, x: m.adaptive_avg_pool2d(x, 3), [_leaf(2, 3, 7, 7)]),
         "embedding": (lambda m, e: m.embedding(t, e), [_leaf(6, 5)]),
+        # embedding bags (one block): on no autocast list; a bfloat16 table from a linear stays bfloat16
+        "embedding_bag": (lambda m, e: m.embedding_bag(t[:, :3], e, mode="max"), [_leaf(6, 5)]),
+        "embedding_bag_bf16": (lambda m, e, p: m.embedding_bag(t[:, :3], m.linear(e, w[:, :5]), mode="sum",
+                                                               per_sample_weights=m.linear(p, w[:3, :5])),
+                               [_leaf(6, 5), _leaf(4, 5)]),
+        # end of embedding bags
+        # weight normalization (one block): on no autocast list, float32 stays float32
+        "weight_norm": (lambda m, v, g: (MF.weight_norm if m is MF else torch._weight_norm)(v, g, 0),
+                        [_leaf(4, 3, 5), _leaf(4, 1, 1)]),
         "mse_loss": (lambda m, x, y: m.mse_loss(m.linear(x, w), y), [x3, _leaf(4, 6, 5)]),
         "l1_loss": (lambda m, x, y: m.l1_loss(m.linear(x, w), y), [x3, _leaf(4, 6, 5)]),
         "huber_loss": (lambda m, x, y: m.huber_loss(m.linear(x, w), y, delta=0.5), [x3, _leaf(4, 6, 5)]),
@@ -91,6 +100,8 @@ OPS = [
     "softplus", "softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm", "batch_norm", "max_pool2d",
     "avg_pool2d", "adaptive_avg_pool2d", "embedding", "mse_loss", "l1_loss", "huber_loss", "cross_entropy",
     "cross_entropy_probs", "nll_loss", "binary_cross_entropy", "bce_with_logits", "kl_div", "linear_cross_entropy",
+    "embedding_bag", "embedding_bag_bf16",  # embedding bags (one block)
+    "weight_norm",  # weight normalization (one block)
 ]
 
 

@@ -224,7 +224,20 @@ def test_torch_dropout_in_training_uses_manualgrad_dropout_with_the_right_scale(
 # fallbacks: anything not supported runs through torch unchanged
 
 
-def test_embedding_max_norm_falls_back_to_torch_and_renormalizes_like_torch():
+def test_a_twin_raising_not_implemented_falls_back_to_torch(monkeypatch):
+    # (a stand-in twin: embedding's max_norm and sparse=True were the example until the twin did them)
+    def twin(*args, **kwargs):
+        raise NotImplementedError("an option this twin does not support")
+
+    monkeypatch.setitem(mode_module._ROUTES, F.embedding, mode_module._Route(twin))
+    idx, w = torch.tensor([0, 2, 2]), torch.randn(4, 3, requires_grad=True)
+    with enable():
+        y = F.embedding(idx, w)
+    torch.testing.assert_close(y, w[idx])
+    assert not manualgrad_nodes(y) and "EmbeddingBackward0" in node_names(y)
+
+
+def test_embedding_max_norm_is_routed_and_renormalizes_like_torch():
     idx = torch.tensor([0, 2, 2])
     w_t = torch.randn(4, 3, requires_grad=True)
     w_m = w_t.detach().clone().requires_grad_()
@@ -232,14 +245,16 @@ def test_embedding_max_norm_falls_back_to_torch_and_renormalizes_like_torch():
     with enable():
         y_m = F.embedding(idx, w_m, max_norm=0.5)
     torch.testing.assert_close(y_m, y_t)
-    torch.testing.assert_close(w_m, w_t)  # the rows torch rewrote in place
-    assert not manualgrad_nodes(y_m) and "EmbeddingBackward0" in node_names(y_m)
+    torch.testing.assert_close(w_m, w_t)  # the rows rewritten in place
+    assert manualgrad_nodes(y_m) == {"EmbeddingFunctionBackward"}
 
 
-def test_embedding_sparse_falls_back_to_a_sparse_gradient():
+def test_embedding_sparse_is_routed_and_gives_a_sparse_gradient():
     w = torch.randn(4, 3, requires_grad=True)
     with enable():
-        F.embedding(torch.tensor([1, 1]), w, sparse=True).sum().backward()
+        y = F.embedding(torch.tensor([1, 1]), w, sparse=True)
+    assert manualgrad_nodes(y) == {"EmbeddingFunctionBackward"}
+    y.sum().backward()
     assert w.grad.is_sparse
     torch.testing.assert_close(w.grad.to_dense(), torch.tensor([[0.0] * 3, [2.0] * 3, [0.0] * 3, [0.0] * 3]))
 

@@ -128,11 +128,22 @@ from .embedding import Embedding
 
 # metric-learning losses
 from .loss_metric import CosineEmbeddingLoss, TripletMarginLoss, TripletMarginWithDistanceLoss
+
 # connectionist temporal classification
 from .ctc import CTCLoss
 
 # transformer layers
 from .transformer import Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
+
+# embedding bags
+from .embedding_bag import EmbeddingBag
+
+# parametrizations (torch.nn.utils.parametrizations' modules: not torch.nn names, so not in
+# __all__), swapped by convert like the layers
+from . import weight_norm as _weight_norm
+
+PARAMETRIZATIONS = (_weight_norm.WeightNorm,)
+FORWARD_PRE_HOOKS = (_weight_norm.LegacyWeightNorm,)  # objects convert swaps among a module's pre-hooks
 
 # fused linear + cross-entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss

@@ -4,21 +4,10 @@ import torch
 from .. import functional as F
 
 
-def _unsupported(module):
-    """Why manualgrad cannot run this Embedding (None if it can): convert() leaves it torch's."""
-    if module.sparse:
-        return "sparse=True (a sparse weight gradient)"
-    if module.max_norm is not None:
-        return f"max_norm={module.max_norm} (rewrites the weight in place)"
-    return None
-
-
 class Embedding(torch.nn.Embedding):
-    """Drop-in for ``torch.nn.Embedding`` (``from_pretrained`` included, inherited). ``max_norm``
-    and ``sparse=True`` raise NotImplementedError in forward (and convert leaves such a module
-    torch's)."""
-
-    unsupported = staticmethod(_unsupported)
+    """Drop-in for ``torch.nn.Embedding`` (``from_pretrained`` included, inherited), every option:
+    ``max_norm`` rescales the rows read in place in forward, ``sparse=True`` gives a sparse
+    weight gradient, both as torch's."""
 
     def forward(self, input):
         return F.embedding(

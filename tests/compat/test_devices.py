@@ -85,6 +85,13 @@ SAMPLES = {
     "dropout": (lambda: ((_x(4, 6), 0.3), {}), None),
     "elu": (lambda: ((_x(4, 6),), {}), None),
     "embedding": (lambda: ((torch.tensor([1, 0, 7, 1]), _x(8, 3)), {}), None),
+    # embedding bags (one block)
+    "embedding_bag": (lambda: ((torch.tensor([1, 0, 7, 1, 2]), _x(8, 3), torch.tensor([0, 2, 2])),
+                               dict(mode="sum", per_sample_weights=_x(5), padding_idx=7)), None),
+    # end of embedding bags
+    # weight normalization (one block)
+    "weight_norm": (lambda: ((_x(4, 3, 5), _x(1, 1, 5)), dict(dim=2)), torch._weight_norm),
+    # end of weight normalization
     "gelu": (lambda: ((_x(4, 6),), dict(approximate="tanh")), None),
     "glu": (lambda: ((_x(4, 6),), {}), None),
     # instance norm

@@ -48,7 +48,7 @@ def _unpool_indices(N, C, *S):
 
 # name -> list of (variant, sizes, build); build(**sizes) -> (args, kwargs). The torch twin is
 # the same name in torch.nn.functional, else in torch (the matmul family), else TORCH[name].
-TORCH = {"linear_cross_entropy": _lce_torch}
+TORCH = {"linear_cross_entropy": _lce_torch, "weight_norm": torch._weight_norm}
 
 ACT = dict(N=2, C=3, L=4)
 
@@ -291,8 +291,39 @@ CASES = {
          lambda N, L, V, D: ((classes((N, L), V), x(V, D)), dict(padding_idx=0))),
         ("scale_grad_by_freq", dict(N=2, L=3, V=5, D=4),
          lambda N, L, V, D: ((classes((N, L), V), x(V, D)), dict(scale_grad_by_freq=True))),
-        # (max_norm: NotImplementedError in manualgrad, whatever the sizes)
+        ("max_norm", dict(N=2, L=3, V=5, D=4),
+         lambda N, L, V, D: ((classes((N, L), V), x(V, D) * 3), dict(max_norm=1.0))),
+        ("sparse", dict(N=2, L=3, V=5, D=4),
+         lambda N, L, V, D: ((classes((N, L), V), x(V, D)), dict(sparse=True, padding_idx=1))),
     ],
+    # embedding bags (one block): B bags of N indices into V rows of D, as a 2-D input or 1-D with offsets
+    # (D = 0 only with a padding_idx: without one torch's sum and mean kernels index past a table of
+    #  width 0 and raise, with one they give the empty (B, 0) result manualgrad gives for all)
+    "embedding_bag": [
+        *[(f"2-d {mode}", dict(B=2, N=3, V=5),
+           lambda B, N, V, mode=mode: ((classes((B, N), V), x(V, 4)), dict(mode=mode)))
+          for mode in ("sum", "mean", "max")],
+        *[(f"offsets {mode}", dict(B=2, N=3, V=5, D=4),
+           lambda B, N, V, D, mode=mode: ((classes((B * N,), V), x(V, D), torch.arange(B) * N),
+                                          dict(mode=mode, padding_idx=0)))
+          for mode in ("sum", "mean", "max")],
+        ("offsets sparse max_norm", dict(B=2, N=3, V=5, D=4),
+         lambda B, N, V, D: ((classes((B * N,), V), x(V, D) * 3, torch.arange(B) * N),
+                             dict(mode="sum", padding_idx=0, sparse=True, max_norm=1.0))),
+        ("per_sample_weights include_last_offset", dict(B=2, N=3, V=5),
+         lambda B, N, V: ((classes((B * N,), V), x(V, 4), torch.arange(B + 1) * N),
+                          dict(mode="sum", per_sample_weights=x(B * N), include_last_offset=True))),
+    ],
+    # end of embedding bags
+    # weight normalization (one block): v of a conv weight, the norm over all dims but dim (-1: all)
+    # (no size 0 along dim: torch's kernel then raises or dies of a division by zero, SIGFPE;
+    #  manualgrad raises RuntimeError, tests/ops/test_weight_norm.py)
+    "weight_norm": [
+        ("dim=0", dict(I=3, K=4), lambda I, K: ((x(2, I, K), x(2, 1, 1)), dict(dim=0))),
+        ("dim=2", dict(O=2, I=3), lambda O, I: ((x(O, I, 4), x(1, 1, 4)), dict(dim=2))),
+        ("dim=-1", dict(O=2, I=3, K=4), lambda O, I, K: ((x(O, I, K), x()), dict(dim=-1))),
+    ],
+    # end of weight normalization
     "multi_head_attention_forward": [("", dict(L=3, S=4, N=2, E=4), _mha)],
     "mm": [("", dict(M=2, K=3, N=4), lambda M, K, N: ((x(M, K), x(K, N)), {}))],
     "bmm": [("", dict(B=2, M=2, K=3, N=4), lambda B, M, K, N: ((x(B, M, K), x(B, K, N)), {}))],
