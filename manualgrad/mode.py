@@ -266,7 +266,8 @@ class _ManualgradMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
-        if route is not None and "out" not in kwargs and _floating(args, kwargs) and not _inside_function():
+        # out=None is passed explicitly by some functionals (F.normalize): only a real out= runs torch
+        if route is not None and kwargs.get("out") is None and _floating(args, kwargs) and not _inside_function():
             if route.names is None:
                 call_args, call_kwargs = args, kwargs
             else:

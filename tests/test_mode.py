@@ -583,3 +583,16 @@ def test_grad_under_the_mode_routes_through_manualgrad(twin_calls):
         g = torch.func.grad(lambda t: torch.tanh(t).sum())(x)
     torch.testing.assert_close(g, 1 - x.tanh() ** 2)
     assert twin_calls == ["tanh"]
+
+
+def test_a_functional_passing_out_none_is_routed_and_a_real_out_is_not():
+    # F.normalize hands its explicit out=None on to __torch_function__: that is no out= at all
+    x = torch.randn(3, 4, requires_grad=True)
+    with enable():
+        y = F.normalize(x, dim=1)
+    assert type(y.grad_fn).__name__ == "NormalizeFunctionBackward"
+    torch.testing.assert_close(y, F.normalize(x, dim=1))
+    out = torch.empty(3, 4)
+    with enable():
+        F.normalize(x.detach(), dim=1, out=out)  # torch's out= path: writes into out
+    torch.testing.assert_close(out, F.normalize(x.detach(), dim=1))
