@@ -84,7 +84,17 @@ class GRUCell(torch.nn.GRUCell):
 # ---------------------------------------------------------------------------------------------
 # the layers
 
-def _run_layers(module, x, batch_sizes, h0, c0):
+def _onednn_lstm(module, input, packed):
+    """Whether torch runs this LSTM call on oneDNN (RNN.cpp ``use_mkldnn``): a padded, non-empty CPU
+    float32 / bfloat16 input, no projections, oneDNN built and enabled. Under CPU autocast that
+    path is cast whole to bfloat16 (states included); the per-step path casts only the matmul
+    operands."""
+    return (isinstance(module, torch.nn.LSTM) and not packed and module.proj_size == 0
+            and input.device.type == "cpu" and input.dtype in (torch.float32, torch.bfloat16)
+            and input.numel() != 0 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _run_layers(module, x, batch_sizes, h0, c0, onednn=False):
     """Every layer and direction over x (N, I) in the packed layout: (y (N, D P), h_n, c_n or None)."""
     directions = 2 if module.bidirectional else 1
     lstm_mode = isinstance(module, torch.nn.LSTM)
@@ -97,7 +107,7 @@ def _run_layers(module, x, batch_sizes, h0, c0):
             w += [getattr(module, f"bias_ih{sfx}"), getattr(module, f"bias_hh{sfx}")] if module.bias else [None, None]
             if lstm_mode:
                 w_hr = getattr(module, f"weight_hr{sfx}") if module.proj_size > 0 else None
-                y, h, c = lstm(x, batch_sizes, d == 1, h0[k], c0[k], *w, w_hr)
+                y, h, c = lstm(x, batch_sizes, d == 1, h0[k], c0[k], *w, w_hr, onednn=onednn)
                 cs.append(c)
             elif isinstance(module, torch.nn.GRU):
                 y, h = gru(x, batch_sizes, d == 1, h0[k], *w)
@@ -164,7 +174,8 @@ def _forward(module, input, hx):
         steps = seq.size(0)
         if steps == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # torch's message
-        y, h_n, c_n = _run_layers(module, seq.reshape(steps * batch, seq.size(2)), (batch,) * steps, h0, c0)
+        y, h_n, c_n = _run_layers(module, seq.reshape(steps * batch, seq.size(2)), (batch,) * steps, h0, c0,
+                                  _onednn_lstm(module, input, packed))
         output = y.view(steps, batch, y.size(1))
         if module.batch_first:
             output = output.transpose(0, 1)

@@ -26,10 +26,17 @@ recorded (create_graph) it recomputes them from x, h0 and the outputs, which are
 pre-activations of all steps in two products (h_{t-1} is y of the previous step or h0), and the
 LSTM cell states by their (elementwise) recurrence. vmap: ``generate_vmap_rule`` (every op here
 is a torch op with a batching rule).
+
+Autocast follows torch's CPU code paths, which differ (see ``_apply_autocast``): the matmul
+operands (x, the weights) may arrive in bfloat16 while the states h0, c0 stay float32. Then
+every product runs in the weights' dtype (the states are cast to it where they enter one, as
+torch's per-step cells do) and the elementwise state updates promote: the gates are bfloat16,
+an LSTM's c and a GRU's h float32. Without autocast every dtype is the same and the casts are
+no-ops.
 """
 import torch
 
-from ._apply import LOWER, apply
+from ._apply import INPUT, LOWER, apply, autocast_on
 from .linear import linear_forward
 
 
@@ -81,6 +88,25 @@ def _bias_sum(b_ih, b_hh):
     return b_ih if b_hh is None else b_ih + b_hh
 
 
+def _apply_autocast(fn, args, lowered):
+    """apply(fn, *args) with torch's CPU autocast dtypes for a recurrent layer.
+
+    torch's CPU LSTM, GRU and RNN (outside oneDNN) are not on autocast's lists: they run per-step
+    cells whose linear/matmul calls are autocast, so x and the weights compute in the autocast
+    dtype and the states keep theirs. Under autocast the arguments at positions ``lowered`` (the
+    matmul operands, or every tensor for a path torch casts whole) are cast to the autocast dtype
+    and the Function runs with autocast off. On other devices torch's fused kernels are cast whole.
+    """
+    device = args[0].device.type
+    if not autocast_on(device):
+        return apply(fn, *args)
+    dtype = torch.get_autocast_dtype(device)
+    args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and (k in lowered or device != "cpu")
+            else a for k, a in enumerate(args)]
+    with torch.autocast(device, enabled=False):
+        return apply(fn, *args)
+
+
 def _tangent_proj(x, dx, w, dw, db=None):
     """Tangent of x W^T + b: dx W^T + x dW^T + db, skipping absent tangents (None if all are)."""
     out = _sum(None if dx is None else dx.mm(w.t()), None if dw is None else x.mm(dw.t()))
@@ -129,7 +155,7 @@ def lstm_forward(x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     ys, acts, cs = [], [], []
     for rows, n in _steps(batch_sizes, reverse):
         # pre-activations: gi_t + h W_hh^T                 (n, 4H)
-        a = torch.addmm(gi[rows], h[:n], w_hh.t())
+        a = torch.addmm(gi[rows], h[:n].to(w_hh.dtype), w_hh.t())
         g = a[:, 2 * H: 3 * H].tanh()
         act = a.sigmoid_()
         act[:, 2 * H: 3 * H] = g  # i, f, g, o             (n, 4H)
@@ -139,7 +165,7 @@ def lstm_forward(x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         # h' = o tanh(c')  (W_hr^T with proj_size)         (n, P)
         h_t = o * c_t.tanh()
         if w_hr is not None:
-            h_t = h_t.mm(w_hr.t())
+            h_t = h_t.to(w_hr.dtype).mm(w_hr.t())
         ys.append(h_t), acts.append(act), cs.append(c_t)
         h, c = _merge(h_t, h, n), _merge(c_t, c, n)
     return (_in_time_order(ys, reverse), h, c, _in_time_order(acts, reverse), _in_time_order(cs, reverse))
@@ -149,7 +175,8 @@ def _lstm_recompute(x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y):
     """The gate activations and cell states, as differentiable functions of the inputs and y."""
     H = w_hh.shape[0] // 4
     # all pre-activations at once: h_{t-1} is y of the previous step (or h0)     (N, 4H)
-    a = linear_forward(x, w_ih, b_ih) + linear_forward(_previous(y, h0, batch_sizes, reverse), w_hh, b_hh)
+    h_prev = _previous(y, h0, batch_sizes, reverse).to(w_hh.dtype)
+    a = linear_forward(x, w_ih, b_ih) + linear_forward(h_prev, w_hh, b_hh)
     act = torch.cat([a[:, :2 * H].sigmoid(), a[:, 2 * H: 3 * H].tanh(), a[:, 3 * H:].sigmoid()], 1)
     c, cs = c0, []
     for rows, n in _steps(batch_sizes, reverse):
@@ -180,23 +207,23 @@ def lstm_backward(dy, dh_n, dc_n, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w
         if w_hr is not None:
             dhs.append(dh_t)
             # through the projection: dh_t W_hr             (n, H)
-            dh_t = dh_t.mm(w_hr)
+            dh_t = dh_t.to(w_hr.dtype).mm(w_hr)
         # dc_t = dc carried + dh_t k_t                      (n, H)
         dc_t = dc[:n] + dh_t * k[rows]
-        # [di, df, dg, do] = [dc_t, dc_t, dc_t, dh_t] m_t    (n, 4H)
-        da = torch.cat([dc_t, dc_t, dc_t, dh_t], 1) * m[rows]
+        # [di, df, dg, do] = [dc_t, dc_t, dc_t, dh_t] m_t    (n, 4H)  in the gates' dtype
+        da = (torch.cat([dc_t, dc_t, dc_t, dh_t], 1) * m[rows]).to(act.dtype)
         dgates.append(da)
         # dh_{t-1} = da W_hh,  dc_{t-1} = dc_t f            (n, P), (n, H)
         dh, dc = _merge(da.mm(w_hh), dh, n), _merge(dc_t * f[rows], dc, n)
     dgates = _in_time_order(dgates[::-1], reverse)  #                         (N, 4H)
     # dx = dG W_ih                                          (N, I)
     dx = dgates.mm(w_ih) if needs[0] else None
-    h_prev = _previous(y, h0, batch_sizes, reverse) if needs[4] else None
+    h_prev = _previous(y, h0, batch_sizes, reverse).to(w_hh.dtype) if needs[4] else None
     dw_ih, dw_hh, db_ih, db_hh = _weight_grads(dgates, dgates, x, h_prev, needs[:1] + needs[3:7])
     dw_hr = None
     if w_hr is not None and needs[7]:
         # dW_hr = dH^T (o tanh c) over all steps            (P, H)
-        dw_hr = _in_time_order(dhs[::-1], reverse).t().mm(o * tanh_c)
+        dw_hr = _in_time_order(dhs[::-1], reverse).t().to(w_hr.dtype).mm((o * tanh_c).to(w_hr.dtype))
     return (dx, dh if needs[1] else None, dc if needs[2] else None, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
 
 
@@ -204,7 +231,8 @@ def lstm_jvp(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, x, batch_sizes, re
              w_ih, w_hh, w_hr, y, act, cs):
     """Forward mode: the tangents of y, h_n, c_n, linearizing each step around the saved one."""
     H = w_hh.shape[0] // 4
-    h_prev, c_prev, tanh_c = _previous(y, h0, batch_sizes, reverse), _previous(cs, c0, batch_sizes, reverse), cs.tanh()
+    h_prev = _previous(y, h0, batch_sizes, reverse).to(w_hh.dtype)
+    c_prev, tanh_c = _previous(cs, c0, batch_sizes, reverse), cs.tanh()
     # every term that does not carry the state's tangent, for all steps at once:
     #   dx W_ih^T + x dW_ih^T + db_ih + db_hh + h_{t-1} dW_hh^T               (N, 4H)
     da_in = _sum(_tangent_proj(x, dx, w_ih, dw_ih, _sum(db_ih, db_hh)), _tangent_proj(h_prev, None, w_hh, dw_hh))
@@ -213,7 +241,8 @@ def lstm_jvp(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, x, batch_sizes, re
     dys = []
     for rows, n in _steps(batch_sizes, reverse):
         # da = (terms above) + dh_{t-1} W_hh^T               (n, 4H)
-        da = dh[:n].mm(w_hh.t()) if da_in is None else torch.addmm(da_in[rows], dh[:n], w_hh.t())
+        dh_prev = dh[:n].to(w_hh.dtype)
+        da = dh_prev.mm(w_hh.t()) if da_in is None else torch.addmm(da_in[rows], dh_prev, w_hh.t())
         i, f, g, o = act[rows].chunk(4, 1)
         da_i, da_f, da_g, da_o = da.chunk(4, 1)
         # dc_t = df c_{t-1} + f dc_{t-1} + di g + i dg, with df = da_f f (1 - f) ...   (n, H)
@@ -223,7 +252,8 @@ def lstm_jvp(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, x, batch_sizes, re
         dh_t = da_o * o * (1 - o) * tc + o * (1 - tc * tc) * dc_t
         if w_hr is not None:
             # (projection) dh_t W_hr^T + (o tanh c_t) dW_hr^T    (n, P)
-            dh_t = _sum(dh_t.mm(w_hr.t()), None if dw_hr is None else (o * tc).mm(dw_hr.t()))
+            out = (o * tc).to(w_hr.dtype)
+            dh_t = _sum(dh_t.to(w_hr.dtype).mm(w_hr.t()), None if dw_hr is None else out.mm(dw_hr.t()))
         dys.append(dh_t)
         dh, dc = _merge(dh_t, dh, n), _merge(dc_t, dc, n)
     return _in_time_order(dys, reverse), dh, dc
@@ -233,7 +263,7 @@ class LSTMFunction(torch.autograd.Function):
     """(x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) -> y, h_n, c_n (+ the saved
     gate activations and cell states, outputs only so that setup_context and jvp can see them)."""
 
-    autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list has lstm)
+    autocast = INPUT  # autocast: the dtypes lstm() casts to, torch's per code path (_apply_autocast)
     generate_vmap_rule = True
 
     @staticmethod
@@ -268,9 +298,13 @@ class LSTMFunction(torch.autograd.Function):
         return dy, dh_n, dc_n, None, None
 
 
-def lstm(x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
-    """One LSTM layer, one direction, over a whole sequence: y (N, P), h_n (B, P), c_n (B, H)."""
-    y, h_n, c_n, _, _ = apply(LSTMFunction, x, tuple(batch_sizes), reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+def lstm(x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, onednn=False):
+    """One LSTM layer, one direction, over a whole sequence: y (N, P), h_n (B, P), c_n (B, H).
+
+    ``onednn``: the layer is on torch's oneDNN path (a padded LSTM without projections), which CPU
+    autocast casts whole, states included; otherwise only x and the weights are cast."""
+    args = (x, tuple(batch_sizes), reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    y, h_n, c_n, _, _ = _apply_autocast(LSTMFunction, args, range(10) if onednn else (0, 5, 6, 7, 8, 9))
     return y, h_n, c_n
 
 
@@ -287,7 +321,7 @@ def gru_forward(x, batch_sizes, reverse, h0, w_ih, w_hh, b_ih, b_hh):
     for rows, n in _steps(batch_sizes, reverse):
         hp = h[:n]
         # h W_hh^T + b_hh                                  (n, 3H)
-        gh = linear_forward(hp, w_hh, b_hh)
+        gh = linear_forward(hp.to(w_hh.dtype), w_hh, b_hh)
         gi_t = gi[rows]
         # r, z = sigmoid(gi + gh) on the first 2H columns  (n, 2H)
         rz = (gi_t[:, : 2 * H] + gh[:, : 2 * H]).sigmoid()
@@ -305,7 +339,7 @@ def _gru_recompute(x, batch_sizes, reverse, h0, w_ih, w_hh, b_ih, b_hh, y):
     """(r, z, n, hn) of every step, all steps at once from y (h_{t-1} is y of the previous step)."""
     H = w_hh.shape[0] // 3
     gi = linear_forward(x, w_ih, b_ih)
-    gh = linear_forward(_previous(y, h0, batch_sizes, reverse), w_hh, b_hh)
+    gh = linear_forward(_previous(y, h0, batch_sizes, reverse).to(w_hh.dtype), w_hh, b_hh)
     rz = (gi[:, : 2 * H] + gh[:, : 2 * H]).sigmoid()
     nt = (gi[:, 2 * H:] + rz[:, :H] * gh[:, 2 * H:]).tanh()
     return torch.cat([rz, nt, gh[:, 2 * H:]], 1)
@@ -329,14 +363,15 @@ def gru_backward(dy, dh_n, x, batch_sizes, reverse, h0, w_ih, w_hh, y, saved, ne
         # dh_t = dy_t + dh carried from the step after     (n, H)
         dh_t = dy[rows] + dh[:n]
         # gate gradients of the input projection [da_r, da_z, da_n] and the hidden one  (n, 3H)
-        dgi_t = torch.cat([dh_t, dh_t, dh_t], 1) * m[rows]
+        dgi_t = (torch.cat([dh_t, dh_t, dh_t], 1) * m[rows]).to(saved.dtype)  # in the gates' dtype
         dgh_t = dgi_t * scale_h[rows]
         dgi.append(dgi_t), dgh.append(dgh_t)
         # dh_{t-1} = dh_t z + dGh W_hh                        (n, H)
-        dh = _merge(torch.addmm(dh_t * z[rows], dgh_t, w_hh), dh, n)
+        dh = _merge(dh_t * z[rows] + dgh_t.mm(w_hh), dh, n)
     dgi, dgh = _in_time_order(dgi[::-1], reverse), _in_time_order(dgh[::-1], reverse)  # (N, 3H) each
     # dx = dGi W_ih                                       (N, I)
     dx = dgi.mm(w_ih) if needs[0] else None
+    h_prev = h_prev.to(w_hh.dtype)
     return (dx, dh if needs[1] else None) + _weight_grads(dgi, dgh, x, h_prev, needs[:1] + needs[2:])
 
 
@@ -345,12 +380,13 @@ def gru_jvp(dx, dh0, dw_ih, dw_hh, db_ih, db_hh, x, batch_sizes, reverse, h0, w_
     h_prev = _previous(y, h0, batch_sizes, reverse)
     # tangents of the projections without the state's tangent, all steps at once      (N, 3H)
     dgi = _tangent_proj(x, dx, w_ih, dw_ih, db_ih)
-    dgh_in = _tangent_proj(h_prev, None, w_hh, dw_hh, db_hh)
+    dgh_in = _tangent_proj(h_prev.to(w_hh.dtype), None, w_hh, dw_hh, db_hh)
     dh, dys = (torch.zeros_like(h0) if dh0 is None else dh0), []
     for rows, n in _steps(batch_sizes, reverse):
         r, z, nt, hn = saved[rows].chunk(4, 1)
         # dGh = (terms above) + dh_{t-1} W_hh^T              (n, 3H)
-        dgh = dh[:n].mm(w_hh.t()) if dgh_in is None else torch.addmm(dgh_in[rows], dh[:n], w_hh.t())
+        dh_prev = dh[:n].to(w_hh.dtype)
+        dgh = dh_prev.mm(w_hh.t()) if dgh_in is None else torch.addmm(dgh_in[rows], dh_prev, w_hh.t())
         dgi_t = torch.zeros_like(dgh) if dgi is None else dgi[rows]
         # dr, dz = (dGi + dGh) s (1 - s)                      (n, H) each
         dr = (dgi_t[:, :H] + dgh[:, :H]) * r * (1 - r)
@@ -367,7 +403,7 @@ def gru_jvp(dx, dh0, dw_ih, dw_hh, db_ih, db_hh, x, batch_sizes, reverse, h0, w_
 class GRUFunction(torch.autograd.Function):
     """(x, batch_sizes, reverse, h0, w_ih, w_hh, b_ih, b_hh) -> y, h_n (+ the saved gates)."""
 
-    autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list has gru)
+    autocast = INPUT  # autocast: the dtypes gru() casts to, torch's per-step cells' (_apply_autocast)
     generate_vmap_rule = True
 
     @staticmethod
@@ -404,7 +440,8 @@ class GRUFunction(torch.autograd.Function):
 
 def gru(x, batch_sizes, reverse, h0, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU layer, one direction, over a whole sequence: y (N, H), h_n (B, H)."""
-    y, h_n, _ = apply(GRUFunction, x, tuple(batch_sizes), reverse, h0, w_ih, w_hh, b_ih, b_hh)
+    args = (x, tuple(batch_sizes), reverse, h0, w_ih, w_hh, b_ih, b_hh)
+    y, h_n, _ = _apply_autocast(GRUFunction, args, (0, 4, 5, 6, 7))  # x and the weights
     return y, h_n
 
 
