@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as TF
 
 import manualgrad.functional as F
+from manualgrad.testing import saved_bytes
 
 
 def cases():
@@ -45,6 +46,20 @@ def cases():
 
     def pool_inputs(shape):
         return lambda: (torch.randn(shape, requires_grad=True),)
+
+    def grid_inputs():
+        theta = torch.eye(2, 3).expand(16, 2, 3) + 0.1 * torch.randn(16, 2, 3)
+        grid = TF.affine_grid(theta, (16, 32, 32, 32), align_corners=False)
+        return (torch.randn(16, 32, 32, 32, requires_grad=True), grid.requires_grad_())
+
+    g = torch.Generator().manual_seed(0)
+    ctc_targets = (torch.randint(1, 30, (8, 20), generator=g), torch.full((8,), 100), torch.full((8,), 20))
+
+    def ctc_inputs():
+        return (torch.randn(100, 8, 30).log_softmax(2).detach().requires_grad_(),)
+
+    bag_idx = torch.randint(0, 100_000, (4096 * 20,), generator=g)
+    bag_off = torch.arange(0, 4096 * 20, 20)
 
     def conv(x_shape, w_shape, x_grad=True):
         # the ResNet's convolutions (benchmarks/bench_blocks.py); the stem's input needs no gradient
@@ -86,7 +101,7 @@ def cases():
         ("pad reflect 3 (8,3,128,128)", lambda x: F.pad(x, (3, 3, 3, 3), "reflect"),
          lambda x: TF.pad(x, (3, 3, 3, 3), "reflect"), pool_inputs((8, 3, 128, 128))),
         # a DCGAN generator's middle layer (ConvTranspose2d(128, 64, 4, 2, 1)) and a 3-D CNN's
-        # conv and pooling (not yet measured: this session had no CPU for benchmarks)
+        # conv and pooling
         ("conv_transpose2d 128->64 4x4 s2 (32,128,8,8)",
          lambda x, w: F.conv_transpose2d(x, w, stride=2, padding=1),
          lambda x, w: TF.conv_transpose2d(x, w, stride=2, padding=1), conv((32, 128, 8, 8), (128, 64, 4, 4))),
@@ -94,6 +109,27 @@ def cases():
          lambda x, w: TF.conv3d(x, w, padding=1), conv((8, 16, 16, 16, 16), (32, 16, 3, 3, 3))),
         ("max_pool3d 2 (8,32,16,16,16)", lambda x: F.max_pool3d(x, 2), lambda x: TF.max_pool3d(x, 2),
          pool_inputs((8, 32, 16, 16, 16))),
+        # a U-Net decoder's upsampling and a spatial transformer's sampler
+        ("interpolate bilinear x2 (16,64,32,32)",
+         lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False),
+         lambda x: TF.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False),
+         pool_inputs((16, 64, 32, 32))),
+        ("interpolate nearest x2 (16,64,32,32)", lambda x: F.interpolate(x, scale_factor=2),
+         lambda x: TF.interpolate(x, scale_factor=2), pool_inputs((16, 64, 32, 32))),
+        ("grid_sample bilinear (16,32,32,32)", lambda x, g: F.grid_sample(x, g, align_corners=False),
+         lambda x, g: TF.grid_sample(x, g, align_corners=False), grid_inputs),
+        ("instance_norm affine (16,64,32,32)", lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+         lambda x, w, b: TF.instance_norm(x, weight=w, bias=b), bn_inputs((16, 64, 32, 32))),
+        # the rest of torch.nn: a speech model's loss, a recommender's bags, PReLU, contrastive heads
+        ("ctc_loss T=100 N=8 C=30 S=20", lambda lp: F.ctc_loss(lp, *ctc_targets),
+         lambda lp: TF.ctc_loss(lp, *ctc_targets), ctc_inputs),
+        ("embedding_bag sum (100k,64) 4096 bags", lambda w: F.embedding_bag(bag_idx, w, bag_off, mode="sum"),
+         lambda w: TF.embedding_bag(bag_idx, w, bag_off, mode="sum"), lambda: (torch.randn(100_000, 64, requires_grad=True),)),
+        ("prelu 64 channels (32,64,32,32)", lambda x, w: F.prelu(x, w), lambda x, w: TF.prelu(x, w),
+         lambda: (torch.randn(32, 64, 32, 32, requires_grad=True), torch.full((64,), 0.25, requires_grad=True))),
+        ("normalize + cosine_similarity (4096,256)", lambda a, b: F.cosine_similarity(F.normalize(a), b),
+         lambda a, b: TF.cosine_similarity(TF.normalize(a), b),
+         lambda: (torch.randn(4096, 256, requires_grad=True), torch.randn(4096, 256, requires_grad=True))),
     ]
 
 
@@ -117,7 +153,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"{'op':34s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>7s}")
+    print(f"{'op':42s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>7s} {'saved, ours/torch':>18s}")
     for name, ours, ref, make in cases():
         if args.only and args.only not in name:
             continue
@@ -132,7 +168,10 @@ def main():
             to.append(_time(ours, inputs, dy, args.backward_only))
             tt.append(_time(ref, inputs, dy, args.backward_only))
         mo, mt = statistics.median(to), statistics.median(tt)
-        print(f"{name:34s} {mo * 1e3:9.2f} {mt * 1e3:9.2f} {mo / mt:7.2f}")
+        # unique bytes saved for backward, the inputs themselves left out (they exist anyway)
+        so, st = (saved_bytes(f, *inputs, exclude=inputs)[0] for f in (ours, ref))
+        saved = f"{so / st:.2f}" if st else ("0 / 0" if so == 0 else f"{so} B / 0")
+        print(f"{name:42s} {mo * 1e3:9.2f} {mt * 1e3:9.2f} {mo / mt:7.2f} {saved:>18s}")
 
 
 if __name__ == "__main__":
