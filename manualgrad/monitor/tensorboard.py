@@ -77,8 +77,14 @@ def split_tag(tag_):
 
 
 def layer_dir(logdir, name):
-    """The directory of module ``name``'s run: ``<logdir>/layers/<name percent-encoded>``."""
-    return os.path.join(logdir, LAYERS, urllib.parse.quote(name, safe=""))
+    """The directory of module ``name``'s run: ``<logdir>/layers/<name percent-encoded>``.
+    (``named_modules`` names are never ``.`` or ``..``; should one be, its dots are encoded too.)"""
+    if not name:
+        raise ValueError("a module's run needs a non-empty name")
+    d = urllib.parse.quote(name, safe="")
+    if d in (".", ".."):
+        d = d.replace(".", "%2E")
+    return os.path.join(logdir, LAYERS, d)
 
 
 def layer_name(dirname):
