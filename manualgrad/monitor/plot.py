@@ -66,6 +66,7 @@ def draw_run(logdir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     scalars = read_scalars(logdir)
     if not scalars:
@@ -77,7 +78,9 @@ def draw_run(logdir):
     names = sorted({n for s in shown for n in per_stat[s]}, key=natural_key)
     colour = layer_colours(names)
 
-    fig, axes = plt.subplots(len(shown) + 1, 1, figsize=(10, 3.4 * (len(shown) + 1)), constrained_layout=True)
+    rows = len(shown) + bool(dead)
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 3.4 * rows), constrained_layout=True, squeeze=False)
+    axes = axes[:, 0]
     for ax, stat in zip(axes, shown):
         ylabel, log, title = PANELS[stat]
         for name, (steps, values) in per_stat[stat].items():
@@ -89,14 +92,15 @@ def draw_run(logdir):
         if stat == "noise/B_simple" and stat in scalars:
             ax.plot(*scalars[stat], color="k", linestyle="--", label="whole model")
         ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         if log and ax.lines:
             ax.set_yscale("log")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(title="layer", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
                       ncol=1 + len(names) // 16)
 
-    ax = axes[-1]
     if dead:
+        ax = axes[-1]
         dnames = list(dead)
         steps = sorted({s for st, _ in dead.values() for s in st})
         col = {s: i for i, s in enumerate(steps)}
@@ -112,8 +116,7 @@ def draw_run(logdir):
         fig.colorbar(im, ax=ax, label="fraction of dead units")
         ax.set(xlabel="step", title="dead units (zero for the whole batch)")
     else:
-        ax.axis("off")
-        ax.set_title("dead units: not logged (run with activations=True)")
+        fig.supxlabel("dead units: not logged (run with activations=True)", fontsize="small")
     return fig
 
 
