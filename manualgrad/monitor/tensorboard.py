@@ -17,7 +17,9 @@ colour, named ``layers/<dir>`` in the legend. ``<dir>`` is the module name perce
 (``urllib.parse.quote(name, safe="")``: letters, digits and ``_.-~`` are kept, so ``blocks.0.attn``
 stays as it is and ``a/b`` becomes ``a%2Fb``); ``layer_name`` maps it back. Global statistics
 and histograms stay in the writer's own run. A writer without a log directory (no
-``get_logdir``) gets the flat tags above in its own run.
+``get_logdir``) gets the flat tags above in its own run. The layer runs reach the disk within
+about a second of a logging step (``min(flush_secs, 1 s)``), and at ``GradientMonitor.close()``,
+when the writer is collected, or when the interpreter exits.
 
 ``read_run(logdir)`` reads either layout back under the flat tags.
 """
@@ -67,10 +69,10 @@ def tag(stat, name):
     return f"{stat}/{name}"
 
 
-def split_tag(tag_):
+def split_tag(tag_, _stats=None):
     """``"<stat>/<name>"`` with ``stat`` a key of MODULE_STATS -> (stat, name); None for any
     other tag. The longest matching key wins (a module name may itself contain '/')."""
-    for stat in sorted(MODULE_STATS, key=len, reverse=True):
+    for stat in _stats or sorted(MODULE_STATS, key=len, reverse=True):
         if tag_.startswith(stat + "/") and len(tag_) > len(stat) + 1:
             return stat, tag_[len(stat) + 1 :]
     return None
@@ -96,9 +98,10 @@ def write_scalars(writer, step, tags, values):
     """``values`` is a list of Python floats, one per tag. Module statistics (``"<stat>/<name>"``,
     ``stat`` a key of MODULE_STATS) go to the module's run as ``<stat>``, the rest to ``writer``."""
     runs = _layer_runs(writer)
+    stats = sorted(MODULE_STATS, key=len, reverse=True)
     per_layer = {}
     for t, v in zip(tags, values):
-        split = split_tag(t) if runs is not None else None
+        split = split_tag(t, stats) if runs is not None else None
         if split is None:
             writer.add_scalar(t, v, global_step=step)
         else:
@@ -108,7 +111,8 @@ def write_scalars(writer, step, tags, values):
 
 
 def flush_layer_runs(writer):
-    """Write out what the layer runs of ``writer`` hold (they flush every ``flush_secs`` anyway)."""
+    """Write out what the layer runs of ``writer`` hold now (a write does it at most a second
+    after the previous one, close_layer_runs and the interpreter's exit do it too)."""
     runs = _RUNS.get(writer)
     if runs is not None:
         runs.flush()
@@ -119,7 +123,7 @@ def close_layer_runs(writer):
     write opens new event files next to the old ones; TensorBoard reads them all."""
     runs = _RUNS.pop(writer, None)
     if runs is not None:
-        runs.close()
+        runs.finalize()  # runs.close(), once
 
 
 _RUNS = weakref.WeakKeyDictionary()  # writer -> its _LayerRuns, made at the first module statistic
@@ -132,6 +136,9 @@ def _layer_runs(writer):
         if get_logdir is None:
             return None
         runs = _RUNS[writer] = _LayerRuns(get_logdir(), getattr(writer, "flush_secs", 120))
+        # closed with the monitor, or else when the writer is collected or the interpreter exits
+        # (a script that closes its writer but not the monitor still gets every layer's last values)
+        runs.finalize = weakref.finalize(writer, runs.close)
     return runs
 
 
@@ -140,10 +147,13 @@ class _LayerRuns:
 
     Written from the calling thread (no writer thread per layer, as a SummaryWriter per layer
     would start): each write is one Event holding all of a module's statistics at that step,
-    kept in memory and appended to the file every ``flush_secs`` seconds and on ``flush``.
+    kept in memory and appended to the files by the first write ``min(flush_secs, max_delay)``
+    seconds after the previous flush (a live dashboard lags by little more than the logging
+    interval), and on ``flush`` and ``close``.
     """
 
     _uid = itertools.count()
+    max_delay = 1.0  # seconds
 
     def __init__(self, logdir, flush_secs):
         self.logdir, self.flush_secs = logdir, flush_secs
@@ -157,7 +167,7 @@ class _LayerRuns:
             self._open(name)
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in pairs])
         self._record(name, event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-        if time.monotonic() - self._last_flush > self.flush_secs:
+        if time.monotonic() - self._last_flush >= min(self.flush_secs, self.max_delay):
             self.flush()
 
     def _open(self, name):
@@ -189,6 +199,7 @@ class _LayerRuns:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._pending.clear()
 
 
 class _Collect:

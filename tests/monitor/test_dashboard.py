@@ -1,8 +1,12 @@
 """The dashboard: one TensorBoard run per layer (TensorBoard colours lines by run, so each layer
 gets its own colour and legend entry), the custom-scalars layout over those runs, the runs read
 back under the flat tags ``<stat>/<name>``, and ``python -m manualgrad.monitor.plot``'s picture."""
+import math
 import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,8 +127,9 @@ def test_writer_without_a_log_directory_gets_the_flat_tags():
     assert {f"{s}/{n}" for s in MODULE_TAGS for n in LINEARS} | {"global/grad_norm"} <= writer.tags
 
 
-def test_layer_runs_are_written_out_when_the_monitor_closes(tmp_path):
-    # flush_secs is long: what the layer runs hold reaches the disk at close(), the writer still open
+def test_layer_runs_are_written_out_when_the_monitor_closes(tmp_path, monkeypatch):
+    # no timed flush: what the layer runs hold reaches the disk at close(), the writer still open
+    monkeypatch.setattr(tb._LayerRuns, "max_delay", math.inf)
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = SummaryWriter(tmp_path, flush_secs=3600)
@@ -135,6 +140,37 @@ def test_layer_runs_are_written_out_when_the_monitor_closes(tmp_path):
     assert sorted(scalar(read(tmp_path), "grad/norm/0")) == [0, 1, 2]
     assert sorted(scalar(read(tmp_path), "update/ratio/4")) == [0, 1, 2]
     writer.close()
+
+
+def test_layer_runs_are_on_disk_during_training_after_the_flush_delay(tmp_path, monkeypatch):
+    monkeypatch.setattr(tb._LayerRuns, "max_delay", 0.0)  # every write is past the delay
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = SummaryWriter(tmp_path, flush_secs=3600)
+    with GradientMonitor(model, writer, optimizer=opt, every=1):
+        sgd_steps(model, opt, 2)
+        assert sorted(scalar(read(tmp_path), "grad/norm/0")) == [0, 1]  # the monitor still open
+    writer.close()
+
+
+def test_a_script_that_never_closes_the_monitor_still_writes_every_layer_value(tmp_path):
+    script = f"""
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from manualgrad.monitor import GradientMonitor
+from tests.monitor.test_dashboard import sgd_steps
+from tests.monitor.test_monitor import small_mlp
+model = small_mlp()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+writer = SummaryWriter({str(tmp_path)!r}, flush_secs=3600)
+mon = GradientMonitor(model, writer, optimizer=opt, every=1)
+sgd_steps(model, opt, 3)
+writer.close()  # and the monitor is left open
+"""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    subprocess.run([sys.executable, "-c", script], cwd=root, env=env, check=True, timeout=120)
+    assert sorted(scalar(read(tmp_path), "grad/norm/2")) == [0, 1, 2]
 
 
 @pytest.fixture
