@@ -15,11 +15,13 @@ written to a run of their own for each module, ``<logdir>/layers/<dir>/`` (``lay
 the statistic's name alone (``grad/norm``): in a chart every layer is then a line of its own
 colour, named ``layers/<dir>`` in the legend. ``<dir>`` is the module name percent-encoded
 (``urllib.parse.quote(name, safe="")``: letters, digits and ``_.-~`` are kept, so ``blocks.0.attn``
-stays as it is and ``a/b`` becomes ``a%2Fb``); ``layer_name`` maps it back. Global statistics
-and histograms stay in the writer's own run. A writer without a log directory (no
-``get_logdir``) gets the flat tags above in its own run. The layer runs reach the disk within
-about a second of a logging step (``min(flush_secs, 1 s)``), and at ``GradientMonitor.close()``,
-when the writer is collected, or when the interpreter exits.
+stays as it is and ``a/b`` becomes ``a%2Fb``); ``layer_name`` maps it back (on a case-insensitive
+file system two names differing only in case share a run). Global statistics and histograms
+stay in the writer's own run. A writer without a log directory (no ``get_logdir``) gets the flat
+tags above in its own run. The layer runs are appended to at the first logging step
+``min(flush_secs, 1 s)`` or more after the previous append (a live dashboard trails by about a
+second plus one logging interval), and at ``GradientMonitor.close()``, when the writer is
+collected, or when the interpreter exits.
 
 ``read_run(logdir)`` reads either layout back under the flat tags.
 """
