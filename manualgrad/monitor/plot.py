@@ -19,7 +19,7 @@ from . import tensorboard as tb
 PANELS = {
     "grad/norm": ("||g||", True, "gradient L2 norm per layer"),
     "update/ratio": ("||dθ|| / ||θ||", True, "update:data ratio per layer"),
-    "nonfinite": ("count", False, "non-finite values per layer since the previous log"),
+    "nonfinite": ("steps", False, "steps with a non-finite parameter or gradient per layer, since the previous log"),
     "noise/B_simple": ("B_simple", True, "gradient noise scale B_simple = tr(Σ) / |G|² per layer"),
 }
 
