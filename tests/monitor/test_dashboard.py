@@ -52,8 +52,8 @@ def test_each_layer_is_a_run_of_its_own_holding_its_statistics(tmp_path):
             opt.step()
     writer.close()
     assert sorted(os.listdir(tmp_path / "layers")) == LINEARS
-    for n in LINEARS:
-        assert set(raw(tmp_path / "layers" / n)) == MODULE_TAGS, n
+    for n in LINEARS:  # these, and any other module statistic the monitor logs
+        assert MODULE_TAGS <= set(raw(tmp_path / "layers" / n)) <= set(tb.MODULE_STATS), n
     # the writer's own run keeps the global statistics only
     assert {"global/grad_norm", "global/lr/group0", "global/nonfinite"} <= set(raw(tmp_path))
     assert all(t.startswith("global/") for t in raw(tmp_path)), sorted(raw(tmp_path))
