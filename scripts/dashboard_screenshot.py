@@ -28,9 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from manualgrad.monitor import GradientMonitor  # noqa: E402
 
 
-def train(logdir, steps=300, every=5):
-    """A 32-64-64-64-64-10 MLP (5 Linears) on a fixed random teacher, SGD with momentum: the
-    input layers' gradients shrink relative to the output's, so the lines separate."""
+def train(logdir, steps=300, every=5, micro_batches=2):
+    """A 32-64-64-64-64-10 MLP (5 Linears) on a fixed random teacher, SGD with momentum, each
+    step accumulated over two micro-batches of 64 (what the monitor estimates the gradient noise
+    scale from). The layers' gradient norms and update ratios differ, so the lines separate."""
     torch.manual_seed(0)
     widths = [32, 64, 64, 64, 64, 10]
     layers = []
@@ -44,13 +45,17 @@ def train(logdir, steps=300, every=5):
     writer = SummaryWriter(logdir)
     with GradientMonitor(model, writer, optimizer=opt, every=every, hist_every=100):
         for step in range(steps):
-            x = torch.randn(128, 32)
-            y = teacher(x).argmax(1)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
-            loss.backward()
+            total = 0.0
+            for _ in range(micro_batches):
+                x = torch.randn(64, 32)
+                with torch.no_grad():
+                    y = teacher(x).argmax(1)
+                loss = torch.nn.functional.cross_entropy(model(x), y) / micro_batches
+                loss.backward()
+                total += loss.item()
             opt.step()
-            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/loss", total, step)
     writer.close()
 
 
