@@ -95,6 +95,10 @@ def draw_run(logdir):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         if log and ax.lines:
             ax.set_yscale("log")
+        if stat == "nonfinite":  # a count: whole numbers from 0, at least 0..1 shown
+            top = max(1.0, ax.get_ylim()[1])
+            ax.set_ylim(-0.05 * top, top)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(title="layer", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
                       ncol=1 + len(names) // 16)
