@@ -8,7 +8,8 @@
 
 - ``monitor.py``: the hooks and when they run (``GradientMonitor``, ``NonFiniteError``).
 - ``stats.py``: the statistics, computed on the device.
-- ``tensorboard.py``: tags, histograms, the custom-scalars layout.
+- ``tensorboard.py``: tags, one TensorBoard run per layer (``<logdir>/layers/<name>/``), histograms,
+  the custom-scalars layout; ``read_run(logdir)`` reads a run back under the flat tags.
 - ``plot.py``: ``python -m manualgrad.monitor.plot LOGDIR -o out.png``.
 """
 from .monitor import GradientMonitor, NonFiniteError

@@ -464,6 +464,7 @@ class GradientMonitor:
         self._closed = True
         if self.rank == 0:
             self.writer.flush()
+            tb.close_layer_runs(self.writer)  # the per-layer runs beside it are the monitor's: closed
 
     def __enter__(self):
         return self
