@@ -1,0 +1,196 @@
+"""The gradient noise scale and the direction of successive gradients, on logging steps only.
+
+Gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training",
+appendix A.1). With per-sample gradients g_i of mean G and covariance Sigma, the gradient of a
+batch of B samples has E|g_B|^2 = |G|^2 + tr(Sigma) / B. Two batch sizes B_small < B_big give
+two equations, hence the unbiased estimates
+
+    |G|^2     = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
+    tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)
+
+and the simple noise scale B_simple = tr(Sigma) / |G|^2: the batch size above which a larger
+batch stops buying a proportionally larger step. A step already has both sizes when it has K
+micro-batches of b samples on each of R ranks (K R > 1):
+
+    G_small   the gradient of one micro-batch on one rank (B_small = b), seen by a tensor hook on
+              every parameter before it is accumulated into ``.grad`` and before DDP's all-reduce;
+              |G_small|^2 is the mean of the K R squared norms
+    G_big     ``.grad`` at the end of the step's last backward (after DDP's all-reduce, before any
+              unscaling or clipping; B_big = K R b)
+
+Both are taken in the units of that final ``.grad``: micro-batch gradients are multiplied by K,
+as if the loss had been divided by K (the usual accumulation). ``noise/g_sq`` and
+``noise/tr_sigma`` are therefore the true |G|^2 and tr(Sigma) when each micro-batch loss is a
+mean divided by K, K^2 times them when it is not, and S^2 times them under a loss scale S (AMP).
+B_simple is a ratio and depends on none of these factors. One step's estimates are noisy (|G|^2
+can come out negative); as the paper recommends, B_simple is the ratio of exponential moving
+averages of the two over logging steps, and ``noise/g_sq``, ``noise/tr_sigma`` are those
+averages (bias-corrected like Adam's moments).
+
+Cost: nothing on other steps (the hooks exist only during logging steps). On a logging step, one
+squared norm per parameter and micro-batch, one foreach norm of ``.grad`` per backward, and a
+few scalars in the monitor's one all-reduce and one transfer. Not measured for sharded
+parameters (FSDP: the sharded parameter never sees the per-rank gradient) and assumes
+micro-batches of equal size (b is the mean size this rank saw).
+
+Direction stability (``grad/cosine_prev/<name>``): per module, cos(g_t, g_s) between the final
+gradient at this logging step t and at the previous logging step s. It keeps one copy of the
+gradients between logging steps: as much memory as the gradients themselves (this rank's
+shard under FSDP); ``cosine=False`` saves it.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def estimates(g_small_sq, g_big_sq, b_small, b_big):
+    """The unbiased (|G|^2, tr(Sigma)) from squared norms at two batch sizes (any shape)."""
+    # |G|^2 = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
+    g_sq = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
+    # tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big)
+    tr_sigma = (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big)
+    return g_sq, tr_sigma
+
+
+def _first_batch_size(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            return a.shape[0]
+    return None
+
+
+class NoiseScale:
+    """Hooks armed for one logging step; ``sums`` and ``put`` are called from the monitor's ``_log``."""
+
+    def __init__(self, mon, batch_size=None, ema=0.9):
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"noise_ema must be in [0, 1), got {ema}")
+        self.mon, self.batch_size, self.beta = mon, batch_size, float(ema)
+        self._handles = []
+        self._ema_g = self._ema_tr = None  # device 0-dim moving averages
+        self._t = 0  # logging steps averaged
+        self._reset()
+
+    def _reset(self):
+        self._small = []  # (parameter index, |g|^2 of one micro-batch on this rank)
+        self._big = None  # |.grad|^2 per module (+ rest) after the latest backward, weighted across ranks
+        self._backwards = 0  # backward passes seen this step (K)
+        self._sizes = []  # samples per micro-batch seen by the forward
+        self._queued = False
+
+    # -- hooks, registered for a logging step only -------------------------------------------
+
+    def arm(self):
+        if self._handles:
+            return
+        self._reset()
+        for i, p in enumerate(self.mon._params):
+            self._handles.append(p.register_hook(self._grad_hook(i)))
+        if self.batch_size is None:
+            self._handles.append(self.mon.model.register_forward_pre_hook(self._size_hook, with_kwargs=True))
+
+    def disarm(self):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _size_hook(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            b = _first_batch_size(args, kwargs)
+            if b is not None:
+                self._sizes.append(b)
+
+    def _grad_hook(self, i):
+        def hook(grad):
+            # this micro-batch's gradient on this rank, before accumulation and all-reduce
+            self._small.append((i, torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) ** 2))
+            if not self._queued:
+                self._queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._queue_end)
+        return hook
+
+    def _queue_end(self):
+        # Runs after the backward; DDP queues the callback that waits for its all-reduce during
+        # the backward, so a callback queued from here runs after it, on the all-reduced .grad.
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _after_backward(self):
+        self._queued = False
+        self._backwards += 1
+        norms = torch.stack(torch._foreach_norm(self.mon._grads(), 2.0, dtype=torch.float32))
+        self._big = self.mon._across(norms * norms)
+
+    # -- at the logging step -------------------------------------------------------------------
+
+    def _measured(self):
+        b = self.batch_size or (sum(self._sizes) / len(self._sizes) if self._sizes else None)
+        if self._big is None or not self._small or b is None or self._backwards * self.mon.world < 2:
+            return None
+        return b
+
+    def sums(self):
+        """Per-rank sums to add up across ranks: [Σ |G_small|^2 per module, |G_big|^2 per module]."""
+        self.disarm()
+        if self._measured() is None:
+            return []
+        idx = torch.tensor([i for i, _ in self._small], device=self.mon._device)
+        per_param = torch.zeros(len(self.mon._params), device=self.mon._device)
+        per_param.index_add_(0, idx, torch.stack([s for _, s in self._small]))
+        return [self.mon._module_sum(per_param), self._big]
+
+    def put(self, put, reduced):
+        b, K, R = self._measured(), self._backwards, self.mon.world
+        self._reset()
+        if b is None:
+            return
+        small_sum, big = reduced
+        # |G_small|^2: mean over the K R micro-batch gradients, in units of the final .grad (x K^2)
+        g_small_sq = small_sum.sum() / (K * R) * K**2
+        g_sq, tr_sigma = estimates(g_small_sq, big.sum(), b, K * R * b)
+        beta = self.beta
+        if self._ema_g is None:
+            self._ema_g, self._ema_tr = torch.zeros_like(g_sq), torch.zeros_like(tr_sigma)
+        self._ema_g.mul_(beta).add_((1 - beta) * g_sq)
+        self._ema_tr.mul_(beta).add_((1 - beta) * tr_sigma)
+        self._t += 1
+        correction = 1.0 - beta**self._t
+        put("noise/B_simple", None, self._ema_tr / self._ema_g)
+        put("noise/tr_sigma", None, self._ema_tr / correction)
+        put("noise/g_sq", None, self._ema_g / correction)
+
+
+class Direction:
+    """cos(g_t, g_s) per module between successive logging steps."""
+
+    def __init__(self, mon):
+        self.mon = mon
+        self._prev = None  # the gradients at the previous logging step (this rank's pieces)
+        self._prev_sq = None  # their squared norms per module, summed across ranks
+        self._dot = None
+
+    def before_update(self, grads):
+        if self._prev is not None:
+            # <g_t, g_s> per parameter (0 where a .grad appeared or vanished in between)
+            dots = [
+                torch.dot(g.reshape(-1).float(), q.reshape(-1).float()) if g.shape == q.shape else self.mon._zero
+                for g, q in zip(grads, self._prev)
+            ]
+            self._dot = self.mon._across(torch.stack(dots))
+        self._prev = [g.clone() for g in grads]
+
+    def sums(self):
+        return [] if self._dot is None else [self._dot]
+
+    def put(self, put, g_sq, reduced):
+        if reduced:
+            (dot,) = reduced
+            M = self.mon._M
+            # cos = <g_t, g_s> / (|g_t| |g_s|)                                      (M,)
+            put("grad/cosine_prev", self.mon.names, (dot / (g_sq * self._prev_sq).sqrt())[:M])
+        self._prev_sq = g_sq.clone()
+        self._dot = None
+
+    def close(self):
+        self._prev = None
