@@ -72,6 +72,9 @@ def histogram(t):
     [0, 1] with a fixed Python range (histc with its own range would read min/max on the host).
     """
     t = t.detach().flatten().float()
+    if t.numel() == 0:  # an empty FSDP shard: no finite value, nothing is written
+        head = torch.tensor([math.inf, -math.inf, 0.0, 0.0, 0.0], device=t.device)
+        return torch.cat([head, torch.zeros(HIST_BINS, device=t.device)])
     finite = torch.isfinite(t)
     lo = torch.where(finite, t, math.inf).amin()
     hi = torch.where(finite, t, -math.inf).amax()

@@ -1,0 +1,195 @@
+"""GradientMonitor under torch.distributed: 2 gloo processes on CPU against one process.
+
+The processes are started once (torch.multiprocessing.spawn) and run every scenario; rank 0
+writes the event files, every rank saves what the test needs to recompute by hand.
+
+What holds: under DDP (the monitor on the wrapped module) and under FSDP2 (``fully_shard`` on
+every Linear and the root: DTensor parameters and gradients, uneven shards, one of them empty),
+with the batch split between the ranks, every logged per-module gradient norm, max |g|,
+parameter norm, update ratio and the global norm equals the statistic one process logs on the
+whole batch: shards combined as sqrt(sum of squares), replicas counted once. The noise scale
+under DDP comes from the per-rank gradients (and the micro-batches with ``no_sync``) and lands
+on the closed form of linear regression.
+"""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.tensorboard import SummaryWriter
+
+from manualgrad.monitor import GradientMonitor
+from tests.monitor.test_monitor import read, scalar
+from tests.monitor.test_noise_scale import (B_SIMPLE, G_SQ, TR_SIGMA, delta_method_sd, ema, hand_estimates,
+                                            micro_gradient, regression_batch, regression_model)
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch built without the gloo backend")
+WORLD, STEPS, BATCH = 2, 3, 8
+NOISE_STEPS, NOISE_B, NOISE_BETA = 600, 8, 0.99  # logging steps, samples per micro-batch and rank
+EPS = torch.finfo(torch.float32).eps
+# Norms are sums over at most 13 x 11 float32 squares, added in another order (per shard, then
+# across ranks) and of gradients averaged in another order: agreement to rtol 1e-5 (~80 ulps).
+RTOL = 1e-5
+
+
+def mlp():
+    # odd widths: FSDP's dim-0 shards are uneven; the last bias (1 element) leaves rank 1 empty
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.ReLU(), torch.nn.Linear(11, 9), torch.nn.Tanh(),
+                               torch.nn.Linear(9, 1))
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 13, generator=g), torch.randn(BATCH, 1, generator=g)) for _ in range(STEPS)]
+
+
+def train_stats(model, params_model, writer, rank):
+    """SGD with momentum, every step logged; ``rank`` None: the whole batch in this process."""
+    opt = torch.optim.SGD(params_model.parameters(), lr=0.1, momentum=0.9)
+    with GradientMonitor(params_model, writer, optimizer=opt, every=1):
+        for x, y in batches():
+            if rank is not None:
+                x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+
+def train_noise(model, module, writer, rank, K):
+    """Linear regression at a fixed w on this rank's data; returns this rank's micro-batch gradients per step."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    micro = []
+    with GradientMonitor(module, writer, every=1, noise_ema=NOISE_BETA, cosine=False) as mon:
+        for _ in range(NOISE_STEPS):
+            module.zero_grad()
+            grads = []
+            for k in range(K):
+                x, y = regression_batch(NOISE_B, gen)
+                loss = 0.5 * (model(x).squeeze(1) - y).square().mean() / K
+                if k < K - 1:
+                    with model.no_sync():  # accumulate locally; the last backward all-reduces
+                        loss.backward()
+                else:
+                    loss.backward()
+                grads.append(micro_gradient(x, y))
+            micro.append(torch.stack(grads))
+            mon.step()
+    return micro
+
+
+def _worker(rank, port, outdir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    saved = {}
+
+    def writer(name):
+        return SummaryWriter(os.path.join(outdir, name)) if rank == 0 else None
+
+    w = writer("ddp")
+    model = mlp()
+    train_stats(DDP(model), model, w, rank)
+    if w:
+        w.close()
+
+    from torch.distributed.fsdp import fully_shard
+
+    w = writer("fsdp")
+    model = mlp()
+    for i in (0, 2, 4):
+        fully_shard(model[i])
+    fully_shard(model)
+    saved["fsdp_placements"] = {n: (type(p).__name__, str(p.placements), tuple(p.to_local().shape))
+                                for n, p in model.named_parameters()}
+    train_stats(model, model, w, rank)
+    if w:
+        w.close()
+
+    for K in (1, 2):
+        w = writer(f"noise_K{K}")
+        model = regression_model()
+        saved[f"noise_K{K}"] = train_noise(DDP(model), model, w, rank, K)
+        if w:
+            w.close()
+    torch.save(saved, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(the run's directory, [what rank 0 saved, what rank 1 saved])."""
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=True)
+    return outdir, [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The same training in one process on the whole batch."""
+    logdir = tmp_path_factory.mktemp("single")
+    writer = SummaryWriter(logdir)
+    model = mlp()
+    train_stats(model, model, writer, rank=None)
+    writer.close()
+    return read(logdir)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_every_logged_statistic_equals_one_process_on_the_whole_batch(run, single, name):
+    outdir, saved = run
+    ea = read(os.path.join(outdir, name))
+    ours, ref = set(ea.Tags()["scalars"]), set(single.Tags()["scalars"])
+    assert ref <= ours
+    assert ours - ref <= {"noise/B_simple", "noise/tr_sigma", "noise/g_sq"}  # one rank alone has no noise scale
+    stats = [t for t in ref if t.split("/")[0] in ("grad", "param", "update") or t == "global/grad_norm"]
+    assert len(stats) == 6 * 3 + 1  # norm, max_abs, param norm, ratio, log10 ratio, cosine_prev; 3 Linears
+    for tag in sorted(stats):
+        got, want = scalar(ea, tag), scalar(single, tag)
+        assert sorted(got) == sorted(want), tag
+        for step, v in want.items():
+            if tag.startswith("update/ratio"):
+                # ||θ_before - θ_after|| in float32: each difference is off by up to eps |θ_i|,
+                # so the ratio by up to 2 eps on top of the gradient's own rounding
+                tol = dict(rel=RTOL, abs=2 * EPS)
+            elif tag.startswith("update/log10_ratio"):
+                tol = dict(abs=(RTOL + 2 * EPS / 10**v) / math.log(10))
+            else:
+                tol = dict(rel=RTOL, abs=1e-7)
+            assert got[step] == pytest.approx(v, **tol), (tag, step)
+    if name == "fsdp":  # the statistics above did come from DTensor shards, one of them empty
+        placements = saved[1]["fsdp_placements"]
+        assert placements["0.weight"] == ("DTensor", "(Shard(dim=0),)", (5, 13))
+        assert placements["4.bias"] == ("DTensor", "(Shard(dim=0),)", (0,))
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_noise_scale_under_ddp_equals_a_hand_computation_from_every_ranks_gradients(run, K):
+    outdir, saved = run
+    ea = read(os.path.join(outdir, f"noise_K{K}"))
+    # per step, the K micro-batch gradients of both ranks (K R of them, b samples each)
+    micro = [torch.cat([saved[r][f"noise_K{K}"][t] for r in range(WORLD)]) for t in range(NOISE_STEPS)]
+    per_step = hand_estimates(micro, NOISE_B)
+    expected = ema(per_step, NOISE_BETA)
+    checked = range(0, NOISE_STEPS, 50)
+    for tag, col in (("noise/g_sq", 0), ("noise/tr_sigma", 1)):
+        logged = scalar(ea, tag)
+        assert len(logged) == NOISE_STEPS
+        assert [logged[t] for t in checked] == pytest.approx(expected[list(checked), col].tolist(), rel=1e-4, abs=1e-5)
+    # and the closed form, within 4 sd of the ratio of moving averages (delta method)
+    weights = NOISE_BETA ** torch.arange(NOISE_STEPS - 1, -1, -1, dtype=torch.float64)
+    sd = delta_method_sd(per_step, weights, G_SQ, TR_SIGMA)
+    logged = scalar(ea, "noise/B_simple")[NOISE_STEPS - 1]
+    assert sd < 0.15 * B_SIMPLE
+    assert abs(logged - B_SIMPLE) < 4 * sd, (logged, B_SIMPLE, sd)
