@@ -507,10 +507,15 @@ class GradientMonitor:
         return self._module_sum(per_param if self._w is None else per_param * self._w)
 
     def _stats_before_update(self, grads):
-        if self._has_dtensor:
+        if self._has_dtensor:  # the weights w_p came from the parameters' placements
             for p in self._params:
                 if p.grad is not None and stats.is_dtensor(p.grad):
                     stats.check_placements(p.grad)
+                    if p.grad.placements != p.placements:
+                        raise NotImplementedError(
+                            f"GradientMonitor: a gradient placed as {p.grad.placements} for a parameter placed as "
+                            f"{p.placements}; only gradients placed like their parameters are supported"
+                        )
         if self._direction is not None:
             self._direction.before_update(grads)
 

@@ -44,6 +44,11 @@ def mlp():
                                torch.nn.Linear(9, 1))
 
 
+def linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(5, 3)
+
+
 def batches():
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(BATCH, 13, generator=g), torch.randn(BATCH, 1, generator=g)) for _ in range(STEPS)]
@@ -110,6 +115,46 @@ def _worker(rank, port, outdir):
     if w:
         w.close()
 
+    # plain tensors, each rank a disjoint block of rows of every parameter: sharded=True
+    w = writer("sharded_flag")
+    full = mlp()
+    x, y = batches()[0]
+    torch.nn.functional.mse_loss(full(x), y).backward()
+    shard = mlp()
+    for i in (0, 2, 4):
+        for k in ("weight", "bias"):
+            p = getattr(full[i], k)
+            piece = torch.nn.Parameter(p.detach().tensor_split(WORLD)[rank].clone())
+            piece.grad = p.grad.tensor_split(WORLD)[rank].clone()
+            setattr(shard[i], k, piece)
+    with GradientMonitor(shard, w, sharded=True, every=1) as mon:
+        mon.step()
+    if w:
+        w.close()
+
+    # DTensor parameters replicated on every rank (the batch sharded): the weight's gradient
+    # comes out Partial (not supported: it must raise), then made Replicate like the parameter
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    w = writer("replicated")
+    model = linear()
+    distribute_module(model, mesh)
+    x = distribute_tensor(batches()[0][0][:, :5], mesh, [Shard(0)])
+    model(x).square().mean().backward()
+    with GradientMonitor(model, w, every=1) as mon:
+        try:
+            mon.step()
+        except NotImplementedError as e:
+            saved["replicated_error"] = str(e)
+        for p in model.parameters():
+            p.grad = p.grad.redistribute(mesh, [Replicate()])
+        saved["replicated_placements"] = [str(p.grad.placements) for p in model.parameters()]
+        mon.step()
+    if w:
+        w.close()
+
     for K in (1, 2):
         w = writer(f"noise_K{K}")
         model = regression_model()
@@ -172,6 +217,39 @@ def test_every_logged_statistic_equals_one_process_on_the_whole_batch(run, singl
         placements = saved[1]["fsdp_placements"]
         assert placements["0.weight"] == ("DTensor", "(Shard(dim=0),)", (5, 13))
         assert placements["4.bias"] == ("DTensor", "(Shard(dim=0),)", (0,))
+
+
+def one_step_alone(tmp_path, model, loss):
+    """The statistics one process logs for one backward of ``loss(model)`` (no optimizer)."""
+    writer = SummaryWriter(tmp_path)
+    loss(model).backward()
+    with GradientMonitor(model, writer, every=1) as mon:
+        mon.step()
+    writer.close()
+    return read(tmp_path)
+
+
+def assert_same_norms(ea, ref, step=0):
+    tags = [t for t in ref.Tags()["scalars"] if t.split("/")[0] in ("grad", "param") or t == "global/grad_norm"]
+    assert {t.split("/")[0] for t in tags} == {"grad", "param", "global"}
+    for tag in tags:
+        assert scalar(ea, tag)[step] == pytest.approx(scalar(ref, tag)[0], rel=RTOL, abs=1e-7), tag
+
+
+def test_sharded_flag_sums_plain_tensor_shards_across_ranks(run, tmp_path):
+    outdir, _ = run
+    x, y = batches()[0]
+    ref = one_step_alone(tmp_path, mlp(), lambda m: torch.nn.functional.mse_loss(m(x), y))
+    assert_same_norms(read(os.path.join(outdir, "sharded_flag")), ref)
+
+
+def test_replicated_dtensors_count_once_and_partial_gradients_raise(run, tmp_path):
+    outdir, saved = run
+    assert "Partial(sum)" in saved[0]["replicated_error"] and "only Shard and Replicate" in saved[0]["replicated_error"]
+    assert saved[0]["replicated_placements"] == ["(Replicate(),)"] * 2
+    x = batches()[0][0][:, :5]
+    ref = one_step_alone(tmp_path, linear(), lambda m: m(x).square().mean())
+    assert_same_norms(read(os.path.join(outdir, "replicated")), ref)
 
 
 @pytest.mark.parametrize("K", [1, 2])
