@@ -186,3 +186,43 @@ def test_cosine_with_the_previous_logged_gradient_equals_a_hand_computation(tmp_
         for step, prev in ((2, 0), (4, 2)):
             g, q = logged_grads[step][n].double(), logged_grads[prev][n].double()
             assert cos[step] == pytest.approx((g @ q / (g.norm() * q.norm())).item(), rel=1e-5, abs=1e-6)
+
+
+def test_noise_scale_and_cosine_read_nothing_on_the_host_but_the_one_transfer(tmp_path):
+    from torch.overrides import TorchFunctionMode
+
+    syncing = {torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
+               torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.numpy}
+
+    class Count(TorchFunctionMode):
+        # .cpu() stands in for the device-to-host copy; values read from its output are free
+        def __init__(self):
+            super().__init__()
+            self.calls, self.on_host = [], []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in syncing and not any(args[0] is t for t in self.on_host):
+                self.calls.append(func.__name__)
+            if func is torch.Tensor.cpu:
+                self.on_host.append(out)
+            return out
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = SummaryWriter(tmp_path)
+    per_step = []
+    with GradientMonitor(model, writer, optimizer=opt, every=3):
+        for _ in range(7):
+            with Count() as c:  # the whole step: forwards, backwards (the hooks), the update
+                opt.zero_grad()
+                for _ in range(2):
+                    x, y = regression_batch(4, gen)
+                    (0.5 * (model(x).squeeze(1) - y).square().mean() / 2).backward()
+                opt.step()
+            per_step.append(c.calls)
+    writer.close()
+    assert per_step == [["cpu"], [], [], ["cpu"], [], [], ["cpu"]]
+    tags = read(tmp_path).Tags()["scalars"]
+    assert "noise/B_simple" in tags and "grad/cosine_prev/2" in tags  # both were measured
