@@ -492,8 +492,8 @@ class GradientMonitor:
         # w_p: 1 where this rank's piece of parameter p counts in a cross-rank sum (stats.rank_weight)
         w = [stats.rank_weight(p, self.rank, self.world, self.sharded) for p in self._params]
         self._w = None if all(x == 1.0 for x in w) else torch.tensor(w, device=self._device)
-        measurable = not (self._has_dtensor or (self.sharded and self.world > 1))
-        self._noise = noise.NoiseScale(self, batch_size, noise_ema) if noise_scale and measurable else None
+        per_rank = not (self._has_dtensor or (self.sharded and self.world > 1))  # else increments of shards
+        self._noise = noise.NoiseScale(self, batch_size, noise_ema, per_rank) if noise_scale else None
         self._direction = noise.Direction(self) if cosine else None
         if self._noise is not None and self._log_now:
             self._noise.arm()

@@ -18,6 +18,14 @@ micro-batches of b samples on each of R ranks (K R > 1):
     G_big     ``.grad`` at the end of the step's last backward (after DDP's all-reduce, before any
               unscaling or clipping; B_big = K R b)
 
+Sharded parameters (FSDP2's ``fully_shard``, or ``sharded=True``) never see a rank's own
+gradient: FSDP reduce-scatters it (the mean over ranks) into the shard's ``.grad``. There the
+small batch is the increment of ``.grad`` over one backward (B_small = R b: its squared norm is
+summed over the shards like every other statistic), measured from a copy of the shard's
+``.grad`` taken when the backward starts (a tensor hook on the model's output), so it needs K > 1
+micro-batches. A step where a backward ran without reducing (``set_requires_gradient_sync(False)``)
+is skipped: its increments are not the micro-batches'.
+
 Both are taken in the units of that final ``.grad``: micro-batch gradients are multiplied by K,
 as if the loss had been divided by K (the usual accumulation). ``noise/g_sq`` and
 ``noise/tr_sigma`` are therefore the true |G|^2 and tr(Sigma) when each micro-batch loss is a
@@ -29,9 +37,9 @@ averages (bias-corrected like Adam's moments).
 
 Cost: nothing on other steps (the hooks exist only during logging steps). On a logging step, one
 squared norm per parameter and micro-batch, one foreach norm of ``.grad`` per backward, and a
-few scalars in the monitor's one all-reduce and one transfer. Not measured for sharded
-parameters (FSDP: the sharded parameter never sees the per-rank gradient) and assumes
-micro-batches of equal size (b is the mean size this rank saw).
+few scalars in the monitor's one all-reduce and one transfer; with sharded parameters, a copy of
+the shard's gradients during the logging step. Micro-batches are assumed of equal size (b is the
+mean size this rank saw).
 
 Direction stability (``grad/cosine_prev/<name>``): per module, cos(g_t, g_s) between the final
 gradient at this logging step t and at the previous logging step s. It keeps one copy of the
@@ -52,6 +60,24 @@ def estimates(g_small_sq, g_big_sq, b_small, b_big):
     return g_sq, tr_sigma
 
 
+def _first_grad_output(output):
+    for t in torch.utils._pytree.tree_leaves(output):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return t
+    return None
+
+
+def _reduces_gradients(model):
+    """False when an FSDP2 module of ``model`` was told not to reduce (``set_requires_gradient_sync(False)``)."""
+    for m in model.modules():
+        state = getattr(m, "_get_fsdp_state", None)
+        if state is not None:
+            for group in getattr(state(), "_fsdp_param_groups", ()):
+                if not getattr(group, "reduce_grads", True):
+                    return False
+    return True
+
+
 def _first_batch_size(args, kwargs):
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, torch.Tensor) and a.dim() > 0:
@@ -62,12 +88,13 @@ def _first_batch_size(args, kwargs):
 class NoiseScale:
     """Hooks armed for one logging step; ``sums`` and ``put`` are called from the monitor's ``_log``."""
 
-    def __init__(self, mon, batch_size=None, ema=0.9):
+    def __init__(self, mon, batch_size=None, ema=0.9, per_rank=True):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"noise_ema must be in [0, 1), got {ema}")
         self.mon, self.batch_size, self.beta = mon, batch_size, float(ema)
+        self.per_rank = per_rank  # False: sharded parameters, increments of .grad
         self._handles = []
         self._ema_g = self._ema_tr = None  # device 0-dim moving averages
         self._t = 0  # logging steps averaged
@@ -75,6 +102,9 @@ class NoiseScale:
 
     def _reset(self):
         self._small = []  # (parameter index, |g|^2 of one micro-batch on this rank)
+        self._increments = None  # sharded: Σ over backwards of |increment of .grad|^2 per module
+        self._base = None  # sharded: .grad when the current backward started
+        self._unreduced = False  # sharded: a backward ran without reducing gradients
         self._big = None  # |.grad|^2 per module (+ rest) after the latest backward, weighted across ranks
         self._backwards = 0  # backward passes seen this step (K)
         self._sizes = []  # samples per micro-batch seen by the forward
@@ -86,8 +116,11 @@ class NoiseScale:
         if self._handles:
             return
         self._reset()
-        for i, p in enumerate(self.mon._params):
-            self._handles.append(p.register_hook(self._grad_hook(i)))
+        if self.per_rank:
+            for i, p in enumerate(self.mon._params):
+                self._handles.append(p.register_hook(self._grad_hook(i)))
+        else:
+            self._handles.append(self.mon.model.register_forward_hook(self._output_hook))
         if self.batch_size is None:
             self._handles.append(self.mon.model.register_forward_pre_hook(self._size_hook, with_kwargs=True))
 
@@ -111,6 +144,20 @@ class NoiseScale:
                 torch.autograd.Variable._execution_engine.queue_callback(self._queue_end)
         return hook
 
+    def _output_hook(self, module, args, output):
+        out = _first_grad_output(output) if torch.is_grad_enabled() else None
+        if out is not None:
+            out.register_hook(self._backward_starts)
+
+    def _backward_starts(self, grad):
+        # the gradient reaches the model's output: no parameter's .grad has changed yet
+        if self._queued:
+            return
+        self._queued = True
+        self._unreduced |= not _reduces_gradients(self.mon.model)
+        self._base = [g.clone() for g in self.mon._grads()]
+        torch.autograd.Variable._execution_engine.queue_callback(self._queue_end)
+
     def _queue_end(self):
         # Runs after the backward; DDP queues the callback that waits for its all-reduce during
         # the backward, so a callback queued from here runs after it, on the all-reduced .grad.
@@ -119,14 +166,27 @@ class NoiseScale:
     def _after_backward(self):
         self._queued = False
         self._backwards += 1
-        norms = torch.stack(torch._foreach_norm(self.mon._grads(), 2.0, dtype=torch.float32))
+        grads = self.mon._grads()
+        norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
         self._big = self.mon._across(norms * norms)
+        if self._base is not None:
+            # this backward's increment of .grad (a 0-dim zero stands in for a missing .grad)
+            inc = [g - b if g.shape == b.shape else g for g, b in zip(grads, self._base)]
+            n = torch.stack(torch._foreach_norm(inc, 2.0, dtype=torch.float32))
+            sq = self.mon._across(n * n)
+            self._increments = sq if self._increments is None else self._increments + sq
+            self._base = None
 
     # -- at the logging step -------------------------------------------------------------------
 
     def _measured(self):
+        """The micro-batch size b, or None when this step has no two batch sizes to compare."""
         b = self.batch_size or (sum(self._sizes) / len(self._sizes) if self._sizes else None)
-        if self._big is None or not self._small or b is None or self._backwards * self.mon.world < 2:
+        if self._big is None or b is None:
+            return None
+        if self.per_rank and (not self._small or self._backwards * self.mon.world < 2):
+            return None
+        if not self.per_rank and (self._increments is None or self._backwards < 2 or self._unreduced):
             return None
         return b
 
@@ -135,6 +195,8 @@ class NoiseScale:
         self.disarm()
         if self._measured() is None:
             return []
+        if not self.per_rank:
+            return [self._increments, self._big]
         idx = torch.tensor([i for i, _ in self._small], device=self.mon._device)
         per_param = torch.zeros(len(self.mon._params), device=self.mon._device)
         per_param.index_add_(0, idx, torch.stack([s for _, s in self._small]))
@@ -146,9 +208,11 @@ class NoiseScale:
         if b is None:
             return
         small_sum, big = reduced
-        # |G_small|^2: mean over the K R micro-batch gradients, in units of the final .grad (x K^2)
-        g_small_sq = small_sum.sum() / (K * R) * K**2
-        g_sq, tr_sigma = estimates(g_small_sq, big.sum(), b, K * R * b)
+        # per rank: K R micro-batch gradients of b samples; sharded: K increments of R b samples
+        n_small, b_small = (K * R, b) if self.per_rank else (K, R * b)
+        # |G_small|^2: their mean squared norm, in units of the final .grad (x K^2)
+        g_small_sq = small_sum.sum() / n_small * K**2
+        g_sq, tr_sigma = estimates(g_small_sq, big.sum(), b_small, K * R * b)
         beta = self.beta
         if self._ema_g is None:
             self._ema_g, self._ema_tr = torch.zeros_like(g_sq), torch.zeros_like(tr_sigma)

@@ -11,6 +11,7 @@ whole batch: shards combined as sqrt(sum of squares), replicas counted once. The
 under DDP comes from the per-rank gradients (and the micro-batches with ``no_sync``) and lands
 on the closed form of linear regression.
 """
+import contextlib
 import math
 import os
 import socket
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch built without the gloo backend")
 WORLD, STEPS, BATCH = 2, 3, 8
 NOISE_STEPS, NOISE_B, NOISE_BETA = 600, 8, 0.99  # logging steps, samples per micro-batch and rank
+FSDP_STEPS, FSDP_K = 300, 4  # under FSDP2: B_small = 2 x 8, B_big = 4 x 2 x 8
 EPS = torch.finfo(torch.float32).eps
 # Norms are sums over at most 13 x 11 float32 squares, added in another order (per shard, then
 # across ranks) and of gradients averaged in another order: agreement to rtol 1e-5 (~80 ulps).
@@ -66,21 +68,30 @@ def train_stats(model, params_model, writer, rank):
             opt.step()
 
 
-def train_noise(model, module, writer, rank, K):
-    """Linear regression at a fixed w on this rank's data; returns this rank's micro-batch gradients per step."""
+@contextlib.contextmanager
+def fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def train_noise(model, module, writer, rank, K, steps=NOISE_STEPS, defer=None):
+    """Linear regression at a fixed w on this rank's data; returns this rank's micro-batch gradients per step.
+
+    ``defer(model)``: the context of every backward but the last (accumulate without reducing).
+    """
     gen = torch.Generator().manual_seed(100 + rank)
     micro = []
     with GradientMonitor(module, writer, every=1, noise_ema=NOISE_BETA, cosine=False) as mon:
-        for _ in range(NOISE_STEPS):
+        for _ in range(steps):
             module.zero_grad()
             grads = []
             for k in range(K):
                 x, y = regression_batch(NOISE_B, gen)
                 loss = 0.5 * (model(x).squeeze(1) - y).square().mean() / K
-                if k < K - 1:
-                    with model.no_sync():  # accumulate locally; the last backward all-reduces
-                        loss.backward()
-                else:
+                with defer(model) if defer and k < K - 1 else contextlib.nullcontext():
                     loss.backward()
                 grads.append(micro_gradient(x, y))
             micro.append(torch.stack(grads))
@@ -158,7 +169,17 @@ def _worker(rank, port, outdir):
     for K in (1, 2):
         w = writer(f"noise_K{K}")
         model = regression_model()
-        saved[f"noise_K{K}"] = train_noise(DDP(model), model, w, rank, K)
+        # K = 2: the first backward under no_sync, the last all-reduces
+        saved[f"noise_K{K}"] = train_noise(DDP(model), model, w, rank, K, defer=DDP.no_sync)
+        if w:
+            w.close()
+
+    # FSDP2: increments of the sharded .grad (rank 1's shard of the (1, 4) weight is empty)
+    for name, defer, steps in (("noise_fsdp", None, FSDP_STEPS), ("noise_fsdp_unreduced", fsdp_no_sync, 3)):
+        w = writer(name)
+        model = regression_model()
+        fully_shard(model)
+        saved[name] = train_noise(model, model, w, rank, FSDP_K, steps, defer)
         if w:
             w.close()
     torch.save(saved, os.path.join(outdir, f"rank{rank}.pt"))
@@ -271,3 +292,28 @@ def test_noise_scale_under_ddp_equals_a_hand_computation_from_every_ranks_gradie
     logged = scalar(ea, "noise/B_simple")[NOISE_STEPS - 1]
     assert sd < 0.15 * B_SIMPLE
     assert abs(logged - B_SIMPLE) < 4 * sd, (logged, B_SIMPLE, sd)
+
+
+def test_noise_scale_under_fsdp_equals_a_hand_computation_from_the_increments(run):
+    outdir, saved = run
+    ea = read(os.path.join(outdir, "noise_fsdp"))
+    # per step, the K increments of .grad: each the mean over ranks of a micro-batch gradient (R b samples)
+    micro = [torch.stack([saved[r]["noise_fsdp"][t] for r in range(WORLD)]).mean(0) for t in range(FSDP_STEPS)]
+    per_step = hand_estimates(micro, WORLD * NOISE_B)
+    expected = ema(per_step, NOISE_BETA)
+    checked = list(range(0, FSDP_STEPS, 25))
+    for tag, col in (("noise/g_sq", 0), ("noise/tr_sigma", 1)):
+        logged = scalar(ea, tag)
+        assert len(logged) == FSDP_STEPS
+        assert [logged[t] for t in checked] == pytest.approx(expected[checked, col].tolist(), rel=1e-4, abs=1e-5)
+    weights = NOISE_BETA ** torch.arange(FSDP_STEPS - 1, -1, -1, dtype=torch.float64)
+    sd = delta_method_sd(per_step, weights, G_SQ, TR_SIGMA)
+    logged = scalar(ea, "noise/B_simple")[FSDP_STEPS - 1]
+    assert sd < 0.15 * B_SIMPLE
+    assert abs(logged - B_SIMPLE) < 4 * sd, (logged, B_SIMPLE, sd)
+
+
+def test_no_noise_scale_under_fsdp_when_micro_batches_are_not_reduced(run):
+    outdir, _ = run
+    tags = read(os.path.join(outdir, "noise_fsdp_unreduced")).Tags()["scalars"]
+    assert "grad/norm/model" in tags and not any(t.startswith("noise/") for t in tags)
