@@ -550,7 +550,7 @@ class GradientMonitor:
             _ATTACHED.discard(self.optimizer)
         self._before = None
         if self._noise is not None:
-            self._noise.disarm()
+            self._noise.close()
         if self._direction is not None:
             self._direction.close()
         self._closed = True

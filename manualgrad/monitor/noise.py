@@ -48,6 +48,8 @@ shard under FSDP); ``cosine=False`` saves it.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -95,7 +97,17 @@ class NoiseScale:
             raise ValueError(f"noise_ema must be in [0, 1), got {ema}")
         self.mon, self.batch_size, self.beta = mon, batch_size, float(ema)
         self.per_rank = per_rank  # False: sharded parameters, increments of .grad
-        self._handles = []
+        self._handles = []  # the parameters' hooks, during a logging step
+        self._armed = False
+        self._warned = False
+        # Module hooks stay registered (under torch.compile, adding and removing them at every
+        # logging step would recompile) and do nothing unless armed or while compiling: under
+        # torch.compile the forward is not seen, so pass ``batch_size`` (and, with sharded
+        # parameters, no increments are measured).
+        model = mon.model
+        self._module_handles = [model.register_forward_pre_hook(self._size_hook, with_kwargs=True)]
+        if not per_rank:
+            self._module_handles.append(model.register_forward_hook(self._output_hook))
         self._ema_g = self._ema_tr = None  # device 0-dim moving averages
         self._t = 0  # logging steps averaged
         self._reset()
@@ -113,24 +125,30 @@ class NoiseScale:
     # -- hooks, registered for a logging step only -------------------------------------------
 
     def arm(self):
-        if self._handles:
+        if self._armed:
             return
         self._reset()
+        self._armed = True
         if self.per_rank:
             for i, p in enumerate(self.mon._params):
                 self._handles.append(p.register_hook(self._grad_hook(i)))
-        else:
-            self._handles.append(self.mon.model.register_forward_hook(self._output_hook))
-        if self.batch_size is None:
-            self._handles.append(self.mon.model.register_forward_pre_hook(self._size_hook, with_kwargs=True))
 
     def disarm(self):
+        self._armed = False
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
+    def close(self):
+        self.disarm()
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles.clear()
+
     def _size_hook(self, module, args, kwargs):
-        if torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or not self._armed:
+            return
+        if torch.is_grad_enabled() and self.batch_size is None:
             b = _first_batch_size(args, kwargs)
             if b is not None:
                 self._sizes.append(b)
@@ -145,6 +163,8 @@ class NoiseScale:
         return hook
 
     def _output_hook(self, module, args, output):
+        if torch.compiler.is_compiling() or not self._armed:
+            return
         out = _first_grad_output(output) if torch.is_grad_enabled() else None
         if out is not None:
             out.register_hook(self._backward_starts)
@@ -194,6 +214,10 @@ class NoiseScale:
         """Per-rank sums to add up across ranks: [Σ |G_small|^2 per module, |G_big|^2 per module]."""
         self.disarm()
         if self._measured() is None:
+            if self._sizes == [] and self.batch_size is None and self._backwards * self.mon.world > 1 and not self._warned:
+                self._warned = True
+                warnings.warn("GradientMonitor: no noise scale: the batch size was not seen (under torch.compile "
+                              "the forward is hidden from the monitor); pass batch_size=", RuntimeWarning, stacklevel=2)
             return []
         if not self.per_rank:
             return [self._increments, self._big]

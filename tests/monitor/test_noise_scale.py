@@ -226,3 +226,28 @@ def test_noise_scale_and_cosine_read_nothing_on_the_host_but_the_one_transfer(tm
     assert per_step == [["cpu"], [], [], ["cpu"], [], [], ["cpu"]]
     tags = read(tmp_path).Tags()["scalars"]
     assert "noise/B_simple" in tags and "grad/cosine_prev/2" in tags  # both were measured
+
+
+def test_under_compile_the_noise_scale_needs_batch_size_and_then_equals_eager(tmp_path):
+    def run(compiled, batch_size, logdir):
+        torch._dynamo.reset()
+        gen = torch.Generator().manual_seed(0)
+        model = regression_model()
+        forward = torch.compile(model) if compiled else model
+        writer = SummaryWriter(logdir)
+        with GradientMonitor(model, writer, every=2, batch_size=batch_size) as mon:
+            for _ in range(5):
+                model.zero_grad()
+                for _ in range(2):
+                    x, y = regression_batch(4, gen)
+                    (0.5 * (forward(x).squeeze(1) - y).square().mean() / 2).backward()
+                mon.step()
+        writer.close()
+        return read(logdir)
+
+    eager = scalar(run(False, None, tmp_path / "eager"), "noise/B_simple")
+    assert sorted(eager) == [0, 2, 4]
+    assert scalar(run(True, 4, tmp_path / "given"), "noise/B_simple") == pytest.approx(eager, rel=1e-5)
+    with pytest.warns(RuntimeWarning, match="pass batch_size="):
+        ea = run(True, None, tmp_path / "hidden")
+    assert not any(t.startswith("noise/") for t in ea.Tags()["scalars"])
