@@ -8,6 +8,7 @@
 
 - ``monitor.py``: the hooks and when they run (``GradientMonitor``, ``NonFiniteError``).
 - ``stats.py``: the statistics, computed on the device.
+- ``noise.py``: the gradient noise scale and the cosine between successive logged gradients.
 - ``tensorboard.py``: tags, histograms, the custom-scalars layout.
 - ``plot.py``: ``python -m manualgrad.monitor.plot LOGDIR -o out.png``.
 """

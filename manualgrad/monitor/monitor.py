@@ -10,6 +10,8 @@ Hook points. With ``optimizer=`` a step pre-hook reads the final ``.grad`` (afte
 accumulation, unscaling and clipping; before the update) and, on logging steps only, keeps a
 copy of the parameters; the step post-hook measures the update ||θ_after - θ_before||. Without
 an optimizer the user calls ``mon.step()`` after backward; there is then no update ratio.
+Activations use forward hooks, and their gradients ``output.register_hook`` from inside the
+forward hook on logging steps: no full backward hooks, which break on in-place ops.
 
 Distributed. Statistics are those of the whole model on every rank: under DDP of the
 gradients after the all-reduce (rank 0's replica), under FSDP2 (``fully_shard``: DTensor
@@ -18,11 +20,12 @@ shard once, each replica once), maxima the maximum over shards, in the one all-r
 logging step. Histograms under sharding are of rank 0's shard.
 
 Also logged (``noise.py``): the gradient noise scale ``noise/B_simple`` (with ``noise/tr_sigma``,
-``noise/g_sq``) from the micro-batch and per-rank gradients, when a step has more than one of
-them; and ``grad/cosine_prev/<name>``, the cosine between a module's gradients at successive
-logging steps.
-Activations use forward hooks, and their gradients ``output.register_hook`` from inside the
-forward hook on logging steps: no full backward hooks, which break on in-place ops.
+``noise/g_sq``) from the micro-batch and per-rank gradients (under FSDP2, the micro-batch
+increments of the sharded gradients), when a step has more than one of them (under
+torch.compile pass ``batch_size``); and ``grad/cosine_prev/<name>``, the cosine between a
+module's gradients at successive logging steps. Both work on logging steps only: one squared
+norm per parameter and micro-batch, one dot product per parameter, and a copy of the gradients
+kept from one logging step to the next (``cosine=False`` saves it).
 
 torch.compile. Hooks registered before compiling are traced into the graph without breaks:
 they only do tensor arithmetic into preallocated tensors. Whether the coming step is logged is
@@ -285,7 +288,7 @@ class GradientMonitor:
             # the max-abs norm), summed per module                              (M+1,)
             norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))  # (P,)
             g_sq = self._module_sum(norms * norms)
-            g_sq_across = self._across(norms * norms)
+            g_sq_across = g_sq if self._w is None else self._across(norms * norms)  # replicas once
         else:
             # other steps only need to know whether a gradient went NaN/Inf: a sum of g per
             # parameter turns either into a non-finite value, at half the cost of a norm
@@ -530,10 +533,7 @@ class GradientMonitor:
     def _put_stats(self, put, g_sq, reduced):
         for x, ts in self._extra:
             mine, reduced = reduced[: len(ts)], reduced[len(ts) :]
-            if x is self._direction:
-                x.put(put, g_sq, mine)
-            else:
-                x.put(put, mine)
+            x.put(put, g_sq, mine)
         self._extra = []
 
     # -- lifetime ----------------------------------------------------------------------------

@@ -226,7 +226,8 @@ class NoiseScale:
         per_param.index_add_(0, idx, torch.stack([s for _, s in self._small]))
         return [self.mon._module_sum(per_param), self._big]
 
-    def put(self, put, reduced):
+    def put(self, put, g_sq, reduced):
+        """``reduced``: what ``sums`` returned, summed across ranks (``g_sq`` is not needed here)."""
         b, K, R = self._measured(), self._backwards, self.mon.world
         self._reset()
         if b is None:
