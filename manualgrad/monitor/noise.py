@@ -109,7 +109,7 @@ class NoiseScale:
         if not per_rank:
             self._module_handles.append(model.register_forward_hook(self._output_hook))
         self._ema_g = self._ema_tr = None  # device 0-dim moving averages
-        self._t = 0  # logging steps averaged
+        self._decay = None  # beta^t, t = logging steps averaged (on the device)
         self._reset()
 
     def _reset(self):
@@ -241,10 +241,14 @@ class NoiseScale:
         beta = self.beta
         if self._ema_g is None:
             self._ema_g, self._ema_tr = torch.zeros_like(g_sq), torch.zeros_like(tr_sigma)
-        self._ema_g.mul_(beta).add_((1 - beta) * g_sq)
-        self._ema_tr.mul_(beta).add_((1 - beta) * tr_sigma)
-        self._t += 1
-        correction = 1.0 - beta**self._t
+            self._decay = torch.ones_like(g_sq)
+        # a non-finite step (a NaN gradient, an AMP overflow) is left out, on the device: one
+        # would poison the averages for the rest of the run
+        ok = torch.isfinite(g_sq) & torch.isfinite(tr_sigma)
+        self._ema_g.copy_(torch.where(ok, beta * self._ema_g + (1 - beta) * g_sq, self._ema_g))
+        self._ema_tr.copy_(torch.where(ok, beta * self._ema_tr + (1 - beta) * tr_sigma, self._ema_tr))
+        self._decay.copy_(torch.where(ok, beta * self._decay, self._decay))
+        correction = 1.0 - self._decay  # Adam's bias correction 1 - beta^t
         put("noise/B_simple", None, self._ema_tr / self._ema_g)
         put("noise/tr_sigma", None, self._ema_tr / correction)
         put("noise/g_sq", None, self._ema_g / correction)

@@ -55,7 +55,7 @@ def test_closed_form_trace_of_the_covariance_by_monte_carlo():
     assert abs(tr - TR_SIGMA) < 5 * sd, (tr, TR_SIGMA, sd)
 
 
-def run_accumulation(tmp_path, steps, K, b, ema, seed=0, every=1):
+def run_accumulation(tmp_path, steps, K, b, ema, seed=0, every=1, poison=None):
     """K micro-batches of b samples per step, loss / K, no update. Returns (logged, per-step micro gradients)."""
     gen = torch.Generator().manual_seed(seed)
     model = regression_model()
@@ -67,7 +67,8 @@ def run_accumulation(tmp_path, steps, K, b, ema, seed=0, every=1):
             grads = []
             for _ in range(K):
                 x, y = regression_batch(b, gen)
-                (0.5 * (model(x).squeeze(1) - y).square().mean() / K).backward()
+                scale = math.nan if len(micro) == poison else 1.0  # a NaN gradient at step `poison`
+                (scale * 0.5 * (model(x).squeeze(1) - y).square().mean() / K).backward()
                 grads.append(micro_gradient(x, y))
             micro.append(torch.stack(grads))
             mon.step()
@@ -107,6 +108,18 @@ def test_logged_estimates_equal_a_hand_computation_from_the_micro_batch_gradient
         assert [logged[t] for t in range(steps)] == pytest.approx(expected[:, col].tolist(), rel=1e-4, abs=1e-5)
     ratio = scalar(ea, "noise/B_simple")
     assert [ratio[t] for t in range(steps)] == pytest.approx((expected[:, 1] / expected[:, 0]).tolist(), rel=1e-4)
+
+
+def test_a_non_finite_step_is_left_out_of_the_moving_averages(tmp_path):
+    K, b, beta, steps = 2, 4, 0.5, 5
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        ea, micro = run_accumulation(tmp_path, steps, K, b, beta, poison=2)
+    kept = [0, 1, 3, 4]
+    expected = ema(hand_estimates([micro[t] for t in kept], b), beta)  # as if step 2 never happened
+    expected = torch.cat([expected[:2], expected[1:2], expected[2:]])  # step 2 repeats step 1
+    ratio, g_sq = scalar(ea, "noise/B_simple"), scalar(ea, "noise/g_sq")
+    assert [ratio[t] for t in range(steps)] == pytest.approx((expected[:, 1] / expected[:, 0]).tolist(), rel=1e-4)
+    assert [g_sq[t] for t in range(steps)] == pytest.approx(expected[:, 0].tolist(), rel=1e-4, abs=1e-5)
 
 
 def delta_method_sd(per_step, weights, g_true, tr_true):
