@@ -204,7 +204,8 @@ class NoiseScale:
         b = self.batch_size or (sum(self._sizes) / len(self._sizes) if self._sizes else None)
         if self._big is None or b is None:
             return None
-        if self.per_rank and (not self._small or self._backwards * self.mon.world < 2):
+        # (decided from what every rank knows alike: the all-reduce needs the same parts everywhere)
+        if self.per_rank and self._backwards * self.mon.world < 2:
             return None
         if not self.per_rank and (self._increments is None or self._backwards < 2 or self._unreduced):
             return None
@@ -221,9 +222,10 @@ class NoiseScale:
             return []
         if not self.per_rank:
             return [self._increments, self._big]
-        idx = torch.tensor([i for i, _ in self._small], device=self.mon._device)
         per_param = torch.zeros(len(self.mon._params), device=self.mon._device)
-        per_param.index_add_(0, idx, torch.stack([s for _, s in self._small]))
+        if self._small:
+            idx = torch.tensor([i for i, _ in self._small], device=self.mon._device)
+            per_param.index_add_(0, idx, torch.stack([s for _, s in self._small]))
         return [self.mon._module_sum(per_param), self._big]
 
     def put(self, put, g_sq, reduced):
