@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch built without the gloo backend")
 WORLD, STEPS, BATCH = 2, 3, 8
 NOISE_STEPS, NOISE_B, NOISE_BETA = 300, 8, 0.99  # logging steps, samples per micro-batch and rank
+SYNCED_STEPS = 20
 FSDP_STEPS, FSDP_K = 300, 4  # under FSDP2: B_small = 2 x 8, B_big = 4 x 2 x 8
 EPS = torch.finfo(torch.float32).eps
 # Norms are sums over at most 13 x 11 float32 squares, added in another order (per shard, then
@@ -173,6 +174,11 @@ def _worker(rank, port, outdir):
         saved[f"noise_K{K}"] = train_noise(DDP(model), model, w, rank, K, defer=DDP.no_sync)
         if w:
             w.close()
+    w = writer("noise_K2_synced")  # every micro-batch all-reduced: .grad sums the ranks' means
+    model = regression_model()
+    saved["noise_K2_synced"] = train_noise(DDP(model), model, w, rank, 2, steps=SYNCED_STEPS)
+    if w:
+        w.close()
 
     # FSDP2: increments of the sharded .grad (rank 1's shard of the (1, 4) weight is empty)
     for name, defer, steps in (("noise_fsdp", None, FSDP_STEPS), ("noise_fsdp_unreduced", fsdp_no_sync, 3)):
@@ -273,19 +279,27 @@ def test_replicated_dtensors_count_once_and_partial_gradients_raise(run, tmp_pat
     assert_same_norms(read(os.path.join(outdir, "replicated")), ref)
 
 
-@pytest.mark.parametrize("K", [1, 2])
-def test_noise_scale_under_ddp_equals_a_hand_computation_from_every_ranks_gradients(run, K):
+@pytest.mark.parametrize("name, steps", [("noise_K1", NOISE_STEPS), ("noise_K2", NOISE_STEPS),
+                                         ("noise_K2_synced", SYNCED_STEPS)])
+def test_noise_scale_under_ddp_equals_a_hand_computation_from_every_ranks_gradients(run, name, steps):
     outdir, saved = run
-    ea = read(os.path.join(outdir, f"noise_K{K}"))
+    ea = read(os.path.join(outdir, name))
     # per step, the K micro-batch gradients of both ranks (K R of them, b samples each)
-    micro = [torch.cat([saved[r][f"noise_K{K}"][t] for r in range(WORLD)]) for t in range(NOISE_STEPS)]
-    per_step = hand_estimates(micro, NOISE_B)
-    expected = ema(per_step, NOISE_BETA)
-    checked = range(0, NOISE_STEPS, 25)
+    micro = [torch.cat([saved[r][name][t] for r in range(WORLD)]) for t in range(steps)]
+    expected = ema(hand_estimates(micro, NOISE_B), NOISE_BETA)
+    checked = list(range(0, steps, 10))
     for tag, col in (("noise/g_sq", 0), ("noise/tr_sigma", 1)):
         logged = scalar(ea, tag)
-        assert len(logged) == NOISE_STEPS
-        assert [logged[t] for t in checked] == pytest.approx(expected[list(checked), col].tolist(), rel=1e-4, abs=1e-5)
+        assert len(logged) == steps
+        assert [logged[t] for t in checked] == pytest.approx(expected[checked, col].tolist(), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_noise_scale_under_ddp_lands_on_the_closed_form(run, K):
+    outdir, saved = run
+    ea = read(os.path.join(outdir, f"noise_K{K}"))
+    micro = [torch.cat([saved[r][f"noise_K{K}"][t] for r in range(WORLD)]) for t in range(NOISE_STEPS)]
+    per_step = hand_estimates(micro, NOISE_B)
     # and the closed form, within 4 sd of the ratio of moving averages (delta method)
     weights = NOISE_BETA ** torch.arange(NOISE_STEPS - 1, -1, -1, dtype=torch.float64)
     sd = delta_method_sd(per_step, weights, G_SQ, TR_SIGMA)
