@@ -7,9 +7,15 @@ What holds: under DDP (the monitor on the wrapped module) and under FSDP2 (``ful
 every Linear and the root: DTensor parameters and gradients, uneven shards, one of them empty),
 with the batch split between the ranks, every logged per-module gradient norm, max |g|,
 parameter norm, update ratio and the global norm equals the statistic one process logs on the
-whole batch: shards combined as sqrt(sum of squares), replicas counted once. The noise scale
-under DDP comes from the per-rank gradients (and the micro-batches with ``no_sync``) and lands
-on the closed form of linear regression.
+whole batch: shards combined as sqrt(sum of squares), replicas counted once. So does it with
+``sharded=True`` over plain-tensor row blocks, and with DTensor parameters replicated on both
+ranks (whose Partial gradients raise NotImplementedError until made Replicate).
+
+The noise scale (linear regression, closed form in test_noise_scale.py): under DDP from the
+per-rank micro-batch gradients (K = 1; K = 2 with ``no_sync`` or with every backward
+all-reduced), under FSDP2 from the increments of the sharded gradients over K = 4 backwards;
+each equals the estimators computed here from the saved micro-batch gradients and lands on
+the closed form. Under FSDP2 with ``set_requires_gradient_sync(False)`` nothing is logged.
 """
 import contextlib
 import math
@@ -300,7 +306,8 @@ def test_noise_scale_under_ddp_lands_on_the_closed_form(run, K):
     ea = read(os.path.join(outdir, f"noise_K{K}"))
     micro = [torch.cat([saved[r][f"noise_K{K}"][t] for r in range(WORLD)]) for t in range(NOISE_STEPS)]
     per_step = hand_estimates(micro, NOISE_B)
-    # and the closed form, within 4 sd of the ratio of moving averages (delta method)
+    # within 4 sd of the closed form (sd of the ratio of moving averages by the delta method,
+    # from the spread of the per-step estimates; the seeds are fixed, so the run is too)
     weights = NOISE_BETA ** torch.arange(NOISE_STEPS - 1, -1, -1, dtype=torch.float64)
     sd = delta_method_sd(per_step, weights, G_SQ, TR_SIGMA)
     logged = scalar(ea, "noise/B_simple")[NOISE_STEPS - 1]
