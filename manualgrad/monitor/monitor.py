@@ -250,6 +250,8 @@ class GradientMonitor:
     def _on_clip(self, parameters, total_norm, clip_coef):
         if not any(id(p) in self._param_ids for p in parameters):
             return
+        if self._has_dtensor:  # FSDP2: the clip function computed N with DTensors
+            total_norm, clip_coef = stats.full(total_norm), stats.full(clip_coef)
         self._clip_norm, self._clip_coef = total_norm, clip_coef
         self._clip_count.add_(clip_coef < 1)
         self._clip_calls += 1

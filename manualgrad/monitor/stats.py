@@ -115,6 +115,11 @@ def local(t):
     return t.to_local() if is_dtensor(t) else t
 
 
+def full(t):
+    """A DTensor as the plain tensor it stands for (a collective unless it is replicated)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
 def max_abs(t):
     """max |t| as a 0-dim float32 tensor; 0 for an empty tensor (an FSDP shard can be empty)."""
     if t.numel() == 0:

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 
 from manualgrad.monitor import GradientMonitor
+from manualgrad.utils import clip_grad_norm_
 from tests.monitor.test_monitor import read, scalar
 from tests.monitor.test_noise_scale import (B_SIMPLE, G_SQ, TR_SIGMA, delta_method_sd, ema, hand_estimates,
                                             micro_gradient, regression_batch, regression_model)
@@ -44,6 +45,7 @@ EPS = torch.finfo(torch.float32).eps
 # Norms are sums over at most 13 x 11 float32 squares, added in another order (per shard, then
 # across ranks) and of gradients averaged in another order: agreement to rtol 1e-5 (~80 ulps).
 RTOL = 1e-5
+CLIP = 0.6  # max_norm: the first step is not clipped, the others are
 
 
 def mlp():
@@ -72,6 +74,7 @@ def train_stats(model, params_model, writer, rank):
                 x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
+            clip_grad_norm_(params_model.parameters(), CLIP)  # (with DTensors under FSDP2)
             opt.step()
 
 
@@ -231,13 +234,17 @@ def test_every_logged_statistic_equals_one_process_on_the_whole_batch(run, singl
     ours, ref = set(ea.Tags()["scalars"]), set(single.Tags()["scalars"])
     assert ref <= ours
     assert ours - ref <= {"noise/B_simple", "noise/tr_sigma", "noise/g_sq"}  # one rank alone has no noise scale
-    stats = [t for t in ref if t.split("/")[0] in ("grad", "param", "update") or t == "global/grad_norm"]
-    assert len(stats) == 6 * 3 + 1  # norm, max_abs, param norm, ratio, log10 ratio, cosine_prev; 3 Linears
+    stats = [t for t in ref if t.split("/")[0] in ("grad", "param", "update")
+             or t in ("global/grad_norm", "global/clip_coef", "global/clip_norm_before", "global/clip_fraction")]
+    assert len(stats) == 6 * 3 + 4  # norm, max_abs, param norm, ratio, log10 ratio, cosine_prev; 3 Linears
+    assert scalar(single, "global/clip_fraction") == {0: 0.0, 1: 1.0, 2: 1.0}
     for tag in sorted(stats):
         got, want = scalar(ea, tag), scalar(single, tag)
         assert sorted(got) == sorted(want), tag
         for step, v in want.items():
-            if tag.startswith("update/ratio"):
+            if tag == "global/clip_fraction":
+                tol = dict(abs=0)
+            elif tag.startswith("update/ratio"):
                 # ||θ_before - θ_after|| in float32: each difference is off by up to eps |θ_i|,
                 # so the ratio by up to 2 eps on top of the gradient's own rounding
                 tol = dict(rel=RTOL, abs=2 * EPS)
