@@ -76,8 +76,8 @@ def run_accumulation(tmp_path, steps, K, b, ema, seed=0, every=1, poison=None):
     return read(tmp_path), micro
 
 
-def hand_estimates(micro, b, R=1):
-    """Per step (|G|^2, tr(Sigma)) from the KR micro-batch gradients (each of b samples), computed here."""
+def hand_estimates(micro, b):
+    """Per step (|G|^2, tr(Sigma)) from its micro-batch gradients (each of b samples), computed here."""
     out = []
     for grads in micro:
         n = len(grads)
