@@ -507,9 +507,13 @@ class GradientMonitor:
         return ({"noise/B_simple", "noise/tr_sigma", "noise/g_sq"} if self._noise is not None else set()) | (
             {"grad/cosine_prev"} if self._direction is not None else set())
 
-    def _across(self, per_param):
-        """Σ per module of a (P,) vector, weighted so that a sum over ranks counts each piece once."""
-        return self._module_sum(per_param if self._w is None else per_param * self._w)
+    def _across(self, per_param, weighted=True):
+        """Σ per module (+ rest) of a (P,) vector; ``weighted``: by w_p, so that a sum over ranks
+        counts each piece of a parameter once (not for per-rank quantities such as one rank's
+        micro-batch gradient).                                                       (M+1,)"""
+        if weighted and self._w is not None:
+            per_param = per_param * self._w
+        return torch.zeros(self._M + 1, device=self._device).index_add_(0, self._group, per_param)
 
     def _stats_before_update(self, grads):
         if self._has_dtensor:  # the weights w_p came from the parameters' placements

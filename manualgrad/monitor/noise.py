@@ -226,7 +226,7 @@ class NoiseScale:
         if self._small:
             idx = torch.tensor([i for i, _ in self._small], device=self.mon._device)
             per_param.index_add_(0, idx, torch.stack([s for _, s in self._small]))
-        return [self.mon._module_sum(per_param), self._big]
+        return [self.mon._across(per_param, weighted=False), self._big]  # every rank's own micro-batches
 
     def put(self, put, g_sq, reduced):
         """``reduced``: what ``sums`` returned, summed across ranks (``g_sq`` is not needed here)."""
