@@ -33,13 +33,19 @@ mean divided by K, K^2 times them when it is not, and S^2 times them under a los
 B_simple is a ratio and depends on none of these factors. One step's estimates are noisy (|G|^2
 can come out negative); as the paper recommends, B_simple is the ratio of exponential moving
 averages of the two over logging steps, and ``noise/g_sq``, ``noise/tr_sigma`` are those
-averages (bias-corrected like Adam's moments).
+averages (bias-corrected like Adam's moments); a step whose estimates are not finite (a NaN
+gradient, an AMP overflow) is left out of them. Nothing is logged for a step with one
+micro-batch on one rank.
 
-Cost: nothing on other steps (the hooks exist only during logging steps). On a logging step, one
-squared norm per parameter and micro-batch, one foreach norm of ``.grad`` per backward, and a
-few scalars in the monitor's one all-reduce and one transfer; with sharded parameters, a copy of
-the shard's gradients during the logging step. Micro-batches are assumed of equal size (b is the
-mean size this rank saw).
+b is dim 0 of the first tensor argument of the model's forward (the mean over the step's
+micro-batches, which are assumed of equal size), or ``batch_size``; under torch.compile the
+forward is hidden and ``batch_size`` is needed (a warning says so).
+
+Cost: on other steps, one forward pre-hook on the model that returns at once (under 1 us);
+the parameters' hooks exist only during logging steps. On a logging step, one squared norm per
+parameter and micro-batch, one foreach norm of ``.grad`` per backward, and a few scalars in
+the monitor's one all-reduce and one transfer; with sharded parameters, a copy of the shard's
+gradients during the logging step. No host sync.
 
 Direction stability (``grad/cosine_prev/<name>``): per module, cos(g_t, g_s) between the final
 gradient at this logging step t and at the previous logging step s. It keeps one copy of the
