@@ -37,7 +37,7 @@ averages (bias-corrected like Adam's moments); a step whose estimates are not fi
 gradient, an AMP overflow) is left out of them. Nothing is logged for a step with one
 micro-batch on one rank.
 
-b is dim 0 of the first tensor argument of the model's forward (the mean over the step's
+b is dim 0 of the first tensor in the arguments of the model's forward (the mean over the step's
 micro-batches, which are assumed of equal size), or ``batch_size``; under torch.compile the
 forward is hidden and ``batch_size`` is needed (a warning says so).
 
@@ -87,7 +87,7 @@ def _reduces_gradients(model):
 
 
 def _first_batch_size(args, kwargs):
-    for a in list(args) + list(kwargs.values()):
+    for a in torch.utils._pytree.tree_leaves((args, kwargs)):  # tensors inside dicts and tuples too
         if isinstance(a, torch.Tensor) and a.dim() > 0:
             return a.shape[0]
     return None
@@ -223,8 +223,9 @@ class NoiseScale:
         if self._measured() is None:
             if self._sizes == [] and self.batch_size is None and self._backwards * self.mon.world > 1 and not self._warned:
                 self._warned = True
-                warnings.warn("GradientMonitor: no noise scale: the batch size was not seen (under torch.compile "
-                              "the forward is hidden from the monitor); pass batch_size=", RuntimeWarning, stacklevel=2)
+                warnings.warn("GradientMonitor: no noise scale: the batch size was not seen (no tensor argument "
+                              "in the model's forward, or torch.compile hid it); pass batch_size=",
+                              RuntimeWarning, stacklevel=2)
             return []
         if not self.per_rank:
             return [self._increments, self._big]
