@@ -8,6 +8,7 @@
 
 - ``monitor.py``: the hooks and when they run (``GradientMonitor``, ``NonFiniteError``).
 - ``stats.py``: the statistics, computed on the device.
+- ``noise.py``: the gradient noise scale and the cosine between successive logged gradients.
 - ``tensorboard.py``: tags, one TensorBoard run per layer (``<logdir>/layers/<name>/``), histograms,
   the custom-scalars layout; ``read_run(logdir)`` reads a run back under the flat tags.
 - ``plot.py``: ``python -m manualgrad.monitor.plot LOGDIR -o out.png``.

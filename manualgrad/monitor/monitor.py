@@ -13,6 +13,20 @@ an optimizer the user calls ``mon.step()`` after backward; there is then no upda
 Activations use forward hooks, and their gradients ``output.register_hook`` from inside the
 forward hook on logging steps: no full backward hooks, which break on in-place ops.
 
+Distributed. Statistics are those of the whole model on every rank: under DDP of the
+gradients after the all-reduce (rank 0's replica), under FSDP2 (``fully_shard``: DTensor
+parameters and gradients) combined from the shards: sums of squares added across ranks (each
+shard once, each replica once), maxima the maximum over shards, in the one all-reduce of a
+logging step. Histograms under sharding are of rank 0's shard.
+
+Also logged (``noise.py``): the gradient noise scale ``noise/B_simple`` (with ``noise/tr_sigma``,
+``noise/g_sq``) from the micro-batch and per-rank gradients (under FSDP2, the micro-batch
+increments of the sharded gradients), when a step has more than one of them (under
+torch.compile pass ``batch_size``); and ``grad/cosine_prev/<name>``, the cosine between a
+module's gradients at successive logging steps. Both work on logging steps only: one squared
+norm per parameter and micro-batch, one dot product per parameter, and a copy of the gradients
+kept from one logging step to the next (``cosine=False`` saves it).
+
 torch.compile. Hooks registered before compiling are traced into the graph without breaks:
 they only do tensor arithmetic into preallocated tensors. Whether the coming step is logged is
 a Python bool the graph is guarded on, so a compiled model holds up to three variants (plain,
@@ -29,7 +43,7 @@ import weakref
 import torch
 
 from .. import utils
-from . import stats
+from . import noise, stats
 from . import tensorboard as tb
 
 __all__ = ["GradientMonitor", "NonFiniteError"]
@@ -71,14 +85,25 @@ class GradientMonitor:
         on_nonfinite ('warn' | 'raise'): what to do at a logging step when a gradient or
             activation was NaN/Inf since the previous one.
         sharded (bool): under torch.distributed, each rank holds a disjoint shard of every
-            gradient (FSDP-like), so norms are summed across ranks. False (DDP): gradients are
-            replicated; only activation statistics and non-finite flags are reduced.
+            plain-tensor parameter and gradient (FSDP-like), so norms are summed across ranks.
+            False (DDP): they are replicated and rank 0's count. DTensor parameters (FSDP2's
+            ``fully_shard``) decide from their placements, whatever ``sharded`` says: Shard
+            pieces are summed, Replicate ones counted once. Build the monitor after wrapping.
+        noise_scale (bool): log the gradient noise scale B_simple (``noise/*``, see
+            ``noise.py``) when a step has more than one micro-batch or more than one rank.
+        batch_size (int, optional): samples per micro-batch on one rank, for the noise scale;
+            by default dim 0 of the first tensor argument of the model's forward.
+        noise_ema (float): smoothing of the noise scale over logging steps (0 = none).
+        cosine (bool): log ``grad/cosine_prev``, the cosine between each module's gradient at
+            this logging step and at the previous one. Costs one copy of the gradients (of this
+            rank's shard under FSDP), kept between logging steps.
 
     Use as a context manager, or call ``close()``: it removes every hook it registered.
     """
 
     def __init__(self, model, writer, optimizer=None, every=50, hist_every=1000, include=None,
-                 exclude=None, activations=False, on_nonfinite="warn", sharded=False):
+                 exclude=None, activations=False, on_nonfinite="warn", sharded=False,
+                 noise_scale=True, batch_size=None, noise_ema=0.9, cosine=True):
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
         if every < 1:
@@ -120,7 +145,7 @@ class GradientMonitor:
         if not self._params:
             raise ValueError("GradientMonitor: the model has no trainable parameters")
         self._param_ids = seen
-        dev = self._params[0].device
+        dev = stats.local(self._params[0]).device
         self._device = dev
         M = len(chosen)
         self._M = M
@@ -175,11 +200,14 @@ class GradientMonitor:
         self._closed = False
         self.first_nonfinite = None  # (module name, 'gradient'|'activation', step) once seen
 
+        self._init_distributed_stats(noise_scale, batch_size, noise_ema, cosine)  # B: noise.py, stats.py
+
         if self.rank == 0:
             present = {"grad/norm", "grad/max_abs", "param/norm", "global/grad_norm", "global/lr",
                        "global/clip_coef", "global/clip_fraction", "global/nonfinite"}
             if optimizer is not None:
                 present |= {"update/ratio", "update/log10_ratio"}
+            present |= self._stat_tags_present()  # B
             if A:
                 present |= {"act/mean", "act/std", "act/near_zero", "act/dead", "act/saturation", "act/grad_norm"}
             writer.add_custom_scalars(tb.custom_layout(present))
@@ -222,6 +250,8 @@ class GradientMonitor:
     def _on_clip(self, parameters, total_norm, clip_coef):
         if not any(id(p) in self._param_ids for p in parameters):
             return
+        if self._has_dtensor:  # FSDP2: the clip function computed N with DTensors
+            total_norm, clip_coef = stats.full(total_norm), stats.full(clip_coef)
         self._clip_norm, self._clip_coef = total_norm, clip_coef
         self._clip_count.add_(clip_coef < 1)
         self._clip_calls += 1
@@ -236,7 +266,14 @@ class GradientMonitor:
         self._after_update()
 
     def _grads(self):
+        if self._has_dtensor:  # FSDP2: this rank's shard
+            return [self._zero if p.grad is None else stats.local(p.grad.detach()) for p in self._params]
         return [self._zero if p.grad is None else p.grad.detach() for p in self._params]
+
+    def _local_params(self):
+        if self._has_dtensor:
+            return [stats.local(p.detach()) for p in self._params]
+        return [p.detach() for p in self._params]
 
     def _module_sum(self, per_param):
         """Σ over each module's parameters of a (P,) vector -> (M + 1,)."""
@@ -253,6 +290,7 @@ class GradientMonitor:
             # the max-abs norm), summed per module                              (M+1,)
             norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))  # (P,)
             g_sq = self._module_sum(norms * norms)
+            g_sq_across = g_sq if self._w is None else self._across(norms * norms)  # replicas once
         else:
             # other steps only need to know whether a gradient went NaN/Inf: a sum of g per
             # parameter turns either into a non-finite value, at half the cost of a norm
@@ -266,10 +304,10 @@ class GradientMonitor:
             return
         # logging step: max |g| = max(max g, -min g) (no |g| temporary), parameter norms, and a
         # copy of the parameters for the update
-        gmax = self._module_max(torch.stack([torch.maximum(g.amax(), -g.amin()).float() for g in grads]))
+        gmax = self._module_max(torch.stack([stats.max_abs(g) for g in grads]))
         with torch.no_grad():
-            params = [p.detach() for p in self._params]
-            p_sq = self._module_sum(torch.stack(torch._foreach_norm(params, 2.0, dtype=torch.float32)) ** 2)
+            params = self._local_params()
+            p_sq = self._across(torch.stack(torch._foreach_norm(params, 2.0, dtype=torch.float32)) ** 2)
             if self.optimizer is not None:
                 # one buffer, allocated at the first logging step and reused: no allocation
                 # proportional to the model afterwards
@@ -278,7 +316,8 @@ class GradientMonitor:
                 else:
                     torch._foreach_copy_(self._before, params)
                 self._have_before = True
-        self._pending = dict(g_sq=g_sq, g_max=gmax, p_sq=p_sq)
+        self._pending = dict(g_sq=g_sq_across, g_max=gmax, p_sq=p_sq)
+        self._stats_before_update(grads)  # B
         if self._hist_now:
             self._pending["hist"] = [
                 (kind, k, stats.histogram(torch.cat([t[i].flatten() for i in idx])))
@@ -301,6 +340,7 @@ class GradientMonitor:
         self._log_now = self._n % self.every == 0
         self._hist_now = self.hist_every > 0 and self._n % self.hist_every == 0
         self._step_t.fill_(self._n)
+        self._stats_after_update()  # B
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -310,8 +350,8 @@ class GradientMonitor:
         if self._have_before:
             with torch.no_grad():
                 # θ_before - θ_after, in place in the buffer: ||Δθ|| per parameter
-                torch._foreach_sub_(self._before, [p.detach() for p in self._params])
-                d_sq = self._module_sum(torch.stack(torch._foreach_norm(self._before, 2.0, dtype=torch.float32)) ** 2)
+                torch._foreach_sub_(self._before, self._local_params())
+                d_sq = self._across(torch.stack(torch._foreach_norm(self._before, 2.0, dtype=torch.float32)) ** 2)
             self._have_before = False
         A = len(self._act_mods)
         act = torch.stack([s if s is not None else torch.full((5,), math.nan, device=self._device)
@@ -320,9 +360,9 @@ class GradientMonitor:
                            for g in self._a_gnorm]) if A else None
 
         # Cross-rank reduction (logging steps only): sums, maxima, minima in three collectives.
-        sums = [P["p_sq"]] + ([d_sq] if d_sq is not None else [])
-        if self.sharded:
-            sums.append(P["g_sq"])
+        # Sums of squares are already weighted per parameter (``_across``): replicas count once.
+        extra = self._stat_sums()  # B: per-rank sums of the noise scale and cosine, reduced alike
+        sums = [P["p_sq"], P["g_sq"]] + ([d_sq] if d_sq is not None else []) + extra
         if self.world > 1:
             sum_parts = sums + ([act.flatten(), agn ** 2] if A else [])
             max_parts = [self._g_bad, P["g_max"]] + ([torch.stack(self._a_bad)] if A else [])
@@ -334,10 +374,11 @@ class GradientMonitor:
             # (only the reduced values are read back below; activation stats are averaged)
             s, mx, mn = flat
             P["p_sq"], s = s[: M + 1], s[M + 1 :]
+            P["g_sq"], s = s[: M + 1], s[M + 1 :]
             if d_sq is not None:
                 d_sq, s = s[: M + 1], s[M + 1 :]
-            if self.sharded:
-                P["g_sq"], s = s[: M + 1], s[M + 1 :]
+            for i, t in enumerate(extra):
+                extra[i], s = s[: t.numel()].reshape(t.shape), s[t.numel() :]
             if A:
                 act = s[: 5 * A].reshape(A, 5) / self.world
                 agn = (s[5 * A :] / self.world).sqrt()
@@ -369,6 +410,7 @@ class GradientMonitor:
             put("update/ratio", names, ratio[:M])
             put("update/log10_ratio", names, log10[:M])
         put("global/grad_norm", None, P["g_sq"].sum().sqrt())
+        self._put_stats(put, P["g_sq"], extra)  # B: noise/*, grad/cosine_prev/*
         host = {}  # scalars already on the host (float learning rates)
         if self.optimizer is not None:
             for i, group in enumerate(self.optimizer.param_groups):
@@ -448,6 +490,58 @@ class GradientMonitor:
             raise NonFiniteError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
+    # -- across ranks, noise scale, direction (stats.py, noise.py) -----------------------------
+
+    def _init_distributed_stats(self, noise_scale, batch_size, noise_ema, cosine):
+        self._has_dtensor = any(stats.is_dtensor(p) for p in self._params)
+        # w_p: 1 where this rank's piece of parameter p counts in a cross-rank sum (stats.rank_weight)
+        w = [stats.rank_weight(p, self.rank, self.world, self.sharded) for p in self._params]
+        self._w = None if all(x == 1.0 for x in w) else torch.tensor(w, device=self._device)
+        per_rank = not (self._has_dtensor or (self.sharded and self.world > 1))  # else increments of shards
+        self._noise = noise.NoiseScale(self, batch_size, noise_ema, per_rank) if noise_scale else None
+        self._direction = noise.Direction(self) if cosine else None
+        if self._noise is not None and self._log_now:
+            self._noise.arm()
+
+    def _stat_tags_present(self):
+        return ({"noise/B_simple", "noise/tr_sigma", "noise/g_sq"} if self._noise is not None else set()) | (
+            {"grad/cosine_prev"} if self._direction is not None else set())
+
+    def _across(self, per_param, weighted=True):
+        """Σ per module (+ rest) of a (P,) vector; ``weighted``: by w_p, so that a sum over ranks
+        counts each piece of a parameter once (not for per-rank quantities such as one rank's
+        micro-batch gradient).                                                       (M+1,)"""
+        if weighted and self._w is not None:
+            per_param = per_param * self._w
+        return torch.zeros(self._M + 1, device=self._device).index_add_(0, self._group, per_param)
+
+    def _stats_before_update(self, grads):
+        if self._has_dtensor:  # the weights w_p came from the parameters' placements
+            for p in self._params:
+                if p.grad is not None and stats.is_dtensor(p.grad):
+                    stats.check_placements(p.grad)
+                    if p.grad.placements != p.placements:
+                        raise NotImplementedError(
+                            f"GradientMonitor: a gradient placed as {p.grad.placements} for a parameter placed as "
+                            f"{p.placements}; only gradients placed like their parameters are supported"
+                        )
+        if self._direction is not None:
+            self._direction.before_update(grads)
+
+    def _stats_after_update(self):
+        if self._noise is not None and self._log_now:
+            self._noise.arm()  # for the coming logging step
+
+    def _stat_sums(self):
+        self._extra = [(x, x.sums()) for x in (self._noise, self._direction) if x is not None]
+        return [t for _, ts in self._extra for t in ts]
+
+    def _put_stats(self, put, g_sq, reduced):
+        for x, ts in self._extra:
+            mine, reduced = reduced[: len(ts)], reduced[len(ts) :]
+            x.put(put, g_sq, mine)
+        self._extra = []
+
     # -- lifetime ----------------------------------------------------------------------------
 
     def close(self):
@@ -461,6 +555,10 @@ class GradientMonitor:
         if self.optimizer is not None:
             _ATTACHED.discard(self.optimizer)
         self._before = None
+        if self._noise is not None:
+            self._noise.close()
+        if self._direction is not None:
+            self._direction.close()
         self._closed = True
         if self.rank == 0:
             self.writer.flush()

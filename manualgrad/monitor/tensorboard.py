@@ -8,6 +8,9 @@ Tags (``<name>`` is the module's name from ``named_modules``, "model" for the ro
     act/saturation/<name>  act/grad_norm/<name>                          (activations=True)
     global/grad_norm   global/lr/group<i>   global/clip_coef   global/clip_fraction
     global/nonfinite
+    grad/cosine_prev/<name>     cos(gradient now, gradient at the previous logging step)
+    noise/B_simple   noise/tr_sigma   noise/g_sq     gradient noise scale (more than one
+                                                    micro-batch or rank; see noise.py)
     hist/grad/<name>   hist/weight/<name>   hist/act/<name>              (every hist_every)
 
 On disk: one run per layer. TensorBoard colours lines by run, so per-module statistics are
@@ -50,6 +53,7 @@ MODULE_STATS = {  # tag prefix -> chart title in the custom-scalars layout
     "act/dead": "fraction of dead units",
     "act/saturation": "fraction saturated (tanh/sigmoid)",
     "act/grad_norm": "activation gradient L2 norm",
+    "grad/cosine_prev": "cosine(gradient, gradient at the previous log)",
 }
 GLOBAL_STATS = {
     "global/grad_norm": "total gradient L2 norm",
@@ -57,6 +61,9 @@ GLOBAL_STATS = {
     "global/clip_coef": "clip coefficient min(max_norm/N, 1)",
     "global/clip_fraction": "fraction of steps clipped",
     "global/nonfinite": "non-finite module-steps since the last log",
+    "noise/B_simple": "gradient noise scale B_simple = tr(Σ)/|G|² (samples)",
+    "noise/tr_sigma": "per-sample gradient variance tr(Σ) (moving average)",
+    "noise/g_sq": "squared true gradient norm |G|² (moving average)",
 }
 
 
