@@ -80,19 +80,22 @@ def lstm_forward_fast(x, steps, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh):
     act = _linear(x, w_ih * two_g, None if b is None else b * two_g[:, 0])
     w = _pack(w_hh * two_g, B)
     y, cs = x.new_empty(N, H), x.new_empty(N, H)
+    # per-step views, made once: act_t (B, 4H), its gates i, f, g, o (B, H) each, y_t, c_t (B, H)
     acts, ys, cs_t = act.view(steps, B, 4 * H).unbind(0), y.view(steps, B, H).unbind(0), cs.view(steps, B, H).unbind(0)
+    i_t, f_t, g_t, o_t = (act.view(steps, B, 4, H)[:, :, k].unbind(0) for k in range(4))
+    minus_one = x.new_full((), -1)  # 2 s - 1 as one op: minus_one + 2 s (alpha is no tensor to make)
     h, c = h0.contiguous(), c0
     for t in _time_order(steps, reverse):
         a = acts[t]
         # [i, f, g, o] = sigmoid(gi_t + h W_hh^T), g's column doubled     (B, 4H)
         torch.sigmoid(_addmm(a, h, w), out=a)
-        i, f, g, o = a.chunk(4, 1)
         # g = 2 sigmoid(2 a_g) - 1 = tanh(a_g)                 (B, H)
-        g.mul_(2).sub_(1)
+        g = torch.add(minus_one, g_t[t], alpha=2, out=g_t[t])
         # c' = f c + i g                                       (B, H)
-        c = torch.mul(f, c, out=cs_t[t]).addcmul_(i, g)
+        c = torch.mul(f_t[t], c, out=cs_t[t]).addcmul_(i_t[t], g)
         # h' = o tanh(c') = o (2 sigmoid(2 c') - 1)            (B, H)
-        h = torch.mul(c, 2, out=ys[t]).sigmoid_().mul_(2).sub_(1).mul_(o)
+        h = torch.add(c, c, out=ys[t]).sigmoid_()
+        h = torch.add(minus_one, h, alpha=2, out=h).mul_(o_t[t])
     return y, h.clone(), c.clone(), act, cs
 
 
@@ -105,16 +108,21 @@ def lstm_backward_fast(dy, dh_n, dc_n, x, steps, reverse, h0, c0, w_ih, w_hh, y,
         return torch.cat([states[B:], first] if reverse else [first, states[: N - B]])
 
     i, f, g, o = act.chunk(4, 1)
+    one, minus_one = x.new_ones(()), x.new_full((), -1)  # 1 - t^2 and 2 s - 1 as one op each
     # tanh c_t = 2 sigmoid(2 c_t) - 1                                           (N, H)
-    tanh_c = torch.mul(cs, 2).sigmoid_().mul_(2).sub_(1)
+    tanh_c = torch.add(cs, cs).sigmoid_()
+    tanh_c = torch.add(minus_one, tanh_c, alpha=2, out=tanh_c)
     # the local derivatives of every step (the reference's k and m):
     #   k = o (1 - tanh^2 c_t)                                                    (N, H)
-    k = torch.mul(tanh_c, tanh_c).neg_().add_(1).mul_(o)
+    k = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)
     #   m = [g i (1 - i), c_{t-1} f (1 - f), i (1 - g^2), tanh(c_t) o (1 - o)]     (N, 4H)
     m = torch.addcmul(act, act, act, value=-1)  # s (1 - s) for every gate
     m_i, m_f, m_g, m_o = m.chunk(4, 1)
-    m_i.mul_(g), m_f.mul_(shifted(cs, c0)), m_o.mul_(tanh_c)
-    torch.mul(g, g, out=m_g).neg_().add_(1).mul_(i)
+    m_i.mul_(g), m_o.mul_(tanh_c)
+    torch.addcmul(one, g, g, value=-1, out=m_g).mul_(i)
+    # c_{t-1}: c of the step before (in the order the steps ran), c0 for the first
+    first, rest = (slice(N - B, N), slice(0, N - B)) if reverse else (slice(0, B), slice(B, N))
+    m_f[first].mul_(c0), m_f[rest].mul_(cs[B:] if reverse else cs[: N - B])
     dgates = torch.empty_like(act)  # every step's [di, df, dg, do]            (N, 4H)
     w = _pack(w_hh.t(), B)
     dy = dy.contiguous()
@@ -136,9 +144,11 @@ def lstm_backward_fast(dy, dh_n, dc_n, x, steps, reverse, h0, c0, w_ih, w_hh, y,
         # dc_{t-1} = dc_t f_t                                   (B, H)
         dc.mul_(f[t])
     # dx = dG W_ih,  dW_ih = dG^T x,  dW_hh = dG^T h_{t-1},  db = sum over rows of dG
+    # (oneDNN copies a transposed operand on every call: dG^T made contiguous once)
     dx = _linear(dgates, w_ih.t()) if needs[0] else None
-    dw_ih = _linear(dgates.t(), x.t()) if needs[3] else None
-    dw_hh = _linear(dgates.t(), shifted(y, h0).t()) if needs[4] else None
+    dgates_t = dgates.t().contiguous() if needs[3] or needs[4] else None
+    dw_ih = _linear(dgates_t, x.t().contiguous()) if needs[3] else None
+    dw_hh = _linear(dgates_t, shifted(y, h0).t().contiguous()) if needs[4] else None
     db = dgates.sum(0) if needs[5] or needs[6] else None
     return (dx, dh if needs[1] else None, dc if needs[2] else None, dw_ih, dw_hh,
             db if needs[5] else None, (db.clone() if needs[5] else db) if needs[6] else None)
