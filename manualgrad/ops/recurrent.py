@@ -20,6 +20,10 @@ an LSTM the cell states; y is the output). Backward walks the steps in reverse c
 (and dc), stacks every step's gate gradients, and after the loop forms dx, dW_ih, dW_hh and the
 bias gradients each in one product / sum over all steps.
 
+Fast form: on a padded batch without projections (float32 / float64, eager CPU) LSTMFunction
+runs recurrent_fast.py, the same steps with fewer ops per step and oneDNN's products; the functions
+here are its reference (tests/ops/test_recurrent_fast.py) and run everywhere else.
+
 Double backward: the backward is written with differentiable torch ops. The saved activations
 are not connected to the inputs in autograd's graph, so when the backward itself is being
 recorded (create_graph) it recomputes them from x, h0 and the outputs, which are: the gate
