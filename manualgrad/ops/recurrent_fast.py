@@ -3,9 +3,9 @@ recurrent.py (the readable reference, which tests/ops/test_recurrent_fast.py com
 against), for the common case: a padded batch (every step has B rows), no projection, float32 or
 float64, outside torch.func transforms and torch.compile, and (backward) not recording a graph.
 
-Where the time goes (benchmarks/bench_rnn.py, default sizes): about 3/4 of an LSTM step is its
-products, the rest is Python and dispatch, about 1.5 us per elementwise op on a (B, H) step.
-So this form
+Where the time goes (benchmarks/bench_rnn.py, default sizes; its docstring has the figures): about
+3/4 is the products, the rest elementwise work and Python + dispatch (1-1.5 us per op on a
+(B, H) step). So this form
 - runs each product on oneDNN where torch has it (float32; torch.backends.mkldnn enabled): the
   per-step product with the weight packed once per call (oneDNN's layout), the products over all
   steps as oneDNN linears. On CPUs where MKL's sgemm takes a slower path (AMD: half the flops of
@@ -131,7 +131,8 @@ def lstm_backward_fast(dy, dh_n, dc_n, x, steps, reverse, h0, c0, w_ih, w_hh, y,
     dg3, dg_o, dgs, dys = per_step(dgates.view(N, 4, H)[:, :3], 3, H), per_step(dgates[:, 3 * H:], H), \
         per_step(dgates, 4 * H), per_step(dy, H)
     order = list(_time_order(steps, reverse))[::-1]
-    dh, dc = dys[order[0]] + dh_n, dc_n.clone()  # dh_t = dy_t + dh carried; dc carried    (B, H)
+    # carried: dh_t = dy_t + dh from the step after, dc (updated in place)     (B, H)
+    dh, dc = dys[order[0]] + dh_n, dc_n.clone(memory_format=torch.contiguous_format)
     dc3 = dc.unsqueeze(1)  # dc as (B, 1, H): a view, follows dc's in-place updates
     for s, t in enumerate(order):
         # dc_t = dc carried + dh_t k_t                          (B, H)

@@ -73,11 +73,21 @@ def test_fast_form_runs_on_a_padded_batch_only():
 
 
 def test_lstm_function_runs_the_fast_form_on_a_padded_batch(monkeypatch):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = (t.requires_grad_() for t in _inputs(3, 2, 3, 4, torch.float32, True))
+    leaves = [x, h0, c0, w_ih, w_hh, b_ih, b_hh]
+
+    def grads():  # the upstream gradients arrive expanded (stride 0), as from a sum
+        y, h, c = R.lstm(x, (2, 2, 2), True, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return [y, h, c] + list(torch.autograd.grad(y.sum() + h.sum() + c.sum(), leaves))
+
+    with monkeypatch.context() as m:
+        m.setattr(R, "lstm_fast_applies", lambda *a: False)
+        ref = grads()
     calls = []
     for name in ("lstm_forward_fast", "lstm_backward_fast"):
         f = getattr(R, name)
         monkeypatch.setattr(R, name, lambda *a, f=f, name=name: calls.append(name) or f(*a))
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = (t.requires_grad_() for t in _inputs(3, 2, 3, 4, torch.float32, True))
-    y, h, c = R.lstm(x, (2, 2, 2), False, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    (y.sum() + h.sum() + c.sum()).backward()
+    fast = grads()
     assert calls == ["lstm_forward_fast", "lstm_backward_fast"]
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
