@@ -19,6 +19,8 @@ Where the time goes (benchmarks/bench_rnn.py, default sizes; its docstring has t
   next step's dy added in the product that carries dh back.
 torch.tanh is about 7x slower than torch.sigmoid on a (B, H) step here, hence the identity.
 """
+import functools
+
 import torch
 
 try:  # oneDNN's linear (a forward-only product; absent when torch is built without oneDNN)
@@ -41,9 +43,23 @@ def lstm_fast_applies(batch_sizes, w_hr, x, *tensors):
                     and not torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors))
 
 
+@functools.cache
+def _onednn_works():
+    """Once: whether this build's oneDNN linear runs and agrees with torch.addmm (its overloads are
+    internal to torch, so an unexpected signature on another version or CPU means: not used)."""
+    try:
+        x, w, add = (torch.arange(float(n)).sin().view(r, n // r) for n, r in ((15, 3), (20, 4), (12, 3)))
+        ok = [(_LINEAR.binary(x, add, _PACK(w, 3), None, "add"), torch.addmm(add, x, w.t())),
+              (_LINEAR(x, w.t().t(), add[0], "none", [], ""), torch.addmm(add[0], x, w.t())),
+              (_LINEAR(add.t(), x.t(), None, "none", [], ""), add.t().mm(x))]
+        return all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in ok)
+    except Exception:  # noqa: BLE001  (any failure: the products stay torch.addmm / mm)
+        return False
+
+
 def _onednn(t):
     return (_LINEAR is not None and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled)
+            and torch.backends.mkldnn.enabled and _onednn_works())
 
 
 def _linear(x, w, b=None):

@@ -91,3 +91,13 @@ def test_lstm_function_runs_the_fast_form_on_a_padded_batch(monkeypatch):
     assert calls == ["lstm_forward_fast", "lstm_backward_fast"]
     for a, b in zip(ref, fast):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_check_leaves_the_random_stream_alone():
+    # it runs once, on an LSTM's first call: dropout masks drawn after it must stay torch's
+    RF._onednn_works.cache_clear()
+    torch.manual_seed(0)
+    RF._onednn(torch.ones(1))
+    drawn = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(3))
