@@ -12,8 +12,8 @@ Where the LSTM's time goes (default sizes, 1 thread, ours/torch alternating in o
 AVX-512 AMD EPYC shared with other jobs, so +-5%). Before: 2.2-2.3x torch (its oneDNN LSTM), 1.08x
 torch's per-step ATen LSTM (oneDNN off). The gap was the products: MKL's sgemm runs at about half
 oneDNN's speed on this CPU (the per-step 32 x 256 by 256 x 1024: 161 us vs 78-85 us with oneDNN's
-packed weight; a 2048 x 256 by 256 x 1024 over all steps: 9.0 ms vs 3.8-4.3 ms). Now: LSTM 1.18-1.27x
-(CPU time; bench wall time 1.20x), GRU 1.01x, RNN 0.95x. The LSTM runs ops/recurrent_fast.py on a
+packed weight; a 2048 x 256 by 256 x 1024 over all steps: 9.0 ms vs 3.8-4.3 ms). Now: LSTM 1.16-1.27x
+(CPU time, several runs; this bench's wall time 1.20-1.22x), GRU 1.01x, RNN 0.92-0.95x. The LSTM runs ops/recurrent_fast.py on a
 padded float32 batch: every product on oneDNN (torch.ops.mkldnn._linear_pointwise, forward-only,
 as torch's own LSTM), one sigmoid for the four gates, outputs written in place (8 elementwise ops
 and one product per step forward, 4 and one backward). Of ours (about 88-95 ms to torch's 71-74):
