@@ -12,11 +12,12 @@ Where the LSTM's time goes (default sizes, 1 thread, ours/torch alternating in o
 AVX-512 AMD EPYC shared with other jobs, so +-5%). Before: 2.2-2.3x torch (its oneDNN LSTM), 1.08x
 torch's per-step ATen LSTM (oneDNN off). The gap was the products: MKL's sgemm runs at about half
 oneDNN's speed on this CPU (the per-step 32 x 256 by 256 x 1024: 161 us vs 78-85 us with oneDNN's
-packed weight; a 2048 x 256 by 256 x 1024 over all steps: 9.0 ms vs 3.8-4.3 ms). Now: LSTM 1.16-1.27x
-(CPU time, several runs; this bench's wall time 1.20-1.22x), GRU 1.01x, RNN 0.92-0.95x. The LSTM runs ops/recurrent_fast.py on a
-padded float32 batch: every product on oneDNN (torch.ops.mkldnn._linear_pointwise, forward-only,
-as torch's own LSTM), one sigmoid for the four gates, outputs written in place (8 elementwise ops
-and one product per step forward, 4 and one backward). Of ours (about 88-95 ms to torch's 71-74):
+packed weight; a 2048 x 256 by 256 x 1024 over all steps: 9.0 ms vs 3.8-4.3 ms). Now: LSTM
+1.16-1.27x (CPU time, several runs; this bench's wall time 1.20-1.22x), GRU 1.01x, RNN 0.92-0.95x.
+The LSTM runs ops/recurrent_fast.py on a padded float32 batch: every product on oneDNN
+(torch.ops.mkldnn._linear_pointwise, forward-only, as torch's own LSTM), one sigmoid for the four
+gates, outputs written in place (8 elementwise ops and one product per step forward, 4 and one
+backward). Of ours (about 83-95 ms CPU time to torch's 71-74):
 - the products, the same ones torch's fused kernel computes: 0.87-0.88x torch on their own
   (per layer: input projection, 64 + 64 per-step products, dx, dW_ih, dW_hh; oneDNN costs about
   10 us per call on top of the flops, 2.6 ms over 256 per-step calls);
@@ -26,7 +27,7 @@ and one product per step forward, 4 and one backward). Of ours (about 88-95 ms t
   per-step elementwise (1.8 ms), weight packing and views (0.9 ms), db (0.5 ms).
 The Python + dispatch floor is small by comparison: 1,536 elementwise ops x 0.75-1.5 us = 1.2-2.3 ms.
 With oneDNN off (torch.backends.mkldnn.flags(enabled=False)) the fast form uses torch.addmm / mm
-and runs at 1.96x torch's oneDNN LSTM (the reference form: 2.1x), about 0.94x torch's per-step ATen LSTM.
+and runs at 1.94-1.97x torch's oneDNN LSTM (the reference form: 2.08-2.11x), about 0.94x torch's per-step ATen LSTM.
 
     python benchmarks/bench_rnn.py [--steps 20] [--warmup 3] [--threads 1] [--layers LSTM GRU RNN]
         [--input 256] [--hidden 256] [--seq 64] [--batch 32] [--num-layers 2]
