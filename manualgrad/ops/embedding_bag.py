@@ -6,7 +6,8 @@ W (num, D), per-sample weights p (n,), y (B, D).
 Entry i belongs to bag bag_i, the last bag starting at or before it; entries that take part in
 no bag (past the last offset with include_last_offset, or holding padding_idx) are left out.
 bag_i is recomputed from the offsets in backward rather than kept, as torch keeps only the
-indices and offsets (and p, W when p is given):
+indices and offsets (and p, W when p is given). The sum and mean forward runs in torch's
+forward-only kernel (bag_sum_forward_fast); bag_sum_forward is the formula it is tested against:
 
     sum:   y[b] = sum_{i in b} p_i W[idx_i]                   (p_i = 1 without per-sample weights)
     mean:  y[b] = (1 / |b|) sum_{i in b} W[idx_i]             |b| = entries of b taking part, 0 if none
@@ -54,7 +55,8 @@ def entry_bags(idx, offsets, include_last_offset, padding_idx):
 
 def _bag_sizes(bag, num_bags, dtype):
     # |b| = the entries taking part in bag b                                          (B,)
-    return torch.zeros(num_bags + 1, dtype=dtype, device=bag.device).index_add(0, bag, torch.ones_like(bag, dtype=dtype))[:num_bags]
+    size = torch.zeros(num_bags + 1, dtype=dtype, device=bag.device)
+    return size.index_add(0, bag, torch.ones_like(bag, dtype=dtype))[:num_bags]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +75,26 @@ def bag_sum_forward(idx, offsets, w, p, mean, include_last_offset, padding_idx):
         return s[:num_bags] / _bag_sizes(bag, num_bags, s.dtype).clamp_min(1).unsqueeze(1)
     # sum: y = s without row B (a copy: an output may not be a view of a temporary)   (B, D)
     return s[:num_bags].clone()
+
+
+def bag_sum_forward_fast(idx, offsets, w, p, mean, include_last_offset, padding_idx):
+    """bag_sum_forward in torch's forward-only kernel: each row read is added into its bag at once,
+    never stored as the (n, D) rows above (about 10x faster on the bench case: 82k rows of 64). The
+    plain form is the reference (tested equal) and runs where the kernel cannot: where a graph is
+    recorded (the kernel has no derivative: a jvp under double backward), under a transform (no
+    batching rule), for a table of width 0 (the kernel indexes past it) and for no offsets with
+    indices (no bags: the float64 kernel writes past its empty output)."""
+    tracked = torch.is_grad_enabled() and (w.requires_grad or (p is not None and p.requires_grad))
+    transformed = is_transformed(w) or (p is not None and is_transformed(p))
+    if tracked or transformed or w.shape[1] == 0 or offsets.shape[0] == 0:
+        return bag_sum_forward(idx, offsets, w, p, mean, include_last_offset, padding_idx)
+    # with include_last_offset the kernel adds the entries past the last offset to the last bag
+    # (torch 2.13 CPU, in float64 or with padding_idx; pytorch/pytorch#52851): every offset is
+    # given as a bag start instead, those entries land in an extra bag B, dropped as above
+    y = torch.ops.aten._embedding_bag_forward_only(
+        w, idx, offsets.to(idx.dtype), False, 1 if mean else 0, False, p, False,
+        -1 if padding_idx is None else padding_idx)[0]
+    return y[:-1].clone() if include_last_offset else y
 
 
 def bag_sum_backward(dy, idx, offsets, w, p, mean, include_last_offset, padding_idx, num,
@@ -117,7 +139,7 @@ class EmbeddingBagSumFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(idx, offsets, w, p, mean, include_last_offset, padding_idx, scale_grad_by_freq, sparse):
-        return bag_sum_forward(idx, offsets, w, p, mean, include_last_offset, padding_idx)
+        return bag_sum_forward_fast(idx, offsets, w, p, mean, include_last_offset, padding_idx)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -142,12 +164,13 @@ class EmbeddingBagSumFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, _didx, _doffsets, dw, dp, *_):
         idx, offsets, w, p = ctx.saved_tensors
-        # dy[b] = sum_{i in b} (p_i dW[idx_i] + dp_i W[idx_i])   (B, D) (over |b| for mean), each term where its tangent exists
+        # dy[b] = sum_{i in b} (p_i dW[idx_i] + dp_i W[idx_i]) (over |b| for mean)   (B, D)
+        # (each term where its tangent exists)
         terms = []
         if dw is not None:
-            terms.append(bag_sum_forward(idx, offsets, dw, p, *ctx.bags))
+            terms.append(bag_sum_forward_fast(idx, offsets, dw, p, *ctx.bags))
         if dp is not None:
-            terms.append(bag_sum_forward(idx, offsets, w, dp, *ctx.bags))
+            terms.append(bag_sum_forward_fast(idx, offsets, w, dp, *ctx.bags))
         return sum(terms[1:], terms[0])
 
 
