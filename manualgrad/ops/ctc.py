@@ -40,7 +40,7 @@ backward differentiates the whole recursion (slow, for checks).
 import torch
 
 from ._apply import FLOAT32, apply
-from ._checks import can_inspect_values, get_reduction
+from ._checks import can_inspect_values, get_reduction, is_transformed
 
 NEG_INF = float("-inf")
 
@@ -95,6 +95,12 @@ def ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths):
         step = _logsumexp(prev, _shift(prev, 1), torch.where(skip, _shift(prev, 2), NEG_INF))
         alpha.append(torch.where(valid, lpe[t] + step, NEG_INF))
     log_alpha = torch.stack(alpha)
+    return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths)
+
+
+def ctc_nll(log_alpha, input_lengths, target_lengths):
+    """nll (N,) from log alpha (T, N, L): the paths that end on l'_{2 S_n} or l'_{2 S_n - 1} at T_n - 1."""
+    n, length = log_alpha.shape[1:]
     # alpha at each sequence's last step T_n - 1                             (N, L)
     last = log_alpha.gather(0, (input_lengths - 1).clamp_min(0).view(1, n, 1).expand(1, n, length))[0]
     end = 2 * target_lengths[:, None]
@@ -103,8 +109,7 @@ def ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths):
     a_label = torch.where(end > 0, last.gather(1, (end - 1).clamp_min(0)), NEG_INF)[:, 0]
     nll = -_logsumexp(a_blank, a_label)
     # no time step (T_n = 0): only the empty target fits, with probability 1
-    nll = torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, float("inf")), nll)
-    return log_alpha, nll
+    return torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, float("inf")), nll)
 
 
 def ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths):
@@ -129,10 +134,9 @@ def ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths):
     return torch.stack(beta[::-1])
 
 
-def ctc_grad(lp, ext, skip, valid, input_lengths, target_lengths, log_alpha, nll, zero_infinity):
+def ctc_grad(lp, ext, input_lengths, log_alpha, log_beta, nll, zero_infinity):
     """torch's gradient of each nll_n wrt lp (T, N, C), as derived in the module docstring."""
     t_max, n, c = lp.shape
-    log_beta = ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths)
     lpe = lp.gather(2, ext.expand(t_max, n, ext.shape[1]))
     impossible = torch.isinf(nll)[:, None]
     # (no path: alpha beta = 0 everywhere; a finite nll there keeps exp and its derivatives nan-free)
@@ -149,6 +153,77 @@ def ctc_grad(lp, ext, skip, valid, input_lengths, target_lengths, log_alpha, nll
     # no gradient past each sequence's end t >= T_n                           (T, N, C)
     inside = torch.arange(t_max, device=lp.device)[:, None, None] < input_lengths[:, None]
     return torch.where(inside, grad, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast form: the same recursions, three torch calls per time step
+#
+# At these sizes (N L ~ 300 numbers per step) a step costs what its torch calls cost in Python
+# dispatch (~1.5 us each), not arithmetic: ctc_alpha's step makes ~25 calls, this one 3. The plain
+# forms above are the reference (tested equal) and run where a graph is recorded (double
+# backward differentiates them) or under a transform (the loop writes into one buffer in place).
+
+def can_run_fast(lp):
+    return not torch.is_grad_enabled() and not is_transformed(lp)
+
+
+def _alpha_recursion(lpe, skip):
+    """log alpha (T, N, L) of lpe = lp_t(l'_s), -inf where s is not valid (T, N, L), and skip (N, L)."""
+    t_max, n, length = lpe.shape
+    # rows: a start (log 1 on s = 0: alpha_0 is then one more step), alpha_0 .. alpha_{T-1};
+    # two -inf columns in front, so that alpha(s - 2), alpha(s - 1), alpha(s) are views     (T + 1, N, L + 2)
+    buf = lpe.new_full((t_max + 1, n, length + 2), NEG_INF)
+    buf[0, :, 2] = 0
+    # step t reads row t as (3, N, L): [alpha(s - 2), alpha(s - 1), alpha(s)]
+    prev = buf.as_strided((t_max, 3, n, length), (n * (length + 2), 1, length + 2, 1)).unbind(0)
+    out = buf[1:, :, 2:].unbind(0)
+    # what is added to each: lp_t(l'_s), and -inf to alpha(s - 2) where no skip     (T, 3, N, L)
+    add = lpe.unsqueeze(1).repeat(1, 3, 1, 1)
+    add[:, 0].masked_fill_(~skip, NEG_INF)
+    add = add.unbind(0)
+    x = lpe.new_empty(3, n, length)
+    x0, x1, x2 = x.unbind(0)
+    u = lpe.new_empty(n, length)
+    for t in range(t_max):
+        # alpha_t(s) = lse(alpha_{t-1}(s-2) if skip(s), alpha_{t-1}(s-1), alpha_{t-1}(s)) + lp_t(l'_s)
+        # (lp_t added to each term: the same sum)                                 (N, L)
+        torch.add(prev[t], add[t], out=x)
+        torch.logaddexp(x0, x1, out=u)
+        torch.logaddexp(u, x2, out=out[t])
+    # (a copy: kept for backward without the buffer's padding)
+    return buf[1:, :, 2:].contiguous()
+
+
+def ctc_alpha_fast(lp, ext, skip, valid, input_lengths, target_lengths):
+    """ctc_alpha's log alpha (T, N, L) and nll (N,) in three calls per step."""
+    t_max, n, length = lp.shape[0], *ext.shape
+    # lp_t(l'_s), -inf past each l'                                          (T, N, L)
+    lpe = lp.gather(2, ext.expand(t_max, n, length)).masked_fill_(~valid, NEG_INF)
+    log_alpha = _alpha_recursion(lpe, skip)
+    return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths)
+
+
+def ctc_beta_fast(lp, targets, blank, valid, input_lengths, target_lengths):
+    """ctc_beta's log beta (T, N, L) as alpha of the reversed problem: time reversed within each
+    T_n, labels within each S_n (whose l' is l' reversed; skip(s + 2) becomes its skip), so that
+    beta_t(s) = alpha'_{T_n - 1 - t}(2 S_n - s)."""
+    t_max, n, c = lp.shape
+    s_max, length = targets.shape[1], valid.shape[1]
+    t = torch.arange(t_max, device=lp.device)
+    # the step T_n - 1 - t each reversed step t reads (past T_n: any, unused)   (T, N)
+    t_rev = (input_lengths - 1 - t[:, None]).clamp_min(0)
+    lp_rev = lp.gather(0, t_rev[:, :, None].expand(t_max, n, c))
+    # l_{S_n - k}, the targets reversed (past S_n: any, blanked by extended_labels)   (N, S)
+    k = torch.arange(s_max, device=lp.device)
+    targets_rev = targets.gather(1, (target_lengths[:, None] - 1 - k).clamp_min(0))
+    ext_rev, skip_rev, _ = extended_labels(targets_rev, target_lengths, blank)
+    lpe_rev = lp_rev.gather(2, ext_rev.expand(t_max, n, length)).masked_fill_(~valid, NEG_INF)
+    alpha_rev = _alpha_recursion(lpe_rev, skip_rev)
+    # beta_t(s) = alpha'_{T_n - 1 - t}(2 S_n - s); -inf past T_n or l'       (T, N, L)
+    s_rev = (2 * target_lengths[:, None] - torch.arange(length, device=lp.device)).clamp_min(0)
+    beta = alpha_rev.gather(0, t_rev[:, :, None].expand(t_max, n, length)).gather(2, s_rev.expand(t_max, n, length))
+    inside = (t[:, None, None] < input_lengths[:, None]) & valid
+    return beta.masked_fill_(~inside, NEG_INF)
 
 
 def _scale(target_lengths, reduction, dtype):
@@ -170,7 +245,8 @@ class CTCLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(lp, targets, input_lengths, target_lengths, blank, reduction, zero_infinity):
         ext, skip, valid = extended_labels(targets, target_lengths, blank)
-        log_alpha, nll = ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths)
+        alpha = ctc_alpha_fast if can_run_fast(lp) else ctc_alpha
+        log_alpha, nll = alpha(lp, ext, skip, valid, input_lengths, target_lengths)
         # zero_infinity: a loss of inf (no path) becomes 0                    (N,)
         # (a copy without it: nll is also an output, marked non-differentiable)
         losses = torch.where(torch.isinf(nll), 0.0, nll) if zero_infinity else nll.clone()
@@ -191,7 +267,11 @@ class CTCLossFunction(torch.autograd.Function):
         ext, skip, valid = extended_labels(targets, target_lengths, ctx.blank)
         if torch.is_grad_enabled():  # double backward: alpha and nll as functions of lp
             log_alpha, nll = ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths)
-        grad = ctc_grad(lp, ext, skip, valid, input_lengths, target_lengths, log_alpha, nll, ctx.zero_infinity)
+        if can_run_fast(lp):
+            log_beta = ctc_beta_fast(lp, targets, ctx.blank, valid, input_lengths, target_lengths)
+        else:
+            log_beta = ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths)
+        grad = ctc_grad(lp, ext, input_lengths, log_alpha, log_beta, nll, ctx.zero_infinity)
         return grad, _scale(target_lengths, ctx.reduction, lp.dtype)
 
     @staticmethod
