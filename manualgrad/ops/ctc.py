@@ -134,52 +134,55 @@ def ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths):
     return torch.stack(beta[::-1])
 
 
-def ctc_grad(lp, ext, input_lengths, log_alpha, log_beta, nll, zero_infinity):
+def ctc_occupancy(lpe, log_alpha, log_beta, nll):
+    """gamma (T, N, L): the probability that a path of l is in state s at t; lpe = lp_t(l'_s) (T, N, L)."""
+    # (no path: alpha beta = 0 everywhere; a finite nll there keeps exp and its derivatives nan-free)
+    nll = torch.where(torch.isinf(nll), 0.0, nll)
+    # gamma_t(s) = alpha_t(s) beta_t(s) / (y_t(l'_s) p(l|x)), <= 1              (T, N, L)
+    return torch.exp(log_alpha + log_beta - lpe + nll[:, None])
+
+
+def ctc_grad(lp, ext, input_lengths, gamma, nll, zero_infinity):
     """torch's gradient of each nll_n wrt lp (T, N, C), as derived in the module docstring."""
     t_max, n, c = lp.shape
-    lpe = lp.gather(2, ext.expand(t_max, n, ext.shape[1]))
-    impossible = torch.isinf(nll)[:, None]
-    # (no path: alpha beta = 0 everywhere; a finite nll there keeps exp and its derivatives nan-free)
-    nll = torch.where(impossible[:, 0], 0.0, nll)
-    # gamma_t(s) = alpha_t(s) beta_t(s) / (y_t(l'_s) p(l|x)): state occupancy, <= 1   (T, N, L)
-    gamma = torch.exp(log_alpha + log_beta - lpe + nll[:, None])
     # sum over the states s with l'_s = c                                     (T, N, C)
     occupancy = torch.zeros_like(lp).scatter_add(2, ext.expand(t_max, n, ext.shape[1]), gamma)
     # d nll / d lp_t(c) = exp(lp_t(c)) - sum_{s: l'_s = c} gamma_t(s)         (T, N, C)
     grad = torch.exp(lp) - occupancy
     # no path (nll = inf): torch's exp(-inf + inf) is nan for every class;
     # with zero_infinity the gradient is 0                                    (T, N, C)
-    grad = torch.where(impossible, 0.0 if zero_infinity else float("nan"), grad)
+    grad = torch.where(torch.isinf(nll)[:, None], 0.0 if zero_infinity else float("nan"), grad)
     # no gradient past each sequence's end t >= T_n                           (T, N, C)
     inside = torch.arange(t_max, device=lp.device)[:, None, None] < input_lengths[:, None]
     return torch.where(inside, grad, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
-# the fast form: the same recursions, three torch calls per time step
+# the fast form: both recursions in one loop of three torch calls per time step
 #
 # At these sizes (N L ~ 300 numbers per step) a step costs what its torch calls cost in Python
-# dispatch (~1.5 us each), not arithmetic: ctc_alpha's step makes ~25 calls, this one 3. The plain
-# forms above are the reference (tested equal) and run where a graph is recorded (double
-# backward differentiates them) or under a transform (the loop writes into one buffer in place).
+# dispatch (~1.5 us each), not arithmetic: ctc_alpha's step makes ~25 calls, this one 3, and beta
+# runs in the same loop as N more sequences (so a step costs about the same). The plain forms
+# above are the reference (tested equal) and run where a graph is recorded (double backward
+# differentiates them) or under a transform (the loop writes into one buffer in place).
 
 def can_run_fast(lp):
     return not torch.is_grad_enabled() and not is_transformed(lp)
 
 
-def _alpha_recursion(lpe, skip):
-    """log alpha (T, N, L) of lpe = lp_t(l'_s), -inf where s is not valid (T, N, L), and skip (N, L)."""
+def _alpha_recursion(lpe, skip, start):
+    """log alpha (T, N, L) of lpe = lp_t(l'_s), -inf where s is not valid (T, N, L), and skip (N, L);
+    start (N, L): the states a path is in before t = 0 (log 1 there, -inf elsewhere)."""
     t_max, n, length = lpe.shape
-    # rows: a start (log 1 on s = 0: alpha_0 is then one more step), alpha_0 .. alpha_{T-1};
-    # two -inf columns in front, so that alpha(s - 2), alpha(s - 1), alpha(s) are views     (T + 1, N, L + 2)
+    # rows: the start, then alpha_0 .. alpha_{T-1}; two -inf columns in front, so that
+    # alpha(s - 2), alpha(s - 1), alpha(s) are views                          (T + 1, N, L + 2)
     buf = lpe.new_full((t_max + 1, n, length + 2), NEG_INF)
-    buf[0, :, 2] = 0
+    buf[0, :, 2:].masked_fill_(start, 0.0)
     # step t reads row t as (3, N, L): [alpha(s - 2), alpha(s - 1), alpha(s)]
     prev = buf.as_strided((t_max, 3, n, length), (n * (length + 2), 1, length + 2, 1)).unbind(0)
     out = buf[1:, :, 2:].unbind(0)
     # what is added to each: lp_t(l'_s), and -inf to alpha(s - 2) where no skip     (T, 3, N, L)
-    add = lpe.unsqueeze(1).repeat(1, 3, 1, 1)
-    add[:, 0].masked_fill_(~skip, NEG_INF)
+    add = torch.where(torch.stack([skip, torch.ones_like(skip), torch.ones_like(skip)]), lpe.unsqueeze(1), NEG_INF)
     add = add.unbind(0)
     x = lpe.new_empty(3, n, length)
     x0, x1, x2 = x.unbind(0)
@@ -190,40 +193,37 @@ def _alpha_recursion(lpe, skip):
         torch.add(prev[t], add[t], out=x)
         torch.logaddexp(x0, x1, out=u)
         torch.logaddexp(u, x2, out=out[t])
-    # (a copy: kept for backward without the buffer's padding)
-    return buf[1:, :, 2:].contiguous()
+    return buf[1:, :, 2:]
 
 
-def ctc_alpha_fast(lp, ext, skip, valid, input_lengths, target_lengths):
-    """ctc_alpha's log alpha (T, N, L) and nll (N,) in three calls per step."""
-    t_max, n, length = lp.shape[0], *ext.shape
+def ctc_alpha_beta_fast(lpe, skip, valid, input_lengths, target_lengths, with_beta=True):
+    """ctc_alpha's log alpha (T, N, L) and nll (N,), and ctc_beta's log beta (T, N, L) (or None),
+    from lpe = lp_t(l'_s) (T, N, L).
+
+    beta is alpha with time and states flipped, B_r(j) = beta_{T-1-r}(L-1-j), run next to alpha as
+    N more sequences. It starts (at t = T) on s = 2 S_n, and past each sequence (t >= T_n) it keeps
+    that start alone: there lp is taken as 0 on s = 2 S_n and -inf elsewhere.
+    """
+    t_max, n, length = lpe.shape
+    s = torch.arange(length, device=lpe.device)
     # lp_t(l'_s), -inf past each l'                                          (T, N, L)
-    lpe = lp.gather(2, ext.expand(t_max, n, length)).masked_fill_(~valid, NEG_INF)
-    log_alpha = _alpha_recursion(lpe, skip)
-    return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths)
-
-
-def ctc_beta_fast(lp, targets, blank, valid, input_lengths, target_lengths):
-    """ctc_beta's log beta (T, N, L) as alpha of the reversed problem: time reversed within each
-    T_n, labels within each S_n (whose l' is l' reversed; skip(s + 2) becomes its skip), so that
-    beta_t(s) = alpha'_{T_n - 1 - t}(2 S_n - s)."""
-    t_max, n, c = lp.shape
-    s_max, length = targets.shape[1], valid.shape[1]
-    t = torch.arange(t_max, device=lp.device)
-    # the step T_n - 1 - t each reversed step t reads (past T_n: any, unused)   (T, N)
-    t_rev = (input_lengths - 1 - t[:, None]).clamp_min(0)
-    lp_rev = lp.gather(0, t_rev[:, :, None].expand(t_max, n, c))
-    # l_{S_n - k}, the targets reversed (past S_n: any, blanked by extended_labels)   (N, S)
-    k = torch.arange(s_max, device=lp.device)
-    targets_rev = targets.gather(1, (target_lengths[:, None] - 1 - k).clamp_min(0))
-    ext_rev, skip_rev, _ = extended_labels(targets_rev, target_lengths, blank)
-    lpe_rev = lp_rev.gather(2, ext_rev.expand(t_max, n, length)).masked_fill_(~valid, NEG_INF)
-    alpha_rev = _alpha_recursion(lpe_rev, skip_rev)
-    # beta_t(s) = alpha'_{T_n - 1 - t}(2 S_n - s); -inf past T_n or l'       (T, N, L)
-    s_rev = (2 * target_lengths[:, None] - torch.arange(length, device=lp.device)).clamp_min(0)
-    beta = alpha_rev.gather(0, t_rev[:, :, None].expand(t_max, n, length)).gather(2, s_rev.expand(t_max, n, length))
-    inside = (t[:, None, None] < input_lengths[:, None]) & valid
-    return beta.masked_fill_(~inside, NEG_INF)
+    lpe = lpe.masked_fill(~valid, NEG_INF)
+    first = (s == 0).expand(n, length)
+    if not with_beta:
+        log_alpha = _alpha_recursion(lpe, skip, first).contiguous()  # (kept for backward: without the padding)
+        return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths), None
+    end = s == 2 * target_lengths[:, None]
+    after = torch.arange(t_max, device=lpe.device)[:, None, None] >= input_lengths[:, None]
+    # beta's lp: past T_n, 0 on the end state and -inf elsewhere             (T, N, L)
+    lpe_beta = torch.where(after, torch.where(end, 0.0, NEG_INF), lpe)
+    # beta steps from s + 2 into s where skip(s + 2)                          (N, L)
+    skip_beta = torch.cat([skip, skip.new_zeros(n, 2)], 1)[:, 2:]
+    both = _alpha_recursion(torch.cat([lpe, lpe_beta.flip(0, 2)], 1), torch.cat([skip, skip_beta.flip(1)]),
+                            torch.cat([first, end.flip(1)]))
+    log_alpha = both[:, :n]
+    # beta_t(s) = B_{T-1-t}(L-1-s); -inf past T_n                              (T, N, L)
+    log_beta = both[:, n:].flip(0, 2).masked_fill_(after, NEG_INF)
+    return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths), log_beta
 
 
 def _scale(target_lengths, reduction, dtype):
@@ -239,57 +239,73 @@ def _reduce(losses, scale, reduction):
 
 
 class CTCLossFunction(torch.autograd.Function):
+    """Keeps what torch keeps, nll and one (T, N, L) tensor: gamma where the fast form ran both
+    recursions in forward (keep_gamma: a gradient is to come), else log alpha."""
     autocast = FLOAT32  # a loss: float32 (torch's autocast lists)
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(lp, targets, input_lengths, target_lengths, blank, reduction, zero_infinity):
+    def forward(lp, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, keep_gamma):
         ext, skip, valid = extended_labels(targets, target_lengths, blank)
-        alpha = ctc_alpha_fast if can_run_fast(lp) else ctc_alpha
-        log_alpha, nll = alpha(lp, ext, skip, valid, input_lengths, target_lengths)
+        # lp_t(l'_s)                                                           (T, N, L)
+        lpe = lp.gather(2, ext.expand(lp.shape[0], *ext.shape))
+        if can_run_fast(lp):
+            log_alpha, nll, log_beta = ctc_alpha_beta_fast(lpe, skip, valid, input_lengths, target_lengths,
+                                                           with_beta=keep_gamma)
+        else:
+            log_alpha, nll = ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths)
+            log_beta = ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths) if keep_gamma else None
+        kept = ctc_occupancy(lpe, log_alpha, log_beta, nll) if keep_gamma else log_alpha
         # zero_infinity: a loss of inf (no path) becomes 0                    (N,)
         # (a copy without it: nll is also an output, marked non-differentiable)
         losses = torch.where(torch.isinf(nll), 0.0, nll) if zero_infinity else nll.clone()
-        return _reduce(losses, _scale(target_lengths, reduction, lp.dtype), reduction), log_alpha, nll
+        return _reduce(losses, _scale(target_lengths, reduction, lp.dtype), reduction), kept, nll
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        lp, targets, input_lengths, target_lengths, blank, ctx.reduction, ctx.zero_infinity = inputs
-        _, log_alpha, nll = output
-        ctx.mark_non_differentiable(log_alpha, nll)
+        lp, targets, input_lengths, target_lengths, blank, ctx.reduction, ctx.zero_infinity, ctx.keep_gamma = inputs
+        _, kept, nll = output
+        ctx.mark_non_differentiable(kept, nll)
         ctx.blank = blank
-        ctx.save_for_backward(lp, targets, input_lengths, target_lengths, log_alpha, nll)
-        ctx.save_for_forward(lp, targets, input_lengths, target_lengths, log_alpha, nll)
+        ctx.save_for_backward(lp, targets, input_lengths, target_lengths, kept, nll)
+        ctx.save_for_forward(lp, targets, input_lengths, target_lengths, kept, nll)
 
     @staticmethod
     def _grad(ctx, saved):
-        lp, targets, input_lengths, target_lengths, log_alpha, nll = saved
+        lp, targets, input_lengths, target_lengths, kept, nll = saved
         ext, skip, valid = extended_labels(targets, target_lengths, ctx.blank)
-        if torch.is_grad_enabled():  # double backward: alpha and nll as functions of lp
-            log_alpha, nll = ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths)
-        if can_run_fast(lp):
-            log_beta = ctc_beta_fast(lp, targets, ctx.blank, valid, input_lengths, target_lengths)
+        if ctx.keep_gamma and not torch.is_grad_enabled():
+            gamma = kept
         else:
-            log_beta = ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths)
-        grad = ctc_grad(lp, ext, input_lengths, log_alpha, log_beta, nll, ctx.zero_infinity)
+            # lp_t(l'_s)                                                       (T, N, L)
+            lpe = lp.gather(2, ext.expand(lp.shape[0], *ext.shape))
+            if can_run_fast(lp):
+                log_alpha, nll, log_beta = ctc_alpha_beta_fast(lpe, skip, valid, input_lengths, target_lengths)
+            else:
+                # with a graph recorded (double backward): alpha and nll as functions of lp
+                log_alpha, nll = (ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths)
+                                  if torch.is_grad_enabled() else (kept, nll))
+                log_beta = ctc_beta(lp, ext, skip, valid, input_lengths, target_lengths)
+            gamma = ctc_occupancy(lpe, log_alpha, log_beta, nll)
+        grad = ctc_grad(lp, ext, input_lengths, gamma, nll, ctx.zero_infinity)
         return grad, _scale(target_lengths, ctx.reduction, lp.dtype)
 
     @staticmethod
-    def backward(ctx, dout, _log_alpha, _nll):
+    def backward(ctx, dout, _kept, _nll):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 7
+            return (None,) * 8
         grad, scale = CTCLossFunction._grad(ctx, ctx.saved_tensors)
         # d nll_n = dout_n (none) or dout scale_n (sum, mean)                 (N,)
         dnll = dout * scale
         # dlp = dnll_n d nll_n / d lp                                          (T, N, C)
-        return grad * dnll[:, None], None, None, None, None, None, None
+        return grad * dnll[:, None], None, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, dlp, *_):
         grad, scale = CTCLossFunction._grad(ctx, ctx.saved_tensors)
         # d nll_n = sum_{t, c} d nll_n / d lp_t(c) dlp_t(c)                   (N,)
         dnll = (grad * dlp).sum((0, 2))
-        # log alpha and nll are non-differentiable outputs: no tangent
+        # gamma or log alpha, and nll are non-differentiable outputs: no tangent
         return _reduce(dnll, scale, ctx.reduction), None, None
 
 
@@ -362,5 +378,7 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
         targets = _to_padded(targets, tl)
     elif targets.dim() != 2:
         raise RuntimeError(f"targets must be 1-D (concatenated) or 2-D (N, S), got {targets.dim()}-D")
-    loss = apply(CTCLossFunction, lp, targets, il, tl, blank, reduction, zero_infinity)[0]
+    # a gradient is to come: the fast form runs beta in forward too and keeps gamma
+    keep_gamma = torch.is_grad_enabled() and lp.requires_grad and not is_transformed(lp)
+    loss = apply(CTCLossFunction, lp, targets, il, tl, blank, reduction, zero_infinity, keep_gamma)[0]
     return loss.squeeze(0) if reduction == "none" and not batched else loss
