@@ -98,8 +98,9 @@ def ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths):
     return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths)
 
 
-def ctc_nll(log_alpha, input_lengths, target_lengths):
-    """nll (N,) from log alpha (T, N, L): the paths that end on l'_{2 S_n} or l'_{2 S_n - 1} at T_n - 1."""
+def ctc_nll(log_alpha, input_lengths, target_lengths, lse=_logsumexp):
+    """nll (N,) from log alpha (T, N, L): the paths that end on l'_{2 S_n} or l'_{2 S_n - 1} at T_n - 1.
+    (lse: torch.logaddexp where no gradient is taken: one call, the same value)"""
     n, length = log_alpha.shape[1:]
     # alpha at each sequence's last step T_n - 1                             (N, L)
     last = log_alpha.gather(0, (input_lengths - 1).clamp_min(0).view(1, n, 1).expand(1, n, length))[0]
@@ -107,7 +108,7 @@ def ctc_nll(log_alpha, input_lengths, target_lengths):
     # nll = -lse(alpha(2 S_n), alpha(2 S_n - 1)); the label end only if S_n > 0   (N,)
     a_blank = last.gather(1, end)[:, 0]
     a_label = torch.where(end > 0, last.gather(1, (end - 1).clamp_min(0)), NEG_INF)[:, 0]
-    nll = -_logsumexp(a_blank, a_label)
+    nll = -lse(a_blank, a_label)
     # no time step (T_n = 0): only the empty target fits, with probability 1
     return torch.where(input_lengths == 0, torch.where(target_lengths == 0, 0.0, float("inf")), nll)
 
@@ -139,7 +140,7 @@ def ctc_occupancy(lpe, log_alpha, log_beta, nll):
     # (no path: alpha beta = 0 everywhere; a finite nll there keeps exp and its derivatives nan-free)
     nll = torch.where(torch.isinf(nll), 0.0, nll)
     # gamma_t(s) = alpha_t(s) beta_t(s) / (y_t(l'_s) p(l|x)), <= 1              (T, N, L)
-    return torch.exp(log_alpha + log_beta - lpe + nll[:, None])
+    return (log_alpha + log_beta).sub_(lpe).add_(nll[:, None]).exp_()
 
 
 def ctc_grad(lp, ext, input_lengths, gamma, nll, zero_infinity):
@@ -149,12 +150,12 @@ def ctc_grad(lp, ext, input_lengths, gamma, nll, zero_infinity):
     occupancy = torch.zeros_like(lp).scatter_add(2, ext.expand(t_max, n, ext.shape[1]), gamma)
     # d nll / d lp_t(c) = exp(lp_t(c)) - sum_{s: l'_s = c} gamma_t(s)         (T, N, C)
     grad = torch.exp(lp) - occupancy
-    # no path (nll = inf): torch's exp(-inf + inf) is nan for every class;
-    # with zero_infinity the gradient is 0                                    (T, N, C)
-    grad = torch.where(torch.isinf(nll)[:, None], 0.0 if zero_infinity else float("nan"), grad)
-    # no gradient past each sequence's end t >= T_n                           (T, N, C)
+    # no gradient past each sequence's end t >= T_n; no path (nll = inf): torch's exp(-inf + inf)
+    # is nan for every class, with zero_infinity the gradient is 0            (T, N, 1)
     inside = torch.arange(t_max, device=lp.device)[:, None, None] < input_lengths[:, None]
-    return torch.where(inside, grad, 0.0)
+    impossible = torch.isinf(nll)[:, None]
+    other = torch.where(inside & impossible, 0.0 if zero_infinity else float("nan"), 0.0).to(grad.dtype)
+    return torch.where(inside & ~impossible, grad, other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,17 +183,17 @@ def _alpha_recursion(lpe, skip, start):
     prev = buf.as_strided((t_max, 3, n, length), (n * (length + 2), 1, length + 2, 1)).unbind(0)
     out = buf[1:, :, 2:].unbind(0)
     # what is added to each: lp_t(l'_s), and -inf to alpha(s - 2) where no skip     (T, 3, N, L)
-    add = torch.where(torch.stack([skip, torch.ones_like(skip), torch.ones_like(skip)]), lpe.unsqueeze(1), NEG_INF)
-    add = add.unbind(0)
+    no_skip = torch.where(skip, 0.0, NEG_INF).to(lpe.dtype)
+    add = (lpe.unsqueeze(1) + torch.stack([no_skip, torch.zeros_like(no_skip), torch.zeros_like(no_skip)])).unbind(0)
     x = lpe.new_empty(3, n, length)
     x0, x1, x2 = x.unbind(0)
     u = lpe.new_empty(n, length)
-    for t in range(t_max):
+    for prev_t, add_t, alpha_t in zip(prev, add, out):
         # alpha_t(s) = lse(alpha_{t-1}(s-2) if skip(s), alpha_{t-1}(s-1), alpha_{t-1}(s)) + lp_t(l'_s)
         # (lp_t added to each term: the same sum)                                 (N, L)
-        torch.add(prev[t], add[t], out=x)
+        torch.add(prev_t, add_t, out=x)
         torch.logaddexp(x0, x1, out=u)
-        torch.logaddexp(u, x2, out=out[t])
+        torch.logaddexp(u, x2, out=alpha_t)
     return buf[1:, :, 2:]
 
 
@@ -206,24 +207,25 @@ def ctc_alpha_beta_fast(lpe, skip, valid, input_lengths, target_lengths, with_be
     """
     t_max, n, length = lpe.shape
     s = torch.arange(length, device=lpe.device)
-    # lp_t(l'_s), -inf past each l'                                          (T, N, L)
-    lpe = lpe.masked_fill(~valid, NEG_INF)
     first = (s == 0).expand(n, length)
     if not with_beta:
-        log_alpha = _alpha_recursion(lpe, skip, first).contiguous()  # (kept for backward: without the padding)
-        return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths), None
+        # lp_t(l'_s), -inf past each l'                                      (T, N, L)
+        log_alpha = _alpha_recursion(lpe.masked_fill(~valid, NEG_INF), skip, first)
+        return log_alpha.contiguous(), ctc_nll(log_alpha, input_lengths, target_lengths, torch.logaddexp), None
     end = s == 2 * target_lengths[:, None]
     after = torch.arange(t_max, device=lpe.device)[:, None, None] >= input_lengths[:, None]
-    # beta's lp: past T_n, 0 on the end state and -inf elsewhere             (T, N, L)
-    lpe_beta = torch.where(after, torch.where(end, 0.0, NEG_INF), lpe)
+    # alpha's lp: lp_t(l'_s), -inf past each l'; beta's: the same flipped, and past T_n 0 on the
+    # end state, -inf elsewhere                                               (T, 2 N, L)
+    lpe_both, neg_inf = lpe.new_empty(t_max, 2 * n, length), lpe.new_full((), NEG_INF)
+    torch.where(valid, lpe, neg_inf, out=lpe_both[:, :n])
+    torch.where(after.flip(0), torch.where(end, 0.0, neg_inf).flip(1), lpe_both[:, :n].flip(0, 2), out=lpe_both[:, n:])
     # beta steps from s + 2 into s where skip(s + 2)                          (N, L)
     skip_beta = torch.cat([skip, skip.new_zeros(n, 2)], 1)[:, 2:]
-    both = _alpha_recursion(torch.cat([lpe, lpe_beta.flip(0, 2)], 1), torch.cat([skip, skip_beta.flip(1)]),
-                            torch.cat([first, end.flip(1)]))
+    both = _alpha_recursion(lpe_both, torch.cat([skip, skip_beta.flip(1)]), torch.cat([first, end.flip(1)]))
     log_alpha = both[:, :n]
     # beta_t(s) = B_{T-1-t}(L-1-s); -inf past T_n                              (T, N, L)
     log_beta = both[:, n:].flip(0, 2).masked_fill_(after, NEG_INF)
-    return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths), log_beta
+    return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths, torch.logaddexp), log_beta
 
 
 def _scale(target_lengths, reduction, dtype):
