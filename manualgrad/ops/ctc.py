@@ -67,18 +67,23 @@ def _shift(x, k):
 
 def extended_labels(targets, target_lengths, blank):
     """l' (N, L = 2 S + 1) (blanks past 2 S_n), skip(s) and valid s < 2 S_n + 1, each (N, L)."""
+    ext = extend(targets, target_lengths, blank)
+    s = torch.arange(ext.shape[1], device=targets.device)
+    # skip(s): s - 2 -> s allowed when l'_s differs from l'_{s-2} (never for even s: both blank)   (N, L)
+    skip = (s >= 2) & (ext != torch.cat([ext[:, :2], ext[:, :-2]], 1))
+    valid = s < 2 * target_lengths[:, None] + 1
+    return ext, skip, valid
+
+
+def extend(targets, target_lengths, blank):
+    """l' (N, L = 2 S + 1), blanks past 2 S_n."""
     n, s_max = targets.shape
     k = torch.arange(s_max, device=targets.device)
     # labels past S_n are padding: blank, so they never allow a skip       (N, S)
     labels = targets.masked_fill(k >= target_lengths[:, None], blank)
     # l' = (blank, l_1, blank, ..., l_S, blank)                               (N, L)
     ext = torch.stack([torch.full_like(labels, blank), labels], 2).reshape(n, 2 * s_max)
-    ext = torch.cat([ext, ext.new_full((n, 1), blank)], 1)
-    s = torch.arange(2 * s_max + 1, device=targets.device)
-    # skip(s): s - 2 -> s allowed when l'_s differs from l'_{s-2} (never for even s: both blank)   (N, L)
-    skip = (s >= 2) & (ext != torch.cat([ext[:, :2], ext[:, :-2]], 1))
-    valid = s < 2 * target_lengths[:, None] + 1
-    return ext, skip, valid
+    return torch.cat([ext, ext.new_full((n, 1), blank)], 1)
 
 
 def ctc_alpha(lp, ext, skip, valid, input_lengths, target_lengths):
@@ -275,10 +280,10 @@ class CTCLossFunction(torch.autograd.Function):
     @staticmethod
     def _grad(ctx, saved):
         lp, targets, input_lengths, target_lengths, kept, nll = saved
-        ext, skip, valid = extended_labels(targets, target_lengths, ctx.blank)
         if ctx.keep_gamma and not torch.is_grad_enabled():
-            gamma = kept
+            ext, gamma = extend(targets, target_lengths, ctx.blank), kept
         else:
+            ext, skip, valid = extended_labels(targets, target_lengths, ctx.blank)
             # lp_t(l'_s)                                                       (T, N, L)
             lpe = lp.gather(2, ext.expand(lp.shape[0], *ext.shape))
             if can_run_fast(lp):
