@@ -34,8 +34,12 @@ gradient; on lp itself they differ. manualgrad returns torch's (a drop-in gives 
 gradchecks go through a log_softmax). For t >= T_n the gradient is 0.
 zero_infinity: a loss of inf (no path fits: S_n + repeats > T_n) and its gradient become 0.
 Reductions: 'none' (N,), 'sum', 'mean' = mean_n nll_n / max(S_n, 1).
-The backward is torch ops on lp: with create_graph it recomputes alpha from lp, so double
-backward differentiates the whole recursion (slow, for checks).
+The recursions are written out twice: ctc_alpha and ctc_beta above as the formulas read (the
+reference, and what double backward differentiates: with create_graph the backward recomputes
+them from lp, slow, for checks), and ctc_alpha_beta_fast, tested equal, which runs both in one
+loop of three torch calls per step. With a gradient to come the forward runs both and keeps the
+occupancies gamma (T, N, L) and nll, the size of what torch keeps (log alpha and nll); backward is
+then one vectorised pass from gamma.
 """
 import torch
 
@@ -189,7 +193,8 @@ def _alpha_recursion(lpe, skip, start):
     out = buf[1:, :, 2:].unbind(0)
     # what is added to each: lp_t(l'_s), and -inf to alpha(s - 2) where no skip     (T, 3, N, L)
     no_skip = torch.where(skip, 0.0, NEG_INF).to(lpe.dtype)
-    add = (lpe.unsqueeze(1) + torch.stack([no_skip, torch.zeros_like(no_skip), torch.zeros_like(no_skip)])).unbind(0)
+    zero = torch.zeros_like(no_skip)
+    add = (lpe.unsqueeze(1) + torch.stack([no_skip, zero, zero])).unbind(0)
     x = lpe.new_empty(3, n, length)
     x0, x1, x2 = x.unbind(0)
     u = lpe.new_empty(n, length)
