@@ -198,12 +198,13 @@ def _alpha_recursion(lpe, skip, start):
     x = lpe.new_empty(3, n, length)
     x0, x1, x2 = x.unbind(0)
     u = lpe.new_empty(n, length)
+    plus, logaddexp = torch.add, torch.logaddexp  # (looked up once: the loop is all call overhead)
     for prev_t, add_t, alpha_t in zip(prev, add, out):
         # alpha_t(s) = lse(alpha_{t-1}(s-2) if skip(s), alpha_{t-1}(s-1), alpha_{t-1}(s)) + lp_t(l'_s)
         # (lp_t added to each term: the same sum)                                 (N, L)
-        torch.add(prev_t, add_t, out=x)
-        torch.logaddexp(x0, x1, out=u)
-        torch.logaddexp(u, x2, out=alpha_t)
+        plus(prev_t, add_t, out=x)
+        logaddexp(x0, x1, out=u)
+        logaddexp(u, x2, out=alpha_t)
     return buf[1:, :, 2:]
 
 
