@@ -233,10 +233,13 @@ def ctc_alpha_beta_fast(lpe, skip, valid, input_lengths, target_lengths, with_be
     # beta steps from s + 2 into s where skip(s + 2)                          (N, L)
     skip_beta = torch.cat([skip, skip.new_zeros(n, 2)], 1)[:, 2:]
     both = _alpha_recursion(lpe_both, torch.cat([skip, skip_beta.flip(1)]), torch.cat([first, end.flip(1)]))
-    log_alpha = both[:, :n]
     # beta_t(s) = B_{T-1-t}(L-1-s); -inf past T_n                              (T, N, L)
     log_beta = both[:, n:].flip(0, 2).masked_fill_(after, NEG_INF)
-    return log_alpha, ctc_nll(log_alpha, input_lengths, target_lengths, torch.logaddexp), log_beta
+    # nll = -log p(l | x) = -lse(beta_0(0), beta_0(1)): every path starts there (with T_n = 0,
+    # beta_0 keeps the start on 2 S_n: nll = 0 for an empty target, inf otherwise)   (N,)
+    beta_0 = both[-1, n:].flip(1)
+    nll = -(beta_0[:, 0] if length == 1 else torch.logaddexp(beta_0[:, 0], beta_0[:, 1]))
+    return both[:, :n], nll, log_beta
 
 
 def _scale(target_lengths, reduction, dtype):

@@ -102,7 +102,7 @@ def test_ctc_loss_of_two_steps_and_one_label_is_the_sum_over_its_three_paths():
     torch.testing.assert_close(loss, torch.tensor((-math.log(p) - math.log(p12) / 2) / 2))
 
 
-FAST_CASES = {**CASES, "no time steps": ((5, 3, 3), [[1, 2], [1, 0], [2, 0]], (5, 0, 3), (2, 0, 1), 0)}
+FAST_CASES = {**CASES, "no time steps": ((5, 4, 3), [[1, 2], [1, 0], [2, 0], [1, 1]], (5, 0, 3, 0), (2, 0, 1, 2), 0)}
 
 
 @pytest.mark.parametrize("case", FAST_CASES)
