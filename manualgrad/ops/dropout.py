@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..memory import recipe_of, tag
 from ._apply import INPUT, apply
 
 
@@ -74,6 +75,11 @@ def dropout_forward(x, p, inplace=False, vmap_dims=()):
     # y = x * (1 / (1 - p)) * mask     (* 0/1 bytes: faster than * bool)         (*) like x
     y = x.mul_(scale) if inplace else x * scale
     return y.mul_(mask.view(torch.uint8)), _pack_mask(mask, vmap_dims)
+
+
+def _dropout_again(x, packed, mask_shape, p):
+    # y = x * (1 / (1 - p)) * mask, the forward's two products with the kept mask   (*) like x
+    return (x * dropout_scale(p, x.dtype)) * _unpack_mask(packed, mask_shape, ())
 
 
 def dropout_backward(dy, packed, mask_shape, p, vmap_dims=()):
@@ -142,6 +148,11 @@ class DropoutFunction(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(x)
         ctx.mark_non_differentiable(packed)
+        # lean(): dropout of a tagged input (dropout(gelu(x)), say) is that input's recipe times the
+        # kept mask (the mask drawn by bernoulli_ only: native_dropout's fused kernel rounds its own way)
+        r = recipe_of(x, since=1 if inplace else 0)
+        if r is not None and p != 1 and not vmap_dims and x.device.type not in FUSED_DEVICES:
+            tag(ctx, output[0], _dropout_again, r, packed, ctx.mask_shape, p, inplace=inplace)
         ctx.save_for_backward(packed)
         ctx.save_for_forward(packed)
 

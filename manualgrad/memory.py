@@ -1,0 +1,210 @@
+"""``lean()``: keep less for backward, with bit-identical gradients.
+
+Inside ``with manualgrad.lean():`` (around the forward; backward may run inside or outside it)
+an op whose output is cheap to recompute *exactly* from tensors it keeps anyway tags that output
+with a **recipe**: a function and the arguments it needs. When a later op saves the tagged tensor
+for its backward (a Linear its input, a conv its input, a multiply its operands...), what is kept
+is the recipe instead: its tensors are already kept by the producer, so nothing new is held, and
+the tensor is recomputed when that backward asks for it.
+
+    y = gelu(x)          GELU keeps x (its backward needs it); y tagged: gelu(x)
+    z = linear(y, W)     Linear would keep y (for dW); lean() keeps the recipe: x, already kept
+
+A recipe runs the very op the forward ran, on the very tensors it ran on (same shapes, strides,
+dtypes, thread count), so the recomputed tensor equals the forward's bit for bit, and so do the
+gradients. It never inverts an op (a LayerNorm's x_hat from its output, say): that would round
+differently. Recipes in use:
+
+    gelu, silu (out of place)   from the input they keep
+    layer_norm, rms_norm        from the input they keep (and the parameters)
+    batch_norm                  from the input it keeps, with the batch statistics recomputed the
+                                same way (and the running statistics left alone)
+    relu                        on a tagged input (relu(batch_norm(x)) in place, say): the input's
+                                recipe, then relu
+    dropout                     on a tagged input (dropout(gelu(x))): the input's recipe times the
+                                mask dropout keeps (bit-packed)
+
+Mechanics: ``lean()`` installs ``torch.autograd.graph.saved_tensors_hooks``. Its pack hook turns
+a tagged tensor into its recipe (recursively: a recipe's arguments may be tagged themselves) and
+keeps any other tensor as it is; the unpack hook reruns the recipe. Outer hooks (``saved_bytes``,
+``torch.utils.checkpoint`` around a lean region) still see every tensor lean keeps: lean passes
+them on. A tensor modified in place after it was saved raises torch's RuntimeError on backward,
+as without lean.
+
+Double backward (``create_graph=True``): the unpack hook then runs with grad mode on, and a
+recipe calls manualgrad's functional ops, so the recomputed tensor is a differentiable function
+of the kept ones, as the saved tensor it replaces would have been.
+
+torch.compile: inside a compiled region nothing is tagged (lean() changes nothing there; the
+compiler's own partitioner decides what to recompute). Under torch.func transforms and where
+the producer needs no gradient nothing is tagged either.
+"""
+import contextlib
+import threading
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["lean", "tag", "recipe_of", "Recipe"]
+
+_local = threading.local()  # .depth: how many lean() regions this thread is in
+_recipes = WeakIdKeyDictionary()  # tensor -> (its version when tagged, Recipe)
+
+try:  # the hooks in force where lean() is entered, to pass kept tensors on to
+    _top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+except AttributeError:  # an older torch: lean() is then the innermost and only hook
+    _top_hooks = None
+
+
+class Recipe:
+    """``fn(*args)`` recomputes a tensor; args may be tensors, Recipes, or plain values."""
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __call__(self):
+        return self.fn(*[a() if isinstance(a, Recipe) else a for a in self.args])
+
+
+def active(ctx):
+    """True where a producer should tag its output: inside lean(), eager, no transform, and the
+    producer in the graph (so it keeps what its recipe needs; a Function's setup_context runs with
+    grad mode off, so ``ctx.needs_input_grad`` says it)."""
+    return (getattr(_local, "depth", 0) > 0 and any(ctx.needs_input_grad) and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def in_lean():
+    """True inside a lean() region of this thread."""
+    return getattr(_local, "depth", 0) > 0
+
+
+def tag(ctx, t, fn, *args, inplace=False):
+    """Inside lean(): record that ``fn(*args)`` recomputes ``t`` bit for bit (``args`` tensors the
+    producer keeps anyway, parameters, Recipes, plain values). Outside: nothing.
+
+    Called from a Function's setup_context; ``inplace``: t is an input the Function marked dirty,
+    whose version autograd bumps once more when setup_context returns."""
+    if active(ctx) and isinstance(t, torch.Tensor):
+        _recipes[t] = (t._version + inplace, Recipe(fn, args))
+
+
+def recipe_of(t, since=0):
+    """t's Recipe if t still holds what was tagged (``since`` in-place ops ago: an in-place op that
+    looks its input up after writing it passes 1), else None."""
+    entry = _recipes.get(t) if isinstance(t, torch.Tensor) else None
+    if entry is None or entry[0] != t._version - since:
+        return None
+    return entry[1]
+
+
+def _view_recipe(t):
+    """A view of a tagged tensor (a transpose of a LayerNorm's output, say): its base's recipe,
+    then the same view (the recomputed base has the layout the forward's had)."""
+    base = recipe_of(t._base)
+    if base is None:
+        return None
+    return Recipe(_view, (base, t._base.stride(), t.size(), t.stride(), t.storage_offset()))
+
+
+def _view(base, base_stride, size, stride, offset):
+    if base.stride() != base_stride:  # not the forward's layout: as_strided would read other elements
+        raise RuntimeError(f"lean(): a recomputed tensor has strides {base.stride()}, the forward's had {base_stride}")
+    return base.as_strided(size, stride, offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# the hooks: what is kept for a saved tensor, and how it comes back
+
+class _Kept:
+    """A tensor kept as it is (or as the outer pack hook packed it), with its version then."""
+    __slots__ = ("value", "version", "outer")
+
+    def __init__(self, value, version, outer):
+        self.value, self.version, self.outer = value, version, outer
+
+
+class _Recompute:
+    """A recipe with its tensor arguments packed."""
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+
+_probing = threading.local()  # .on: saved_bytes_by_op is looking at what is kept, not recomputing
+
+
+def _hooks(outer):
+    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+
+    def keep(t):
+        if outer_pack is not None:
+            return _Kept(outer_pack(t), None, outer_unpack)
+        return _Kept(t, t._version, None)
+
+    def pack_recipe(r):
+        args = tuple(pack_recipe(a) if isinstance(a, Recipe) else pack(a) if isinstance(a, torch.Tensor) else a
+                     for a in r.args)
+        return _Recompute(r.fn, args)
+
+    def pack(t):
+        r = recipe_of(t)
+        if r is None and t._base is not None:
+            r = _view_recipe(t)
+        return keep(t) if r is None else pack_recipe(r)
+
+    return pack, _unpack
+
+
+def _unpack(p):
+    if isinstance(p, _Kept):
+        if p.outer is not None:
+            return p.outer(p.value)
+        if p.version != p.value._version and not getattr(_probing, "on", False):
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{p.value.type()} {list(p.value.shape)}] is at version {p.value._version}; "
+                f"expected version {p.version} instead (saved inside manualgrad.lean())")
+        return p.value
+    args = [_unpack(a) if isinstance(a, (_Kept, _Recompute)) else a for a in p.args]
+    if getattr(_probing, "on", False):
+        return torch.empty(0)  # saved_bytes_by_op: only the kept tensors matter
+    with contextlib.ExitStack() as stack:
+        # the recipe runs in the dtypes the forward ran in (its args are already cast)
+        for device in {a.device.type for a in args if isinstance(a, torch.Tensor)}:
+            if torch.amp.is_autocast_available(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        return p.fn(*args)
+
+
+@contextlib.contextmanager
+def lean():
+    """Keep less for backward, exactly: see the module docstring.
+
+    Example::
+
+        with manualgrad.lean():
+            loss = model(x, y)
+        loss.backward()          # the same gradients as without lean(), bit for bit
+    """
+    outer = _top_hooks(False) if _top_hooks is not None else None
+    pack, unpack = _hooks(outer)
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _local.depth -= 1
+
+
+@contextlib.contextmanager
+def probing():
+    """While on, unpacking a lean-saved tensor records what is kept without recomputing
+    (for ``manualgrad.testing.saved_bytes_by_op``)."""
+    _probing.on = True
+    try:
+        yield
+    finally:
+        _probing.on = False
