@@ -41,6 +41,7 @@ the producer needs no gradient nothing is tagged either.
 """
 import contextlib
 import threading
+import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -57,14 +58,21 @@ except AttributeError:  # an older torch: lean() is then the innermost and only 
 
 
 class Recipe:
-    """``fn(*args)`` recomputes a tensor; args may be tensors, Recipes, or plain values."""
+    """``fn(*args)`` recomputes a tensor; args may be tensors, Recipes, or plain values.
+
+    Tensor args are held by weak reference: a recipe must not keep alive what its producer no
+    longer keeps (under no_grad, or when an outer hook such as checkpoint's drops the producer's
+    saved tensors); a recipe with a dead argument no longer applies."""
     __slots__ = ("fn", "args")
 
     def __init__(self, fn, args):
-        self.fn, self.args = fn, args
+        self.fn = fn
+        self.args = tuple(weakref.ref(a) if isinstance(a, torch.Tensor) else a for a in args)
 
-    def __call__(self):
-        return self.fn(*[a() if isinstance(a, Recipe) else a for a in self.args])
+    def arguments(self):
+        """The args, tensors dereferenced; None if one of them is gone."""
+        args = tuple(a() if isinstance(a, weakref.ref) else a for a in self.args)
+        return None if any(a is None for a, r in zip(args, self.args) if isinstance(r, weakref.ref)) else args
 
 
 def active(ctx):
@@ -91,8 +99,9 @@ def tag(ctx, t, fn, *args, inplace=False):
 
 
 def recipe_of(t, since=0):
-    """t's Recipe if t still holds what was tagged (``since`` in-place ops ago: an in-place op that
-    looks its input up after writing it passes 1), else None."""
+    """t's Recipe if t still holds what was tagged, else None. ``since``: the number of in-place
+    writes to t an in-place op's forward made before its setup_context looks t up (exactly: any
+    other write in between changes the version, and the recipe no longer applies)."""
     entry = _recipes.get(t) if isinstance(t, torch.Tensor) else None
     if entry is None or entry[0] != t._version - since:
         return None
@@ -145,15 +154,27 @@ def _hooks(outer):
         return _Kept(t, t._version, None)
 
     def pack_recipe(r):
-        args = tuple(pack_recipe(a) if isinstance(a, Recipe) else pack(a) if isinstance(a, torch.Tensor) else a
-                     for a in r.args)
-        return _Recompute(r.fn, args)
+        """The recipe with its arguments packed, or None if one of them is gone."""
+        args = r.arguments()
+        if args is None:
+            return None
+        packed = []
+        for a in args:
+            if isinstance(a, Recipe):
+                a = pack_recipe(a)
+                if a is None:
+                    return None
+            elif isinstance(a, torch.Tensor):
+                a = pack(a)
+            packed.append(a)
+        return _Recompute(r.fn, tuple(packed))
 
     def pack(t):
         r = recipe_of(t)
         if r is None and t._base is not None:
             r = _view_recipe(t)
-        return keep(t) if r is None else pack_recipe(r)
+        packed = None if r is None else pack_recipe(r)
+        return keep(t) if packed is None else packed
 
     return pack, _unpack
 

@@ -53,7 +53,7 @@ class ReLUFunction(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(x)
         # lean(): relu of a tagged input (relu(batch_norm(x)), say) is that input's recipe, then relu
-        r = recipe_of(x, since=1 if inplace else 0)
+        r = recipe_of(x, since=1 if inplace else 0)  # in place, forward wrote x once
         if r is not None:
             tag(ctx, output, relu, r, inplace, inplace=inplace)
         # y, not x: the next layer usually saves y too, so the two share one storage.

@@ -150,7 +150,7 @@ class DropoutFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(packed)
         # lean(): dropout of a tagged input (dropout(gelu(x)), say) is that input's recipe times the
         # kept mask (the mask drawn by bernoulli_ only: native_dropout's fused kernel rounds its own way)
-        r = recipe_of(x, since=1 if inplace else 0)
+        r = recipe_of(x, since=2 if inplace else 0)  # in place, forward wrote x twice (* scale, * mask)
         if r is not None and p != 1 and not vmap_dims and x.device.type not in FUSED_DEVICES:
             tag(ctx, output[0], _dropout_again, r, packed, ctx.mask_shape, p, inplace=inplace)
         ctx.save_for_backward(packed)
