@@ -135,11 +135,14 @@ class _Kept:
 
 
 class _Recompute:
-    """A recipe with its tensor arguments packed."""
-    __slots__ = ("fn", "args")
+    """A recipe with its tensor arguments packed. One per tagged tensor however many ops save it
+    (relu and the next conv, the Q, K and V projections), and recomputed once for all of them:
+    ``cache`` holds the result per grad mode (a plain one, and a differentiable one for double
+    backward) until the last op that saved it is done with it."""
+    __slots__ = ("fn", "args", "cache")
 
     def __init__(self, fn, args):
-        self.fn, self.args = fn, args
+        self.fn, self.args, self.cache = fn, args, {}
 
 
 _probing = threading.local()  # .on: saved_bytes_by_op is looking at what is kept, not recomputing
@@ -169,17 +172,25 @@ def _hooks(outer):
             packed.append(a)
         return _Recompute(r.fn, tuple(packed))
 
+    memo = WeakIdKeyDictionary()  # tagged tensor -> (its version, its _Recompute)
+
     def pack(t):
+        seen = memo.get(t)
+        if seen is not None and seen[0] == t._version:
+            return seen[1]
         r = recipe_of(t)
         if r is None and t._base is not None:
             r = _view_recipe(t)
         packed = None if r is None else pack_recipe(r)
-        return keep(t) if packed is None else packed
+        if packed is None:
+            return keep(t)
+        memo[t] = (t._version, packed)
+        return packed
 
     return pack, _unpack
 
 
-def _unpack(p):
+def _unpack(p, cache=True):
     if isinstance(p, _Kept):
         if p.outer is not None:
             return p.outer(p.value)
@@ -189,15 +200,23 @@ def _unpack(p):
                 f"operation: [{p.value.type()} {list(p.value.shape)}] is at version {p.value._version}; "
                 f"expected version {p.version} instead (saved inside manualgrad.lean())")
         return p.value
-    args = [_unpack(a) if isinstance(a, (_Kept, _Recompute)) else a for a in p.args]
-    if getattr(_probing, "on", False):
+    probing = getattr(_probing, "on", False)
+    grad_mode = torch.is_grad_enabled()
+    if not probing and grad_mode in p.cache:
+        return p.cache[grad_mode]
+    # (a recipe inside a recipe is not cached: only the outer result is saved by some op)
+    args = [_unpack(a, False) if isinstance(a, (_Kept, _Recompute)) else a for a in p.args]
+    if probing:
         return torch.empty(0)  # saved_bytes_by_op: only the kept tensors matter
     with contextlib.ExitStack() as stack:
         # the recipe runs in the dtypes the forward ran in (its args are already cast)
         for device in {a.device.type for a in args if isinstance(a, torch.Tensor)}:
             if torch.amp.is_autocast_available(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
-        return p.fn(*args)
+        out = p.fn(*args)
+    if cache:
+        p.cache[grad_mode] = out
+    return out
 
 
 @contextlib.contextmanager

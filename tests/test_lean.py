@@ -321,3 +321,21 @@ def test_compile_without_graph_breaks_gives_the_same_gradients():
     # (against the compiled model without lean(): the compiled graph rounds like itself, not like eager)
     expected = _grads(model, lambda: compiled(x).square().mean(), False)
     _assert_equal(_grads(model, lambda: compiled(x).square().mean(), True), expected)
+
+
+def test_a_tensor_saved_by_several_ops_is_recomputed_once(monkeypatch):
+    # the Q, K and V projections all keep rms_norm's output: one recipe, run once in backward
+    from manualgrad.ops import normalization
+
+    calls = []
+    forward = normalization.rms_norm_forward
+    monkeypatch.setattr(normalization, "rms_norm_forward", lambda *a: calls.append(1) or forward(*a))
+    x = torch.randn(4, 8, requires_grad=True)
+    ws = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
+    with mg.lean():
+        h = MF.rms_norm(x, (8,))
+        loss = sum(MF.linear(h, w).square().sum() for w in ws)
+    del h
+    assert len(calls) == 1
+    loss.backward()
+    assert len(calls) == 2  # the forward, and one recomputation for the three
