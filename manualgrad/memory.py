@@ -79,13 +79,13 @@ def active(ctx):
     """True where a producer should tag its output: inside lean(), eager, no transform, and the
     producer in the graph (so it keeps what its recipe needs; a Function's setup_context runs with
     grad mode off, so ``ctx.needs_input_grad`` says it)."""
-    return (getattr(_local, "depth", 0) > 0 and any(ctx.needs_input_grad) and not torch.compiler.is_compiling()
+    return (not torch.compiler.is_compiling() and getattr(_local, "depth", 0) > 0 and any(ctx.needs_input_grad)
             and not torch._C._are_functorch_transforms_active())
 
 
 def in_lean():
-    """True inside a lean() region of this thread."""
-    return getattr(_local, "depth", 0) > 0
+    """True inside a lean() region of this thread (never while torch.compile traces)."""
+    return not torch.compiler.is_compiling() and getattr(_local, "depth", 0) > 0
 
 
 def tag(ctx, t, fn, *args, inplace=False):
@@ -102,8 +102,13 @@ def recipe_of(t, since=0):
     """t's Recipe if t still holds what was tagged, else None. ``since``: the number of in-place
     writes to t an in-place op's forward made before its setup_context looks t up (exactly: any
     other write in between changes the version, and the recipe no longer applies)."""
+    if torch.compiler.is_compiling():  # (compiled graphs hold no recipes)
+        return None
     entry = _recipes.get(t) if isinstance(t, torch.Tensor) else None
-    if entry is None or entry[0] != t._version - since:
+    if entry is None:
+        # a view of a tagged tensor, not written since (a view shares its base's version)
+        return _view_recipe(t) if isinstance(t, torch.Tensor) and t._base is not None and not since else None
+    if entry[0] != t._version - since:
         return None
     return entry[1]
 
@@ -179,8 +184,6 @@ def _hooks(outer):
         if seen is not None and seen[0] == t._version:
             return seen[1]
         r = recipe_of(t)
-        if r is None and t._base is not None:
-            r = _view_recipe(t)
         packed = None if r is None else pack_recipe(r)
         if packed is None:
             return keep(t)

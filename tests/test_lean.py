@@ -339,3 +339,28 @@ def test_a_tensor_saved_by_several_ops_is_recomputed_once(monkeypatch):
     assert len(calls) == 1
     loss.backward()
     assert len(calls) == 2  # the forward, and one recomputation for the three
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_large_dropout_mask_is_redrawn_from_the_generator_state(transposed):
+    # 64 x 1024 elements: the packed mask (8192 bytes) is larger than the generator's state
+    # (5056 bytes), so lean() keeps the state and backward redraws the mask from it
+    torch.manual_seed(0)
+    n, hidden = 64, 1024
+    first, last = mnn.Linear(10, hidden), mnn.Linear(hidden, 3)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.last = first, last
+
+        def forward(self, x):
+            h = MF.gelu(self.first(x))
+            if transposed:  # a mask laid out like a non-contiguous input
+                return self.last(MF.dropout(h.t(), 0.3).t())
+            return self.last(MF.dropout(h, 0.3))
+
+    plain, lean = _compare(Block(), (torch.randn(n, 10),), _mean_square)
+    assert plain["DropoutFunctionBackward"] == n * hidden // 8
+    assert lean["DropoutFunctionBackward"] == 5056
+    assert plain["LinearFunctionBackward"] - lean["LinearFunctionBackward"] == n * hidden * F32
