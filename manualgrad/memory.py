@@ -159,7 +159,10 @@ def _hooks(outer):
     def keep(t):
         if outer_pack is not None:
             return _Kept(outer_pack(t), None, outer_unpack)
-        return _Kept(t, t._version, None)
+        # detached: an op's own output kept with its grad_fn would be a reference cycle (output ->
+        # node -> what the node keeps -> output) that outlives a graph never backpropagated; on
+        # unpack autograd gives the tensor its grad_fn back (double backward sees the same graph)
+        return _Kept(t.detach(), t._version, None)
 
     def pack_recipe(r):
         """The recipe with its arguments packed, or None if one of them is gone."""

@@ -364,3 +364,15 @@ def test_a_large_dropout_mask_is_redrawn_from_the_generator_state(transposed):
     assert plain["DropoutFunctionBackward"] == n * hidden // 8
     assert lean["DropoutFunctionBackward"] == 5056
     assert plain["LinearFunctionBackward"] - lean["LinearFunctionBackward"] == n * hidden * F32
+
+
+def test_a_graph_never_backpropagated_is_freed():
+    # tanh keeps its own output: kept as it is (with its grad_fn), that would be a reference cycle
+    # through the graph, alive after the last reference to the loss is gone
+    x = torch.randn(100, requires_grad=True)
+    with mg.lean():
+        y = MF.tanh(x * 2)
+        loss = (y * 3).sum()
+    gone = weakref.ref(y)
+    del y, loss
+    assert gone() is None
