@@ -22,22 +22,34 @@ differently. Recipes in use:
     relu                        on a tagged input (relu(batch_norm(x)) in place, say): the input's
                                 recipe, then relu
     dropout                     on a tagged input (dropout(gelu(x))): the input's recipe times the
-                                mask dropout keeps (bit-packed)
+                                mask dropout keeps
+    a view of a tagged tensor   its base's recipe, then the same view (as_strided)
+
+Dropout itself, inside lean(), keeps the generator state its mask was drawn from (5056 bytes on
+the CPU) instead of the bit-packed mask when that is smaller, and backward redraws the mask
+(see ops/dropout.py). Attention never keeps a score-sized tensor, with or without lean()
+(ops/attention.py recomputes the probabilities from Q and K in backward).
 
 Mechanics: ``lean()`` installs ``torch.autograd.graph.saved_tensors_hooks``. Its pack hook turns
 a tagged tensor into its recipe (recursively: a recipe's arguments may be tagged themselves) and
-keeps any other tensor as it is; the unpack hook reruns the recipe. Outer hooks (``saved_bytes``,
-``torch.utils.checkpoint`` around a lean region) still see every tensor lean keeps: lean passes
-them on. A tensor modified in place after it was saved raises torch's RuntimeError on backward,
-as without lean.
+keeps any other tensor as it is (detached: autograd gives an unpacked tensor its grad_fn back).
+A tensor saved by several ops (relu's output, kept by relu and by the next conv) is packed once
+and recomputed once. The unpack hook reruns the recipe, with autocast off (its arguments are
+already in the dtypes the forward ran in). Outer hooks (``saved_bytes``, a
+``torch.utils.checkpoint`` around the lean region) still see every tensor lean keeps: lean
+passes them on. A recipe holds its tensors by weak reference, so it never keeps alive what its
+producer does not (under no_grad, or inside a checkpoint): without them it no longer applies.
+A tensor modified in place after it was saved raises torch's RuntimeError on backward, as
+without lean; a tagged tensor modified in place is kept as it is.
 
-Double backward (``create_graph=True``): the unpack hook then runs with grad mode on, and a
-recipe calls manualgrad's functional ops, so the recomputed tensor is a differentiable function
-of the kept ones, as the saved tensor it replaces would have been.
+Double backward (``create_graph=True``): the recipe runs with grad mode on, through manualgrad's
+functional ops; autograd then gives the unpacked tensor the graph edge the saved one had, so
+second derivatives see the same graph as without lean.
 
-torch.compile: inside a compiled region nothing is tagged (lean() changes nothing there; the
-compiler's own partitioner decides what to recompute). Under torch.func transforms and where
-the producer needs no gradient nothing is tagged either.
+torch.compile: while Dynamo traces, nothing is tagged or looked up (lean() changes nothing in a
+compiled region; the compiler's partitioner decides what to recompute there), so a compiled
+model gives the gradients it gives without lean(). Under torch.func transforms and where the
+producer needs no gradient nothing is tagged either.
 """
 import contextlib
 import threading
@@ -46,7 +58,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["lean", "tag", "recipe_of", "Recipe"]
+__all__ = ["lean", "in_lean", "tag", "recipe_of", "Recipe"]
 
 _local = threading.local()  # .depth: how many lean() regions this thread is in
 _recipes = WeakIdKeyDictionary()  # tensor -> (its version when tagged, Recipe)

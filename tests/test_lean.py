@@ -241,6 +241,7 @@ def _gpt():
 
 def _grads(model, loss_fn, lean):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
     with mg.lean() if lean else torch.enable_grad():
         loss = loss_fn()
     loss.backward()
@@ -315,7 +316,10 @@ def test_enable_mode_keeps_less_and_gives_the_same_gradients():
 
 def test_compile_without_graph_breaks_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = nn.Sequential(mnn.Linear(16, 32), mnn.LayerNorm(32), mnn.Linear(32, 64), mnn.GELU(), mnn.Linear(64, 4))
+    # (no dropout: manualgrad's dropout does not compile yet, with or without lean(): the scale's
+    #  .item() leaves an unbacked symbol Dynamo rejects, on main too)
+    model = nn.Sequential(mnn.Linear(16, 32), mnn.LayerNorm(32), mnn.ReLU(), mnn.Linear(32, 64), mnn.GELU(),
+                          mnn.Linear(64, 4))
     x = torch.randn(8, 16)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
     # (against the compiled model without lean(): the compiled graph rounds like itself, not like eager)

@@ -281,7 +281,8 @@ def _apply(x, p, inplace, vmap_dims):
 
 
 def dropout(input, p=0.5, training=True, inplace=False):
-    """Drop-in for ``torch.nn.functional.dropout``; the backward keeps the mask bit-packed.
+    """Drop-in for ``torch.nn.functional.dropout``; the backward keeps the mask bit-packed
+    (inside ``manualgrad.lean()``, the generator state to redraw it from when that is smaller).
 
     Like torch, training=False, p=0 and empty inputs return ``input`` itself (no graph node).
     """
