@@ -32,7 +32,8 @@ the CPU) instead of the bit-packed mask when that is smaller, and backward redra
 
 Mechanics: ``lean()`` installs ``torch.autograd.graph.saved_tensors_hooks``. Its pack hook turns
 a tagged tensor into its recipe (recursively: a recipe's arguments may be tagged themselves) and
-keeps any other tensor as it is (detached: autograd gives an unpacked tensor its grad_fn back).
+keeps any other tensor as it is (an op's own output detached, or it would hold its graph in a
+reference cycle: autograd gives an unpacked tensor its grad_fn back).
 A tensor saved by several ops (relu's output, kept by relu and by the next conv) is packed once
 and recomputed once. The unpack hook reruns the recipe, with autocast off (its arguments are
 already in the dtypes the forward ran in). Outer hooks (``saved_bytes``, a
@@ -171,10 +172,11 @@ def _hooks(outer):
     def keep(t):
         if outer_pack is not None:
             return _Kept(outer_pack(t), None, outer_unpack)
-        # detached: an op's own output kept with its grad_fn would be a reference cycle (output ->
-        # node -> what the node keeps -> output) that outlives a graph never backpropagated; on
-        # unpack autograd gives the tensor its grad_fn back (double backward sees the same graph)
-        return _Kept(t.detach(), t._version, None)
+        # An op's own output is kept detached: with its grad_fn it would be a reference cycle
+        # (output -> node -> what the node keeps -> output) that outlives a graph never
+        # backpropagated; on unpack autograd gives it its grad_fn back. Any other tensor is kept
+        # itself, the object recipes refer to (weakly).
+        return _Kept(t.detach() if _own_output(t) else t, t._version, None)
 
     def pack_recipe(r):
         """The recipe with its arguments packed, or None if one of them is gone."""
@@ -206,6 +208,20 @@ def _hooks(outer):
         return packed
 
     return pack, _unpack
+
+
+try:
+    _next_sequence_nr = torch._C._autograd._get_sequence_nr
+except AttributeError:  # a torch without it: every tensor with a grad_fn is kept detached
+    _next_sequence_nr = None
+
+
+def _own_output(t):
+    """Whether t is an output of the node now saving it: the newest node (nodes are numbered as
+    they are made, and the saving node is made before it packs anything)."""
+    if t.grad_fn is None:
+        return False
+    return _next_sequence_nr is None or t.grad_fn._sequence_nr() == _next_sequence_nr() - 1
 
 
 def _unpack(p, cache=True):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.utils.checkpoint as cp
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import manualgrad as mg
 import manualgrad.functional as MF
@@ -66,9 +67,11 @@ def test_seed_mlp_keeps_the_same_and_gives_the_same_gradients():
     assert plain == lean
 
 
-def test_resnet_recomputes_relu_of_batch_norm():
+@pytest.mark.parametrize("training", [True, False])
+def test_resnet_recomputes_relu_of_batch_norm(training):
+    # (in eval, batch_norm normalizes with the running statistics, which its recipe then keeps)
     torch.manual_seed(0)
-    model = mg.convert(resnet_small(), strict=True)
+    model = mg.convert(resnet_small(), strict=True).train(training)
     n = 4
     plain, lean = _compare(model, (torch.randn(n, 3, 16, 16),), _mean_square)
     # relu(bn(conv(x))) in place: the relu output (kept by relu, and by the next conv / max pool) is
@@ -380,3 +383,24 @@ def test_a_graph_never_backpropagated_is_freed():
     gone = weakref.ref(y)
     del y, loss
     assert gone() is None
+
+
+@pytest.mark.parametrize("producer", ["gelu", "layer_norm", "batch_norm_relu"])
+def test_a_recomputed_tensor_is_not_held_after_the_forward(producer):
+    # the point of lean(): with no other hooks around (saved_bytes' would be), the tensor the next
+    # op would have kept is freed as soon as the forward lets go of it, and backward still works
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(3, 6, requires_grad=True)
+    with mg.lean():
+        if producer == "gelu":
+            h = MF.gelu(x * 2)
+        elif producer == "layer_norm":
+            h = MF.layer_norm(x * 2, (6,))
+        else:
+            h = MF.relu(MF.batch_norm(x * 2, None, None, training=True), inplace=True)
+        loss = MF.linear(h, w).square().sum()
+    storage = StorageWeakRef(h.untyped_storage())  # the memory, not the Python object
+    del h
+    assert storage.expired()
+    loss.backward()
+    assert x.grad is not None
