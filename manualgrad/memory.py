@@ -115,7 +115,7 @@ def recipe_of(t, since=0):
     """t's Recipe if t still holds what was tagged, else None. ``since``: the number of in-place
     writes to t an in-place op's forward made before its setup_context looks t up (exactly: any
     other write in between changes the version, and the recipe no longer applies)."""
-    if torch.compiler.is_compiling():  # (compiled graphs hold no recipes)
+    if not in_lean():  # (outside lean() nothing is looked up; compiled graphs hold no recipes)
         return None
     entry = _recipes.get(t) if isinstance(t, torch.Tensor) else None
     if entry is None:
