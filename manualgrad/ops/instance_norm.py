@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as TF
 
 from ._apply import INPUT, apply
+from ._checks import can_write_inplace
 from .normalization import _LOW_PRECISION, batch_norm_backward, batch_norm_forward, batch_norm_jvp, in_float32
 
 
@@ -57,9 +58,55 @@ def instance_norm_forward(x, running_mean, running_var, w, b, use_input_stats, m
     return torch.ops.aten._unsafe_view(y, x.shape), mean, r, rm, rv
 
 
+def _instance_norm_backward_plain(dy, x, w, eps, needs, mean=None, r=None):
+    """instance_norm_backward with the input stats for a plain backward (no graph, no transform):
+    batch_norm's formula (ops/normalization.py, _batch_norm_backward_plain) on each (sample, channel)
+    row of x as (N, C, D), w broadcast over N instead of repeated, one buffer (dx's), four passes
+    over memory fewer than batch_norm's plain backward on the (1, N*C, D) view. ``mean``, ``r``:
+    forward's per-plane stats (N*C,), or None to compute them here.
+
+        xc = x - mean,  sdy = sum_D dy,  sdyx = sum_D dy x_hat = r sum_D xc dy
+        dx = r w (dy - sdy / D - x_hat sdyx / D) = k xc + r w dy + c,  k = -r w r sdyx / D,  c = -r w sdy / D
+
+    (sdyx from the centred xc, and dx formed from it, as batch_norm's: see there why.)"""
+    n, c = x.shape[:2]
+    x3, dy3 = x.reshape(n, c, -1), dy.reshape(n, c, -1)
+    m = x3.shape[2]
+    if mean is None:
+        # mean = mean_D(x)                                            (N, C, 1)
+        mean3 = x3.mean(2, keepdim=True)
+        # xc = x - mean, in dx's buffer                               (N, C, D)
+        buf = x3 - mean3
+        # r = 1 / sqrt(|xc|^2 / D + eps)                              (N, C, 1)
+        r3 = torch.linalg.vector_norm(buf, dim=2, keepdim=True).square_().div_(m).add_(eps).rsqrt_()
+    else:
+        mean3, r3 = mean.view(n, c, 1), r.view(n, c, 1)
+        # xc = x - mean, in dx's buffer                               (N, C, D)
+        buf = x3 - mean3
+    # sdy = sum_D dy                                                  (N, C, 1)
+    sdy = dy3.sum(2, keepdim=True)
+    # sdyx = sum_D dy x_hat = r sum_D xc dy, the product in dx's buffer (N, C, D) -> (N, C, 1)
+    sdyx = buf.mul_(dy3).sum(2, keepdim=True).mul_(r3)
+    dx = None
+    if needs[0]:
+        rw = r3 if w is None else r3 * w.view(1, c, 1)
+        # k = -r w r sdyx / D,  c = -r w sdy / D                      (N, C, 1)
+        k = (rw * r3).mul_(sdyx).div_(-m)
+        c0 = (rw * sdy).div_(-m)
+        # dx = k xc + r w dy + c, xc again in the buffer (one pass, where a second buffer for
+        # the product above would be a fresh allocation: page faults)  (N, C, D) -> like x
+        dx = torch.sub(x3, mean3, out=buf).mul_(k).addcmul_(dy3, rw).add_(c0).view(x.shape)
+    # dw = sum_N sum_D dy x_hat,  db = sum_N sum_D dy                 (C,)
+    dw = sdyx.sum(0).view(c) if needs[1] else None
+    db = sdy.sum(0).view(c) if needs[2] else None
+    return dx, dw, db
+
+
 def instance_norm_backward(dy, x, w, rm, rv, use_input_stats, eps, needs=(True, True, True), mean=None, r=None):
     """Gradients (dx, dw, db). ``rm``, ``rv``: the repeated running stats (N*C,) that normalized
     in eval (use_input_stats False); ``mean``, ``r``: forward's per-plane stats (plain backward only)."""
+    if use_input_stats and x.numel() and can_write_inplace(dy, x, w, mean, r):
+        return _instance_norm_backward_plain(dy, x, w, eps, needs, mean, r)
     n, c = x.shape[:2]
     # batch_norm's backward on the (1, N*C, *) planes, w repeated   (N*C,)
     dx, dw, db = batch_norm_backward(dy.reshape(1, n * c, *x.shape[2:]), _planes(x), _repeat(w, n), rm, rv,

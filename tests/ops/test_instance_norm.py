@@ -109,6 +109,25 @@ def test_instance_norm_running_stats_are_the_mean_over_samples_of_each_planes_up
     torch.testing.assert_close(rv, x.var(2, unbiased=True).mean(0))
 
 
+def test_instance_norm_plain_backward_matches_the_graph_path_far_from_zero():
+    # the in-place backward on (N, C, D) rows (forward's stats, or recomputed for float16/bfloat16)
+    # against the differentiable path that double backward takes (batch_norm's on the (1, N*C, D)
+    # planes, stats recomputed), in float64 on planes offset by 1000 std from zero
+    from manualgrad.ops.instance_norm import _instance_norm_backward_plain, instance_norm_backward
+    x = torch.randn(3, 4, 5, 6, dtype=D) + 1000
+    dy, w = torch.randn(3, 4, 5, 6, dtype=D) + 0.5, torch.randn(4, dtype=D)
+    _, mean, r = torch.native_batch_norm(x.view(1, 12, 30), None, None, None, None, True, 0.1, 1e-5)
+    with torch.enable_grad():  # a graph being recorded: the differentiable path
+        expected = instance_norm_backward(dy, x, w, None, None, True, 1e-5)
+    for stats in ((mean, r), (None, None)):
+        for a, e in zip(_instance_norm_backward_plain(dy, x, w, 1e-5, (True, True, True), *stats), expected):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+    # w None: dx = r (dy - ...) alone
+    dx, _, _ = _instance_norm_backward_plain(dy, x, None, 1e-5, (True, False, False), mean, r)
+    with torch.enable_grad():
+        torch.testing.assert_close(dx, instance_norm_backward(dy, x, None, None, None, True, 1e-5)[0], rtol=1e-9, atol=1e-9)
+
+
 def test_instance_norm_channels_last_and_non_contiguous_inputs():
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     _assert_like_torch(x, 3, "both", True, True)
