@@ -210,6 +210,25 @@ def interpolate_forward(x, mode, d, output_size, scales, align_corners):
     return kernel(x, output_size, align_corners, scales)
 
 
+def _scatter_taps_(acc, g, dim, idx, w):
+    """interpolate_backward's scatter-adds of one dim in a plain backward (no graph, no
+    transform), into acc in place: the weighted g of every tap in one reused buffer, and along the
+    last dim a scatter_add_ over contiguous rows (index_add_ there adds one strided column per
+    index, which measured several times slower once the tensors outgrow the cache)."""
+    Lo = g.shape[dim]
+    buf = None if w is None else torch.empty_like(g)
+    for j in range(idx.shape[1]):
+        # g_j = w[o, j] g[.., o, ..]                                          like g
+        gj = g if w is None else torch.mul(g, w[:, j].view((Lo,) + (1,) * (-dim - 1)), out=buf)
+        if dim == -1:
+            # acc[.., idx[o, j]] += g_j[.., o]: along rows                    (.., L)
+            acc.scatter_add_(-1, idx[:, j].expand(gj.shape), gj)
+        else:
+            # acc[.., idx[o, j], ..] += g_j[.., o, ..]                         (.., L, ..)
+            acc.index_add_(dim, idx[:, j], gj)
+    return acc
+
+
 def interpolate_backward(dy, in_sizes, mode, scales, align_corners):
     """dx for y = interpolate(x): dy (*, *So) -> dx (*, *S), S = in_sizes (the last d dims)."""
     d = len(in_sizes)
@@ -226,10 +245,13 @@ def interpolate_backward(dy, in_sizes, mode, scales, align_corners):
         shape = list(g.shape)
         shape[dim] = L
         acc = g.new_zeros(shape)
+        if inplace:
+            g = _scatter_taps_(acc, g, dim, idx, w)
+            continue
         for j in range(idx.shape[1]):
             # dx[.., idx[o, j], ..] += w[o, j] g[.., o, ..]: a scatter-add    (.., L, ..)
             gj = g if w is None else g * w[:, j].view(bcast)
-            acc = acc.index_add_(dim, idx[:, j], gj) if inplace else acc.index_add(dim, idx[:, j], gj)
+            acc = acc.index_add(dim, idx[:, j], gj)
         g = acc
     return g  #                                                                 (*, *S) like x
 
