@@ -196,11 +196,16 @@ def corner_taps(grid, S, mode, padding_mode, align_corners):
     return lin, weight, grads
 
 
+# taps per gather / scatter-add in the plain backward: its temporaries are this many times dy
+# (the 4 of a 2-d bilinear point at once; 3-d's 8 in two rounds)
+_TAPS_AT_ONCE = 4
+
+
 def _grid_sample_backward_plain(dy, x, grid, mode, padding_mode, align_corners, need_dx, need_dgrid):
     """grid_sample_backward for bilinear and nearest in a plain backward (no graph, no transform):
-    the K taps of every point at once, one gather of x and one scatter-add into dx over the flat
-    (N, C, K P) index, where the reference loops over the taps (a gather, a scatter into a fresh
-    copy of dx and a channel sum per tap):
+    the taps of every point at once (up to _TAPS_AT_ONCE of them), one gather of x and one
+    scatter-add into dx over the flat (N, C, K P) index, where the reference loops over the taps
+    (a gather, a scatter into a fresh copy of dx and a channel sum per tap):
 
         dx[n, c, lin[n, k, p]] += w[n, k, p] dy[n, c, p]
         dgrid_j[n, p] = sum_k dw_j[n, k, p] sum_c dy[n, c, p] x[n, c, lin[n, k, p]]"""
@@ -209,17 +214,25 @@ def _grid_sample_backward_plain(dy, x, grid, mode, padding_mode, align_corners, 
     x_flat = x.reshape(N, C, math.prod(S))  #                             (N, C, prod S)
     lin, w, dw = corner_taps(grid, S, mode, padding_mode, align_corners)  # (N, K, P)
     K, P = lin.shape[1:]
-    # the flat index, the same for every channel                         (N, C, K P)
-    index = lin.reshape(N, 1, K * P).expand(N, C, K * P)
-    dx = dgrid = None
+    dx = x_flat.new_zeros(x_flat.shape) if need_dx else None
+    dy_x = []
+    for k0 in range(0, K, _TAPS_AT_ONCE):
+        ks = slice(k0, k0 + _TAPS_AT_ONCE)
+        k = len(range(K)[ks])
+        # the flat index of these taps, the same for every channel       (N, C, k P)
+        index = lin[:, ks].reshape(N, 1, k * P).expand(N, C, k * P)
+        if need_dx:
+            # dx[n, c, lin] += w dy[n, c, p]                              (N, C, k P) -> (N, C, prod S)
+            dx.scatter_add_(2, index, (w[:, None, ks] * g).reshape(N, C, k * P))
+        if need_dgrid and dw:
+            # dy_x = sum_c dy[n, c, p] x[n, c, tap]                       (N, k, P)
+            dy_x.append(x_flat.gather(2, index).reshape(N, C, k, P).mul_(g).sum(1))
     if need_dx:
-        # dx[n, c, lin] += w dy[n, c, p]                                  (N, C, K P) -> (N, C, *S)
-        dx = x_flat.new_zeros(x_flat.shape).scatter_add_(2, index, (w[:, None] * g).reshape(N, C, K * P))
         dx = dx.view(x.shape)
+    dgrid = None
     if need_dgrid:
         if dw:
-            # dy_x = sum_c dy[n, c, p] x[n, c, tap]                       (N, K, P)
-            dy_x = x_flat.gather(2, index).reshape(N, C, K, P).mul_(g).sum(1)
+            dy_x = torch.cat(dy_x, 1) if len(dy_x) > 1 else dy_x[0]  #    (N, K, P)
             # dgrid_j = sum_k dw_j dy_x                                   (N, P) per j -> (N, *So, d)
             dgrid = torch.stack([(dwj * dy_x).sum(1) for dwj in dw], -1).view(grid.shape)
         else:  # nearest: round is flat
