@@ -319,10 +319,9 @@ def test_enable_mode_keeps_less_and_gives_the_same_gradients():
 
 def test_compile_without_graph_breaks_gives_the_same_gradients():
     torch.manual_seed(0)
-    # (no dropout: manualgrad's dropout does not compile yet, with or without lean(): the scale's
-    #  .item() leaves an unbacked symbol Dynamo rejects, on main too)
-    model = nn.Sequential(mnn.Linear(16, 32), mnn.LayerNorm(32), mnn.ReLU(), mnn.Linear(32, 64), mnn.GELU(),
-                          mnn.Linear(64, 4))
+    # (with dropout: the same seed in both runs, the same masks)
+    model = nn.Sequential(mnn.Linear(16, 32), mnn.LayerNorm(32), mnn.ReLU(), mnn.Dropout(0.2), mnn.Linear(32, 64),
+                          mnn.GELU(), mnn.Dropout(0.2), mnn.Linear(64, 4))
     x = torch.randn(8, 16)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
     # (against the compiled model without lean(): the compiled graph rounds like itself, not like eager)

@@ -31,6 +31,10 @@ jvp replay the draw from the state saved before it, in a private generator. p = 
 nothing, as in torch. Elsewhere (CUDA...) torch's fused kernels draw the mask inside the
 kernel with their own counter-based generator, which cannot be replayed here: dropout there
 raises NotImplementedError.
+
+Under torch.compile the generator's state cannot be read while tracing: there forward draws
+the same mask (in the graph) and keeps it bit-packed (L S / 8 bytes a head) for backward
+instead of the state.
 """
 import math
 
@@ -38,7 +42,11 @@ import torch
 
 from ._apply import LOWER, apply
 from ._checks import can_write_inplace, is_transformed
+from .dropout import pack_bits, unpack_bits
 from .softmax import softmax_backward, softmax_jvp
+
+# The ``state`` option under torch.compile: forward outputs its dropout mask bit-packed, to keep.
+KEEP_MASK = "keep the mask"
 
 
 def _scale(q, scale):
@@ -65,12 +73,17 @@ def _sum_to(g, shape):
 def dropout_keep(probs, p, state=None):
     """D = keep / (1 - p), keep ~ Bernoulli(1 - p): torch's at::dropout noise for the attention
     probabilities ``probs``, drawn as torch draws it (``empty_like(P).bernoulli_(1 - p)``, also
-    under vmap) from the global generator (state None: forward), or replayed from ``state``, the
-    global generator's state before forward drew it (backward, jvp), in a private generator."""
+    under vmap) from the global generator (state None or KEEP_MASK: forward), or replayed from
+    ``state``, the global generator's state before forward drew it (backward, jvp), in a private
+    generator; or, under torch.compile, unpacked from the mask forward kept (``state`` a tensor)."""
     if p == 1:
         return torch.zeros_like(probs)
+    if isinstance(state, torch.Tensor):
+        # (as 0/1 bytes, not bools: inductor's CPU code for a bool -> float cast does not compile)
+        keep = unpack_bits(state, probs.numel()).view(torch.uint8).view(probs.shape).to(probs.dtype)
+        return keep.div_(1 - p)  # the same 0/1 values, the same division
     g = None
-    if state is not None:
+    if isinstance(state, GeneratorState):
         g = torch.Generator(device=probs.device)
         g.set_state(state.tensor)
     keep = torch.empty_like(probs).bernoulli_(1 - p, generator=g)
@@ -113,15 +126,17 @@ def attention_probs(q, k, mask, is_causal, scale):
 
 
 def sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+    """O, and the dropout noise D it drew (None without dropout)."""
     if dropout_p == 0:
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-        )
+        ), None
     h = q.size(-3) if q.dim() >= 3 else None
     kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)
     p = attention_probs(q, kr, mask, is_causal, _scale(q, scale))
+    d = dropout_keep(p, dropout_p)
     # O = (P * D) V                                          (*, L, Ev)
-    return torch.matmul(p.mul_(dropout_keep(p, dropout_p)), vr)
+    return torch.matmul(p.mul_(d), vr), d
 
 
 def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state, needs):
@@ -195,39 +210,48 @@ def sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, dropout_p, is_causal, scale, enab
 
 class ScaledDotProductAttentionFunction(torch.autograd.Function):
     """``apply(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state)``: state is the
-    global generator's state before forward draws the dropout mask (a GeneratorState, None
-    without dropout)."""
+    global generator's state before forward draws the dropout mask (a GeneratorState; None
+    without dropout; KEEP_MASK under torch.compile). Outputs (O, the dropout mask bit-packed
+    where state is KEEP_MASK, else empty); the mask output is non-differentiable, for
+    setup_context."""
     autocast = LOWER  # autocast: in the autocast dtype (torch's lower-precision list)
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state):
-        return sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
+        o, d = sdpa_forward(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
+        if state is KEEP_MASK:  # kept where D != 0, i.e. D = 1 / (1 - p)
+            return o, pack_bits((d != 0).reshape(-1))
+        return o, torch.empty(0, dtype=torch.uint8, device=o.device)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, mask, *options = inputs
+        packed = output[1]
+        ctx.mark_non_differentiable(packed)
         ctx.options = options
         # the inputs only: P is recomputed in backward (no L x S tensor saved), the dropout
-        # mask redrawn from the generator state
-        ctx.save_for_backward(q, k, v, mask)
+        # mask redrawn from the generator state (under torch.compile: the packed mask as well)
+        kept = (packed,) if options[-1] is KEEP_MASK else ()
+        ctx.save_for_backward(q, k, v, mask, *kept)
         ctx.save_for_forward(q, k, v, mask)
 
     @staticmethod
-    def backward(ctx, do):
-        q, k, v, mask = ctx.saved_tensors
+    def backward(ctx, do, _):
+        q, k, v, mask, *kept = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if not any(needs):
             return (None,) * 9
-        return (*sdpa_backward(do, q, k, v, mask, *ctx.options, needs), None, None, None, None, None)
+        options = (*ctx.options[:-1], kept[0]) if kept else ctx.options  # the packed mask as the state
+        return (*sdpa_backward(do, q, k, v, mask, *options, needs), None, None, None, None, None)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dmask, *_):
         q, k, v, mask = ctx.saved_tensors
         if mask is None or mask.dtype == torch.bool:
             dmask = None
-        return sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, *ctx.options)
+        return sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, *ctx.options), None
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
@@ -256,11 +280,12 @@ def scaled_dot_product_attention(
             state = _generator_state(query.device)
     return apply(
         ScaledDotProductAttentionFunction, query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, state
-    )
+    )[0]
 
 
 def _generator_state(device):
-    """The state of the global generator forward's dropout draws from, for backward to replay."""
+    """The state of the global generator forward's dropout draws from, for backward to replay;
+    under torch.compile, where it cannot be read, KEEP_MASK: forward keeps the mask it draws."""
     if device.type == "meta":  # no data, nothing drawn
         return None
     if device.type != "cpu":
@@ -269,6 +294,8 @@ def _generator_state(device):
             "dropout mask inside the kernel, which manualgrad cannot reproduce (its mask is torch's CPU one); "
             "use dropout_p=0.0 or run on the CPU"
         )
+    if torch.compiler.is_compiling():
+        return KEEP_MASK
     return GeneratorState(torch.default_generator.get_state())
 
 

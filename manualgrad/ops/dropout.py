@@ -12,6 +12,12 @@ a float copy of the scaled mask (numel * element_size bytes). Inside ``manualgra
 the CPU, when that is more than the generator's state (5056 bytes), the state the mask was drawn
 from is kept instead and backward redraws the mask from it, as scaled_dot_product_attention does.
 
+torch.compile (fullgraph): the scale is a Python number worked out with torch's rounding (no
+``.item()``), the mask is drawn so that the compiled graph draws eager's values (``bernoulli_like``),
+and in place on a view is told by ``x._base``: a compiled dropout gives torch's eager output,
+gradient and generator state. (Inductor replaces torch's own compiled dropout draw by its philox
+RNG, another mask than eager; manualgrad's draw stays ATen's bernoulli there.)
+
 vmap: the Function takes a hidden ``vmap_dims`` argument, empty outside vmap. Its vmap rule
 applies the Function to the batched tensor and records there which dims are batch dims, as
 ``(dim, same)`` pairs: the mask is packed per sample (so every vmap level sees the packed mask
@@ -53,8 +59,32 @@ def _shifts(device):
 # dropout
 
 def dropout_scale(p, dtype):
-    """1 / (1 - p) rounded as torch rounds it (noise.div_(1 - p) on ones of ``dtype``)."""
-    return torch.ones((), dtype=dtype).div_(1 - p).item()
+    """1 / (1 - p) rounded as torch rounds it: the value of ``ones((), dtype).div_(1 - p)``, its
+    noise where kept. Worked out in Python, without a tensor: under torch.compile a constant of
+    the graph (a ``.item()`` there is a symbol Dynamo cannot trace).
+
+    torch's CPU division: float64 divides in float64; float32 divides float32(1) by float32(1 - p);
+    float16 and bfloat16 divide likewise in float32, then round the quotient to their dtype."""
+    if dtype == torch.float64:
+        return 1 / (1 - p)
+    if dtype not in _SIGNIFICAND_BITS:
+        raise NotImplementedError(f"dropout: {dtype} input is not supported (torch's bernoulli_ is not either)")
+    # float32(1 / float32(1 - p)): the float64 quotient rounded to float32 is the float32 quotient
+    # (a 53-bit quotient rounded to 24 bits rounds as the exact one: 53 >= 2 * 24 + 2)
+    q = _round(1 / _round(1 - p, 24), 24)
+    q = _round(q, _SIGNIFICAND_BITS[dtype])  # then to float16 / bfloat16 (float32: itself)
+    return math.inf if q > _LARGEST.get(dtype, math.inf) else q
+
+
+_SIGNIFICAND_BITS = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+_LARGEST = {torch.float16: 65504.0}  # float16's largest finite value; beyond it the quotient is inf
+
+
+def _round(v, bits):
+    """v > 0 (a normal number of the target dtype) rounded to ``bits`` significant bits, to nearest,
+    ties to even, as IEEE rounding does (round() on a float rounds half to even)."""
+    m, e = math.frexp(v)  # v = m 2^e, 1/2 <= m < 1
+    return math.ldexp(round(m * 2.0 ** bits), e - bits)
 
 
 def dropout_forward(x, p, inplace=False, vmap_dims=(), pack=True):
@@ -136,13 +166,29 @@ def _redraw(state, layout, p):
 FUSED_DEVICES = ("cuda", "xpu", "lazy", "privateuseone")
 
 
+def bernoulli_like(x, p, dtype=torch.bool):
+    """``torch.empty_like(x, dtype=dtype).bernoulli_(p)``, drawn so that torch.compile draws the same.
+
+    The draws follow the memory order of empty_like(x) (x's own where x is dense). Under
+    torch.compile the in-place bernoulli_ becomes the out-of-place bernoulli, whose output is
+    contiguous: its draws would follow x's logical order. So a non-contiguous x gets its draw on a
+    contiguous tensor with x's dims in memory order, then permuted back: the same values, eager or
+    compiled."""
+    if x.is_contiguous():
+        return torch.empty_like(x, dtype=dtype).bernoulli_(p)
+    like = torch.empty_like(x, dtype=dtype, device="meta")  # the layout only (no data)
+    order = sorted(range(x.dim()), key=lambda d: -like.stride(d))  # outermost in memory first
+    draw = torch.empty([x.shape[d] for d in order], dtype=dtype, device=x.device).bernoulli_(p)
+    return draw.permute([order.index(d) for d in range(x.dim())])
+
+
 def _draw_mask(x, p, vmap_dims):
     """keep ~ Bernoulli(1 - p), drawn as torch draws it: outside vmap on a tensor laid out like x
     (torch's noise is empty_like(x)); under vmap on a contiguous (*batch, *sample) tensor, the
     batch dims outermost level first (size 1 where randomness="same"), whatever x's layout, as
     torch's vmap batching rules draw it; then moved to the dims of x they belong to."""
     if not vmap_dims:
-        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        return bernoulli_like(x, 1 - p)
     levels = vmap_dims[::-1]  # outermost first
     dims = [d for d, _ in levels]
     batch = [1 if same else x.shape[d] for d, same in levels]
@@ -274,7 +320,7 @@ def _apply(x, p, inplace, vmap_dims):
     records the write into the view (and so into its base's history) as torch's own in-place
     ops do."""
     replay = Replay(torch.default_generator.get_state()) if not vmap_dims and _replayable(x, p) else None
-    if inplace and x._is_view():
+    if inplace and x._base is not None:  # (x._is_view(), in a form Dynamo traces)
         y, packed = apply(DropoutFunction, x.clone(), p, True, vmap_dims, replay)
         return x.copy_(y), packed
     return apply(DropoutFunction, x, p, inplace, vmap_dims, replay)

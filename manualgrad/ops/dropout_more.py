@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from ._apply import INPUT, apply
-from .dropout import dropout, pack_bits, unpack_bits
+from .dropout import bernoulli_like, dropout, pack_bits, unpack_bits
 
 _ALPHA = 1.7580993408473766
 
@@ -49,8 +49,8 @@ def draw_keep(x, p, feature):
     elif _batched(x):
         # under vmap torch's draw is on a contiguous (*batch, *sample) tensor, whatever x's layout
         noise = x.new_empty(x.shape)
-    else:
-        noise = torch.empty_like(x)  # laid out like x: the draws follow x's memory order
+    else:  # laid out like x: the draws follow x's memory order (also under torch.compile)
+        return bernoulli_like(x, 1 - p, x.dtype).bool()
     return noise.bernoulli_(1 - p).bool()
 
 
