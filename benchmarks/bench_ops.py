@@ -4,10 +4,22 @@ Prints ours / torch for each op at a realistic size (single thread by default). 
 one forward and backward of ours and of torch in alternation; the ratio is of the medians, so a
 neighbour that loads the CPU for a while hits both sides alike.
 
+Two things make single-op ratios swing between runs, and both are off by default:
+- wall time counts whatever else runs on the machine: the clock is the process's CPU time
+  (``--clock wall`` for wall time);
+- glibc returns freed multi-MB buffers to the kernel, so whichever side gets a fresh buffer pays
+  1,000-3,000 page faults per rep (a 0.3x and a 1.9x for the same case in back-to-back runs):
+  the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
+  set so freed buffers are reused, as they are in a training loop (``--fresh-buffers`` leaves
+  glibc's defaults).
+
     python benchmarks/bench_ops.py [--reps 200] [--threads 1] [--only NAME] [--backward-only]
+                                   [--clock cpu|wall] [--fresh-buffers]
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -133,15 +145,21 @@ def cases():
     ]
 
 
+_clock = time.process_time
+
+
 def _time(fn, inputs, dy, backward_only=False):
     for t in inputs:
         t.grad = None
-    t0 = time.perf_counter()
+    t0 = _clock()
     y = fn(*inputs)
     if backward_only:
-        t0 = time.perf_counter()
+        t0 = _clock()
     y.backward(dy)
-    return time.perf_counter() - t0
+    return _clock() - t0
+
+
+_STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
 
 
 def main():
@@ -150,7 +168,13 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default="")
     p.add_argument("--backward-only", action="store_true", help="time the backward alone, not the forward")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time (default) or wall time")
+    p.add_argument("--fresh-buffers", action="store_true", help="keep glibc's default buffer release (page faults)")
     args = p.parse_args()
+    if not args.fresh_buffers and any(os.environ.get(k) != v for k, v in _STEADY_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_STEADY_MALLOC})
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{'op':42s} {'ours ms':>9s} {'torch ms':>9s} {'ratio':>7s} {'saved, ours/torch':>18s}")
