@@ -1,12 +1,14 @@
-"""GradientMonitor overhead on the seed MLP (784-1024-1024-1024-10, ReLU), Adam, batch 128:
-the same training step with and without the monitor, in the same process, alternating step by
-step. The monitor logs to a SummaryWriter in a temporary directory.
+"""GradientMonitor overhead: the same training step with and without the monitor, in the same
+process, alternating step by step. The monitor logs to a SummaryWriter in a temporary directory.
 
-Two cadences: the default (every=50, hist_every=1000: targets <= 1.03x) and scalars every
-step (every=1, no histograms: target <= 1.25x). The ratio is total monitored time over total
-plain time across all timed steps, so the cost of the logging steps is amortised as in a run.
+Two models: ``small`` (64-128-128-10 MLP with ReLU, SGD, batch 256: a step of about 1 ms, where
+the monitor's fixed per-step cost shows) and ``seed`` (the seed MLP 784-1024-1024-1024-10,
+Adam, batch 128). Two cadences: the default (every=50, hist_every=1000: target <= 1.03x) and
+scalars every step (every=1, no histograms: target <= 1.25x). NaN-origin tracking is always on.
+The ratio is total monitored time over total plain time across all timed steps, so the cost of
+the logging steps is amortised as in a run.
 
-    python benchmarks/bench_monitor.py [--steps 1000] [--batch 128] [--activations]
+    python benchmarks/bench_monitor.py [--models small seed] [--steps 1000] [--activations]
 """
 import argparse
 import pathlib
@@ -22,10 +24,21 @@ from manualgrad.monitor import GradientMonitor  # noqa: E402
 from train.models import seed_mlp  # noqa: E402
 
 
-def build(seed):
+def small_mlp(nn=mnn):
+    return torch.nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+MODELS = {  # name: (builder, input features, batch, optimizer)
+    "small": (small_mlp, 64, 256, lambda p: torch.optim.SGD(p, lr=1e-2)),
+    "seed": (seed_mlp, 784, 128, lambda p: torch.optim.Adam(p, lr=1e-3)),
+}
+
+
+def build(name, seed):
+    builder, _, _, make_opt = MODELS[name]
     torch.manual_seed(seed)
-    model = seed_mlp(nn=mnn)
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = builder(nn=mnn)
+    return model, make_opt(model.parameters())
 
 
 def step(model, opt, loss_fn, x, y):
@@ -35,14 +48,15 @@ def step(model, opt, loss_fn, x, y):
     opt.step()
 
 
-def run(cadence, steps, batch, warmup, activations):
+def run(name, cadence, steps, warmup, activations):
     from torch.utils.tensorboard import SummaryWriter
 
+    _, features, batch, _ = MODELS[name]
     loss_fn = mnn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
-    xs = torch.randn(8, batch, 784, generator=g)
+    xs = torch.randn(8, batch, features, generator=g)
     ys = torch.randint(0, 10, (8, batch), generator=g)
-    plain, (watched, wopt) = build(0), build(0)
+    plain, (watched, wopt) = build(name, 0), build(name, 0)
     with tempfile.TemporaryDirectory() as d:
         writer = SummaryWriter(d)
         with GradientMonitor(watched, writer, optimizer=wopt, activations=activations, **cadence):
@@ -52,32 +66,41 @@ def run(cadence, steps, batch, warmup, activations):
                 order = (("plain", plain), ("monitor", (watched, wopt)))
                 if i % 2:
                     order = order[::-1]  # alternate who goes first
-                for name, (model, opt) in order:
+                for who, (model, opt) in order:
                     t0 = time.perf_counter()
                     step(model, opt, loss_fn, x, y)
                     if i >= warmup:
-                        times[name] += time.perf_counter() - t0
+                        times[who] += time.perf_counter() - t0
         writer.close()
     return times
 
 
+CADENCES = [
+    ("every=50, hist_every=1000", dict(every=50, hist_every=1000), 1.03),
+    ("every=1, no histograms  ", dict(every=1, hist_every=0), 1.25),
+]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--cadences", nargs="+", type=int, choices=range(len(CADENCES)), default=range(len(CADENCES)),
+                   help="indices into the cadence list (0: default, 1: every step)")
     p.add_argument("--steps", type=int, default=1000, help="timed steps per configuration (each side)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--activations", action="store_true", help="also monitor activations")
     args = p.parse_args()
-    print(f"seed MLP, Adam, batch {args.batch}, {args.steps} timed steps each, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, activations={args.activations}")
-    for label, cadence, target in [
-        ("every=50, hist_every=1000", dict(every=50, hist_every=1000), 1.03),
-        ("every=1, no histograms  ", dict(every=1, hist_every=0), 1.25),
-    ]:
-        t = run(cadence, args.steps, args.batch, args.warmup, args.activations)
-        ratio = t["monitor"] / t["plain"]
-        print(f"{label}: plain {1e3 * t['plain'] / args.steps:7.2f} ms/step  monitor "
-              f"{1e3 * t['monitor'] / args.steps:7.2f} ms/step  ratio {ratio:.3f}x  (target <= {target}x)")
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {args.steps} timed steps each, "
+          f"activations={args.activations}")
+    for name in args.models:
+        _, features, batch, _ = MODELS[name]
+        for c in args.cadences:
+            label, cadence, target = CADENCES[c]
+            t = run(name, cadence, args.steps, args.warmup, args.activations)
+            ratio = t["monitor"] / t["plain"]
+            print(f"{name:5s} (batch {batch}) {label}: plain {1e3 * t['plain'] / args.steps:7.3f} ms/step  monitor "
+                  f"{1e3 * t['monitor'] / args.steps:7.3f} ms/step  ratio {ratio:.3f}x  (target <= {target}x)", flush=True)
 
 
 if __name__ == "__main__":
