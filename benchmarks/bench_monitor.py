@@ -48,7 +48,7 @@ def step(model, opt, loss_fn, x, y):
     opt.step()
 
 
-def run(name, cadence, steps, warmup, activations):
+def run(name, cadence, steps, warmup, activations, origin="every_step"):
     from torch.utils.tensorboard import SummaryWriter
 
     _, features, batch, _ = MODELS[name]
@@ -59,7 +59,7 @@ def run(name, cadence, steps, warmup, activations):
     plain, (watched, wopt) = build(name, 0), build(name, 0)
     with tempfile.TemporaryDirectory() as d:
         writer = SummaryWriter(d)
-        with GradientMonitor(watched, writer, optimizer=wopt, activations=activations, **cadence):
+        with GradientMonitor(watched, writer, optimizer=wopt, activations=activations, origin=origin, **cadence):
             times = {"plain": 0.0, "monitor": 0.0}
             for i in range(warmup + steps):
                 x, y = xs[i % 8], ys[i % 8]
@@ -89,6 +89,8 @@ def main():
     p.add_argument("--steps", type=int, default=1000, help="timed steps per configuration (each side)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--activations", action="store_true", help="also monitor activations")
+    p.add_argument("--origin", nargs="+", choices=["every_step", "parameters"], default=["every_step", "parameters"],
+                   help="NaN-origin tracing modes to measure")
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {args.steps} timed steps each, "
@@ -96,10 +98,11 @@ def main():
     for name in args.models:
         _, features, batch, _ = MODELS[name]
         for c in args.cadences:
+          for origin in args.origin:
             label, cadence, target = CADENCES[c]
-            t = run(name, cadence, args.steps, args.warmup, args.activations)
+            t = run(name, cadence, args.steps, args.warmup, args.activations, origin)
             ratio = t["monitor"] / t["plain"]
-            print(f"{name:5s} (batch {batch}) {label}: plain {1e3 * t['plain'] / args.steps:7.3f} ms/step  monitor "
+            print(f"{name:5s} (batch {batch}) {label} origin={origin:12s}: plain {1e3 * t['plain'] / args.steps:7.3f} ms/step  monitor "
                   f"{1e3 * t['monitor'] / args.steps:7.3f} ms/step  ratio {ratio:.3f}x  (target <= {target}x)", flush=True)
 
 

@@ -29,10 +29,13 @@ import weakref
 import torch
 
 from .. import utils
+from . import origin as origin_
 from . import stats
 from . import tensorboard as tb
 
-__all__ = ["GradientMonitor", "NonFiniteError"]
+__all__ = ["GradientMonitor", "NonFiniteError", "NonFiniteOrigin"]
+
+NonFiniteOrigin = origin_.NonFiniteOrigin
 
 _ATTACHED = weakref.WeakSet()  # models and optimizers with a monitor attached
 
@@ -68,8 +71,16 @@ class GradientMonitor:
         activations (bool): also hook forward outputs (leaf activation modules and the
             selected modules) for mean, std, near-zero and dead-unit fractions, saturation and
             the activation gradient norm.
-        on_nonfinite ('warn' | 'raise'): what to do at a logging step when a gradient or
-            activation was NaN/Inf since the previous one.
+        on_nonfinite ('warn' | 'raise'): what to do at a logging step when a parameter,
+            activation or gradient was NaN/Inf since the previous one. The report names where
+            the first one was born (module, manualgrad op, step, parameter / input / forward /
+            loss / backward / gradient, offending indices); it is kept as ``first_nonfinite``.
+        origin ('every_step' | 'parameters'): how a non-finite value's birth is found. Both
+            check every parameter and gradient at every step. 'every_step' also traces every
+            module and manualgrad Function call (inputs, outputs and their gradients) and names
+            where it was born; 'parameters' (cheaper: no hooks, no norm over activations)
+            names a non-finite parameter, otherwise only the step and the modules whose
+            gradients went non-finite.
         sharded (bool): under torch.distributed, each rank holds a disjoint shard of every
             gradient (FSDP-like), so norms are summed across ranks. False (DDP): gradients are
             replicated; only activation statistics and non-finite flags are reduced.
@@ -78,9 +89,11 @@ class GradientMonitor:
     """
 
     def __init__(self, model, writer, optimizer=None, every=50, hist_every=1000, include=None,
-                 exclude=None, activations=False, on_nonfinite="warn", sharded=False):
+                 exclude=None, activations=False, on_nonfinite="warn", sharded=False, origin="every_step"):
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
+        if origin not in ("every_step", "parameters"):
+            raise ValueError(f"origin must be 'every_step' or 'parameters', got {origin!r}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         for obj, what in ((model, "model"), (optimizer, "optimizer")):
@@ -91,7 +104,7 @@ class GradientMonitor:
                 )
         self.model, self.writer, self.optimizer = model, writer, optimizer
         self.every, self.hist_every = int(every), int(hist_every)
-        self.on_nonfinite, self.sharded = on_nonfinite, sharded
+        self.on_nonfinite, self.sharded, self.origin = on_nonfinite, sharded, origin
         self.rank, self.world = _dist_info()
         self._handles = []
         self._n = 0  # optimizer steps seen
@@ -127,13 +140,15 @@ class GradientMonitor:
         self._group = torch.tensor(group, device=dev)
         self._group_list = group
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
-        self._step_t = torch.zeros((), device=dev)  # the step number, on the device
-        # Non-finite gradients per module (+ rest): steps counted, first step seen (inf = never)
-        self._g_bad = torch.zeros(M + 1, device=dev)
-        self._g_first = torch.full((M + 1,), math.inf, device=dev)
+        # NaN origin. One row per step since the last log: L2 norms of the final gradients
+        # (P), then, on traced steps, of the parameters (P) and of every traced tensor.
+        owner = {id(p): n for n, p in model.named_parameters()}
+        self._param_names = [tuple(owner[id(p)].rpartition(".")[::2]) for p in self._params]
+        self._param_names = [(m or "model", n) for m, n in self._param_names]
+        self._rows, self._row_steps, self._row_meta = [], [], []
+        self._tracer = origin_.Tracer(model)
+        self._held = None  # (step, tensors) of a step traced at a logging step, for the report
 
-        # Forward order, recorded by one-shot pre-hooks during the first step's forward.
-        self._order, self._order_done = [], False
         mods = [m for _, m in chosen]
         self.act_names, self._act_mods = [], []
         if activations:
@@ -141,20 +156,11 @@ class GradientMonitor:
                 if (m in mods or (not list(m.children()) and _is_activation(m))) and keep(n):
                     self.act_names.append(n); self._act_mods.append(m)
         A = len(self._act_mods)
-        self._a_bad = [torch.zeros((), device=dev) for _ in range(A)]
-        self._a_first = [torch.full((), math.inf, device=dev) for _ in range(A)]
         self._a_stats = [None] * A
         self._a_hist = [None] * A
         self._a_gnorm = [None] * A
         self._log_now, self._hist_now = True, self.hist_every > 0  # for the coming step (step 0)
 
-        order_keys = {}
-        for k, m in enumerate(mods):
-            order_keys.setdefault(m, []).append(("grad", k))
-        for a, m in enumerate(self._act_mods):
-            order_keys.setdefault(m, []).append(("act", a))
-        for m, keys in order_keys.items():
-            self._handles.append(m.register_forward_pre_hook(self._order_hook(keys)))
         for a, m in enumerate(self._act_mods):
             self._handles.append(m.register_forward_hook(self._act_hook(a, stats.unit_dim(m), stats.saturation_kind(m))))
 
@@ -173,11 +179,13 @@ class GradientMonitor:
         self._have_before = False
         self._pending = None
         self._closed = False
-        self.first_nonfinite = None  # (module name, 'gradient'|'activation', step) once seen
+        self.first_nonfinite = None  # NonFiniteOrigin (module, kind, step) of the run's first report
+        if origin == "every_step":
+            self._tracer.start()
 
         if self.rank == 0:
             present = {"grad/norm", "grad/max_abs", "param/norm", "global/grad_norm", "global/lr",
-                       "global/clip_coef", "global/clip_fraction", "global/nonfinite"}
+                       "global/clip_coef", "global/clip_fraction", "global/nonfinite", "nonfinite"}
             if optimizer is not None:
                 present |= {"update/ratio", "update/log10_ratio"}
             if A:
@@ -186,24 +194,11 @@ class GradientMonitor:
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def _order_hook(self, keys):
-        def hook(module, args):
-            if torch.compiler.is_compiling() or self._order_done:
-                return
-            for k in keys:
-                if k not in self._order:
-                    self._order.append(k)
-        return hook
-
     def _act_hook(self, a, dim, kind):
         def hook(module, args, output):
             if not isinstance(output, torch.Tensor):
                 return
             y = output.detach()
-            # every step: count non-finite activations, remember the first step         0-dim
-            bad = ~torch.isfinite(torch.linalg.vector_norm(y, dtype=torch.float32))
-            self._a_bad[a].add_(bad)
-            self._a_first[a].copy_(torch.where(bad & torch.isinf(self._a_first[a]), self._step_t, self._a_first[a]))
             if self._log_now:
                 self._a_stats[a] = stats.activation_stats(y, dim, kind)
                 if self._hist_now:
@@ -236,7 +231,7 @@ class GradientMonitor:
         self._after_update()
 
     def _grads(self):
-        return [self._zero if p.grad is None else p.grad.detach() for p in self._params]
+        return [self._zero if p.grad is None else p.grad for p in self._params]
 
     def _module_sum(self, per_param):
         """Σ over each module's parameters of a (P,) vector -> (M + 1,)."""
@@ -246,30 +241,29 @@ class GradientMonitor:
         return torch.zeros(self._M + 1, device=self._device).scatter_reduce_(0, self._group, per_param, "amax")
 
     def _before_update(self):
-        self._order_done = True
         grads = self._grads()
-        if self._log_now:
-            # ||g||_2 per parameter in float32 (one foreach kernel; on CPU ~30x faster than
-            # the max-abs norm), summed per module                              (M+1,)
-            norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))  # (P,)
-            g_sq = self._module_sum(norms * norms)
-        else:
-            # other steps only need to know whether a gradient went NaN/Inf: a sum of g per
-            # parameter turns either into a non-finite value, at half the cost of a norm
-            # (and it overflows far later than a sum of squares)                 (M+1,)
-            g_sq = self._module_sum(torch.stack([g.sum(dtype=torch.float32) for g in grads]))
-        # folded per module into the device-side non-finite counter, every step
-        bad = ~torch.isfinite(g_sq)
-        self._g_bad.add_(bad)
-        self._g_first.copy_(torch.where(bad & torch.isinf(self._g_first), self._step_t, self._g_first))
+        checked = grads + self._params
+        meta = None
+        if self._tracer.recording:  # a traced step: every traced tensor too
+            tensors, meta = self._tracer.stop()
+            checked += tensors
+            self._held = (self._n, tensors) if self._log_now else None
+        # every step: ||g||_2 and ||θ||_2 per parameter (and per traced tensor) in float32,
+        # one foreach kernel (on CPU ~30x faster than the max-abs norm); a NaN/Inf makes the
+        # norm non-finite. The 0-dim results wait on the device for the next log.  (2P + T,)
+        with torch.no_grad():
+            norms = torch._foreach_norm(checked, 2.0, dtype=torch.float32)
+        self._rows.append(norms); self._row_steps.append(self._n); self._row_meta.append(meta)
         if not self._log_now:
             return
+        n_par = len(self._params)
+        g_sq = self._module_sum(torch.stack(norms[:n_par]) ** 2)  # Σ ||g||² per module   (M+1,)
         # logging step: max |g| = max(max g, -min g) (no |g| temporary), parameter norms, and a
         # copy of the parameters for the update
         gmax = self._module_max(torch.stack([torch.maximum(g.amax(), -g.amin()).float() for g in grads]))
         with torch.no_grad():
             params = [p.detach() for p in self._params]
-            p_sq = self._module_sum(torch.stack(torch._foreach_norm(params, 2.0, dtype=torch.float32)) ** 2)
+            p_sq = self._module_sum(torch.stack(norms[n_par : 2 * n_par]) ** 2)
             if self.optimizer is not None:
                 # one buffer, allocated at the first logging step and reused: no allocation
                 # proportional to the model afterwards
@@ -300,7 +294,8 @@ class GradientMonitor:
             self._log(n)
         self._log_now = self._n % self.every == 0
         self._hist_now = self.hist_every > 0 and self._n % self.hist_every == 0
-        self._step_t.fill_(self._n)
+        if self.origin == "every_step" and not self._closed:
+            self._tracer.start()
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -309,15 +304,24 @@ class GradientMonitor:
         d_sq = None
         if self._have_before:
             with torch.no_grad():
-                # θ_before - θ_after, in place in the buffer: ||Δθ|| per parameter
-                torch._foreach_sub_(self._before, [p.detach() for p in self._params])
-                d_sq = self._module_sum(torch.stack(torch._foreach_norm(self._before, 2.0, dtype=torch.float32)) ** 2)
-            self._have_before = False
+                # θ_before - θ_after: ||Δθ|| per parameter (a temporary: θ_before stays for
+                # the offending indices of a non-finite parameter)
+                delta = torch._foreach_sub(self._before, [p.detach() for p in self._params])
+                d_sq = self._module_sum(torch.stack(torch._foreach_norm(delta, 2.0, dtype=torch.float32)) ** 2)
+                del delta
         A = len(self._act_mods)
         act = torch.stack([s if s is not None else torch.full((5,), math.nan, device=self._device)
                            for s in self._a_stats]) if A else None
         agn = torch.stack([g.reshape(()) if g is not None else torch.full((), math.nan, device=self._device)
                            for g in self._a_gnorm]) if A else None
+        # non-finite bookkeeping from the ring: per step and module, was a parameter or its
+        # gradient NaN/Inf (rows, M+1); per step, was anything traced NaN/Inf (rows,)
+        rows, n_par = len(self._row_steps), len(self._params)
+        ring = torch.nn.utils.rnn.pad_sequence([torch.stack(r) for r in self._rows], batch_first=True)  # (rows, W)
+        bad = ~torch.isfinite(ring)
+        bad_par = (bad[:, :n_par] | bad[:, n_par : 2 * n_par]).float()
+        g_bad = torch.zeros(rows, M + 1, device=self._device).index_add_(1, self._group, bad_par).clamp_max_(1)
+        row_bad = bad.any(1).float()
 
         # Cross-rank reduction (logging steps only): sums, maxima, minima in three collectives.
         sums = [P["p_sq"]] + ([d_sq] if d_sq is not None else [])
@@ -325,14 +329,14 @@ class GradientMonitor:
             sums.append(P["g_sq"])
         if self.world > 1:
             sum_parts = sums + ([act.flatten(), agn ** 2] if A else [])
-            max_parts = [self._g_bad, P["g_max"]] + ([torch.stack(self._a_bad)] if A else [])
-            min_parts = [self._g_first] + ([torch.stack(self._a_first)] if A else [])
-            flat = [torch.cat([t.flatten() for t in parts]) for parts in (sum_parts, max_parts, min_parts)]
-            ops = (torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MAX, torch.distributed.ReduceOp.MIN)
+            # (per rank: whether its own traced row went bad, for the origin exchange)
+            max_parts = [g_bad, P["g_max"], row_bad.amax(0, keepdim=True)]
+            flat = [torch.cat([t.flatten() for t in parts]) for parts in (sum_parts, max_parts)]
+            ops = (torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MAX)
             for t, op in zip(flat, ops):
                 torch.distributed.all_reduce(t, op=op)
             # (only the reduced values are read back below; activation stats are averaged)
-            s, mx, mn = flat
+            s, mx = flat
             P["p_sq"], s = s[: M + 1], s[M + 1 :]
             if d_sq is not None:
                 d_sq, s = s[: M + 1], s[M + 1 :]
@@ -341,12 +345,10 @@ class GradientMonitor:
             if A:
                 act = s[: 5 * A].reshape(A, 5) / self.world
                 agn = (s[5 * A :] / self.world).sqrt()
-            g_bad, P["g_max"], a_bad = mx[: M + 1], mx[M + 1 : 2 * M + 2], mx[2 * M + 2 :]
-            g_first, a_first = mn[: M + 1], mn[M + 1 :]
+            k = rows * (M + 1)
+            g_bad_all, P["g_max"], any_bad = mx[:k].reshape(rows, M + 1), mx[k : k + M + 1], mx[k + M + 1 :]
         else:
-            g_bad, g_first = self._g_bad, self._g_first
-            a_bad = torch.stack(self._a_bad) if A else None
-            a_first = torch.stack(self._a_first) if A else None
+            g_bad_all, any_bad = g_bad, row_bad.amax(0, keepdim=True)
 
         # One vector of everything, one transfer.
         tags, parts = [], []
@@ -369,6 +371,7 @@ class GradientMonitor:
             put("update/ratio", names, ratio[:M])
             put("update/log10_ratio", names, log10[:M])
         put("global/grad_norm", None, P["g_sq"].sum().sqrt())
+        put("nonfinite", names, g_bad_all.sum(0)[:M])
         host = {}  # scalars already on the host (float learning rates)
         if self.optimizer is not None:
             for i, group in enumerate(self.optimizer.param_groups):
@@ -387,7 +390,7 @@ class GradientMonitor:
             put("act/grad_norm", self.act_names, agn)
         n_scalars = len(tags)
         # non-finite bookkeeping rides along
-        parts += [g_bad, g_first] + ([a_bad, a_first] if A else [])
+        parts += [g_bad_all, row_bad, any_bad]
         hists = P.get("hist", [])
         hist_tags = [f"hist/{kind}/{names[k]}" for kind, k, _ in hists]
         parts += [h for _, _, h in hists]
@@ -398,55 +401,78 @@ class GradientMonitor:
         values = torch.cat([t.reshape(-1).float() for t in parts]).cpu().tolist()  # the one transfer
 
         # reset the accumulators (in place, on the device)
-        self._g_bad.zero_(); self._g_first.fill_(math.inf)
-        for t in self._a_bad:
-            t.zero_()
-        for t in self._a_first:
-            t.fill_(math.inf)
+        steps, metas = self._row_steps, self._row_meta
+        self._rows, self._row_steps, self._row_meta = [], [], []
         self._a_stats = [None] * A; self._a_hist = [None] * A; self._a_gnorm = [None] * A
         self._clip_count.zero_(); self._clip_calls = 0
         self._pending = None
 
         scalars, rest = values[:n_scalars], values[n_scalars:]
-        gb, gf, rest = rest[: M + 1], rest[M + 1 : 2 * M + 2], rest[2 * M + 2 :]
-        if A:
-            ab, af, rest = rest[:A], rest[A : 2 * A], rest[2 * A :]
-        else:
-            ab, af = [], []
-        nonfinite = sum(gb) + sum(ab)
+        k = rows * (M + 1)
+        gb = [rest[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
+        rb, anywhere, rest = rest[k : k + rows], rest[k + rows], rest[k + rows + 1 :]
+        nonfinite = sum(map(sum, gb))
         if self.rank == 0:
-            tb.write_scalars(self.writer, n, tags, scalars)
-            tb.write_scalars(self.writer, n, list(host), list(host.values()))
-            self.writer.add_scalar("global/nonfinite", nonfinite, global_step=n)
+            host["global/nonfinite"] = nonfinite
+            tb.write_scalars(self.writer, n, tags + list(host), scalars + list(host.values()))
             width = 5 + stats.HIST_BINS
             for i, t in enumerate(hist_tags):
                 tb.write_histogram(self.writer, t, n, rest[i * width : (i + 1) * width])
-        if nonfinite:
-            self._report_nonfinite(n, gb, gf, ab, af)
+        report = self._nonfinite(ring, steps, metas, gb, rb) if (nonfinite or anywhere) else None
+        self._held = None
+        self._have_before = False
+        if report is not None:
+            self._report(report)
 
-    def _report_nonfinite(self, n, gb, gf, ab, af):
-        rank = {k: i for i, k in enumerate(self._order)}
-        cands = []
-        for k, (c, f) in enumerate(zip(gb, gf)):
-            if c:
-                name = self.names[k] if k < self._M else "(parameters outside the monitored modules)"
-                cands.append((f, 1, rank.get(("grad", k), len(rank) + k), "gradient", name))
-        for a, (c, f) in enumerate(zip(ab, af)):
-            if c:
-                cands.append((f, 0, rank.get(("act", a), len(rank) + a), "activation", self.act_names[a]))
-        # earliest step first; within a step forward (activations) before backward (gradients),
-        # then forward order
-        cands.sort(key=lambda c: c[:3])
-        f, _, _, kind, name = cands[0]
-        msg = (f"GradientMonitor: non-finite {kind} in module '{name}' first at step {int(f)} "
-               f"(checked at step {n}; {len(cands)} module statistic(s) affected)")
+    def _nonfinite(self, ring, steps, metas, gb, rb):
+        """The origin to report: where the first non-finite value since the last log was born."""
+        first = next((r for r in range(len(steps)) if rb[r]), None)  # this rank's first bad step
+        mine = None
+        if first is not None:
+            # read that row back (a second transfer, only when something went bad). Not
+            # traced, it still names a parameter that is non-finite.
+            found = origin_.decode(ring[first].tolist(), metas[first] or ([], {}), self._param_names)
+            if found is not None and (metas[first] is not None or found[0] == "parameter"):
+                mine = self._origin(found, steps[first])
+        if self.world > 1:  # the earliest birth over all ranks, named on every rank
+            everyone = [None] * self.world
+            torch.distributed.all_gather_object(everyone, mine)
+            found = [o for o in everyone if o is not None]
+            mine = min(found, key=lambda o: o.order) if found else None
+        if mine is not None:
+            return mine
+        # untraced (origin='parameters') and no parameter non-finite: the step and the modules
+        r = next(r for r in range(len(steps)) if any(gb[r]))
+        mods = [self.names[k] if k < self._M else "(other parameters)" for k, b in enumerate(gb[r]) if b]
+        return origin_.NonFiniteOrigin(", ".join(mods), "forward or backward", steps[r])
+
+    def _origin(self, found, step):
+        kind, module, op, order, (what, i) = found
+        # the first few offending elements: of the parameter or its .grad as they are now, of
+        # a traced tensor when the step is the one being reported
+        if what == "param":  # as it was at the step if it was copied then, else as it is now
+            then = self._before[i] if self._have_before and step == self._n - 1 else self._params[i]
+            detail = origin_.offending(then, self._param_names[i][1])
+        elif what == "grad":
+            detail = origin_.offending(self._params[i].grad, self._param_names[i][1] + ".grad")
+        elif self._held is not None and self._held[0] == step:
+            detail = origin_.offending(self._held[1][i], "value")
+        else:
+            detail = ""
+        o = origin_.NonFiniteOrigin(module, kind, step, op, self.rank, detail)
+        o.order = (step, origin_.KINDS.index(kind), order, self.rank)
+        return o
+
+    def _report(self, origin):
+        msg = f"GradientMonitor: {origin.describe()} (reported at step {self._n - 1})"
+        origin.message = msg
         if self.first_nonfinite is None:  # the run's first, not the latest report
-            self.first_nonfinite = (name, kind, int(f))
+            self.first_nonfinite = origin
         if self.rank == 0:
             self.writer.flush()
         if self.on_nonfinite == "raise":
             raise NonFiniteError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -461,6 +487,8 @@ class GradientMonitor:
         if self.optimizer is not None:
             _ATTACHED.discard(self.optimizer)
         self._before = None
+        self._tracer.close()
+        self._held = None
         self._closed = True
         if self.rank == 0:
             self.writer.flush()

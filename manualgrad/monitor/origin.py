@@ -1,0 +1,245 @@
+"""Where the first non-finite value of a run is born: GradientMonitor's NaN origin.
+
+A NaN or Inf spreads: a NaN weight in one layer makes every later activation, the loss and
+then every gradient NaN, so "the first module whose gradient is non-finite" names the input
+layer every time. The place it is *born* is the first value that is non-finite while
+everything it was computed from was finite. Kinds, in the order they can happen in a step:
+
+    parameter   a trainable parameter is non-finite when the optimizer step begins
+    input       the model's input is non-finite (the batch itself)
+    forward     a module's (or manualgrad Function's) output is non-finite, its inputs finite
+    loss        the model's forward was finite but the gradient arriving at its output is not
+                (born in the loss, outside the model)
+    backward    a module (or manualgrad Function) passes back a non-finite gradient to its
+                inputs while the gradient it received was finite
+    gradient    a parameter's final .grad is non-finite while every gradient reaching its
+                module was finite (a gradient hook, or another rank's all-reduce under DDP)
+
+How a step is traced: ``Tracer.start`` registers a forward hook on every module, and
+manualgrad's ``apply`` hands every Function call to ``Tracer._op``. They keep *references*
+to each call's floating inputs and outputs (no kernel) and register a tensor hook on every
+one that requires grad, and a hook on each Function's autograd node; those keep references to
+the gradients. ``Tracer.stop`` (at the optimizer step) measures all of them with one foreach
+L2 norm, written into a device-side row; nothing is read on the host. ``decode`` walks a row
+read back at a logging step and returns the first birth, by the rules above. References are
+dropped at ``stop`` (a step traced at a logging step keeps them until the report, for the
+offending indices). A module that modifies its input in place is seen after the change.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..ops import _apply
+
+KINDS = ("parameter", "input", "forward", "loss", "backward", "gradient")
+HOW = {
+    "parameter": "the parameter is non-finite when the step begins",
+    "input": "the model's input is non-finite",
+    "forward": "output non-finite while its inputs were finite (forward)",
+    "loss": "the model's forward was finite, the gradient reaching its output is not (born in the loss)",
+    "backward": "the gradient it passes back is non-finite while the one it received was finite (backward)",
+    "gradient": "the parameter's .grad is non-finite while every gradient reaching the module was finite",
+    "forward or backward": "their gradients went non-finite while every parameter was finite "
+                           "(origin='every_step' names where)",
+}
+OUTSIDE = "(outside the monitored model)"
+N_INDICES = 3  # offending indices shown in a report
+
+
+class NonFiniteOrigin(tuple):
+    """``(module, kind, step)``, with ``op`` (manualgrad Function or None), ``rank``, ``detail``
+    (parameter name, offending indices) and ``message`` (the report's text) as attributes."""
+
+    def __new__(cls, module, kind, step, op=None, rank=0, detail="", traced_step=None):
+        self = super().__new__(cls, (module, kind, step))
+        self.op, self.rank, self.detail, self.traced_step = op, rank, detail, traced_step
+        self.message = ""
+        return self
+
+    module = property(lambda self: self[0])
+    kind = property(lambda self: self[1])
+    step = property(lambda self: self[2])
+
+    def describe(self):
+        where = f"module '{self.module}'" if self.module != OUTSIDE else self.module
+        if self.op:
+            where += f" (op {self.op})"
+        rank = f" on rank {self.rank}" if self.rank else ""
+        traced = "" if self.traced_step in (None, self.step) else f"; traced at step {self.traced_step}"
+        detail = f"; {self.detail}" if self.detail else ""
+        return f"non-finite {self.kind} in {where} first at step {self.step}{rank}: {HOW[self.kind]}{detail}{traced}"
+
+
+def _floats(obj):
+    """The floating tensors in a module's args or output (a tensor, or a tuple / list / dict of them)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _floats(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _floats(o)]
+    return []
+
+
+class Tracer:
+    """Records one step's module and Function calls and their gradients (see the module docstring)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._modules = [(name or "model", name.count(".") + (1 if name else 0), m) for name, m in model.named_modules()]
+        self._handles = []
+        self.recording = False
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def start(self):
+        self._tensors, self._slot_of, self._events, self._grad_of, self._hooked = [], {}, [], {}, set()
+        for name, depth, m in self._modules:
+            self._handles.append(m.register_forward_hook(functools.partial(self._module, name, depth)))
+        _apply.recorders.append(self._op)
+        self.recording = True
+
+    def stop(self):
+        """Ends the step: (tensors recorded, in order; events, gradient of each slot)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._op in _apply.recorders:
+            _apply.recorders.remove(self._op)
+        self.recording = False
+        out = self._tensors, (self._events, self._grad_of)
+        self._tensors = self._slot_of = self._events = self._grad_of = self._hooked = None
+        return out
+
+    def _slot(self, t):
+        s = self._slot_of.get(id(t))
+        if s is None:  # the reference kept in _tensors also keeps id(t) unique within the step
+            s = self._slot_of[id(t)] = len(self._tensors)
+            self._tensors.append(t)
+        return s
+
+    def _hook_grad(self, t, s):
+        if t.requires_grad and s not in self._hooked:
+            self._hooked.add(s)
+            t.register_hook(functools.partial(self._on_grad, s))
+
+    def _on_grad(self, s, grad):
+        if self.recording:
+            self._grad_of[s] = self._slot(grad)
+
+    def _module(self, name, depth, module, args, output):
+        if not self.recording or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return
+        ins, outs = _floats(args), _floats(output)
+        in_slots, out_slots = [self._slot(t) for t in ins], [self._slot(t) for t in outs]
+        for t, s in zip(ins + outs, in_slots + out_slots):
+            self._hook_grad(t, s)
+        self._events.append(("module", name, depth, in_slots, out_slots))
+
+    def _op(self, fn, args, output):
+        if not self.recording or not torch.is_grad_enabled():
+            return
+        outs = _floats(output)
+        forward_index = len(self._events)
+        self._events.append(("op", fn.__name__, None, [self._slot(t) for t in _floats(args)],
+                             [self._slot(t) for t in outs]))
+        node = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
+        if node is not None:
+            node.register_hook(functools.partial(self._op_grads, fn.__name__, forward_index))
+
+    def _op_grads(self, name, forward_index, grad_inputs, grad_outputs):
+        if self.recording:
+            recv = [self._slot(g) for g in grad_outputs if isinstance(g, torch.Tensor)]
+            prod = [self._slot(g) for g in grad_inputs if isinstance(g, torch.Tensor)]
+            self._events.append(("op_grad", name, forward_index, recv, prod))
+
+    def close(self):
+        if self.recording:
+            self.stop()
+
+
+def decode(values, meta, params):
+    """The first birth in one traced step, or None.
+
+    ``values``: [L2 norm of every parameter's .grad (P), of every parameter (P), of every
+    traced tensor (T)] as Python floats; ``meta`` from ``Tracer.stop``; ``params``: (module
+    name, parameter name) per parameter. Returns (kind, module, op, key, what) with ``key`` an
+    ordering within the step and ``what`` = ("param" | "grad", i) or ("slot", s): the tensor
+    to show offending indices of.
+    """
+    P = len(params)
+    grads, pvals, tv = values[:P], values[P : 2 * P], values[2 * P :]
+    events, grad_of = meta
+
+    def fin(s):
+        return math.isfinite(tv[s])
+
+    for i, v in enumerate(pvals):
+        if not math.isfinite(v):
+            return "parameter", params[i][0], None, (0, i), ("param", i)
+    modules = [e for e in events if e[0] == "module"]
+    for kind, name, depth, ins, outs in modules:
+        if depth == 0:
+            bad = [s for s in ins if not fin(s)]
+            if bad:
+                return "input", name, None, (1, 0), ("slot", bad[0])
+
+    def born(ins, outs):
+        return all(fin(s) for s in ins) and any(not fin(s) for s in outs)
+
+    for i, (kind, name, depth, ins, outs) in enumerate(events):
+        if kind in ("module", "op") and born(ins, outs):
+            bad = next(s for s in outs if not fin(s))
+            if kind == "module":
+                return "forward", name, None, (2, i), ("slot", bad)
+            # the Function's module: the first module born after it (none: outside the model)
+            module = next((e[1] for e in events[i + 1 :] if e[0] == "module" and born(e[3], e[4])), OUTSIDE)
+            return "forward", module, name, (2, i), ("slot", bad)
+
+    # backward: received gradients finite, produced ones not; ordered by when they were made
+    cands = []
+    for kind, name, depth, ins, outs in events:
+        if kind == "op_grad":  # (depth holds the index of the Function's forward event)
+            recv, prod = ins, outs
+        elif kind == "module":
+            recv = [grad_of[s] for s in outs if s in grad_of]
+            prod = [grad_of[s] for s in ins if s in grad_of]
+            if depth == 0 and any(not fin(s) for s in recv):
+                return "loss", name, None, (3, 0), ("slot", next(s for s in recv if not fin(s)))
+        else:
+            continue
+        if all(fin(s) for s in recv):
+            bad = [s for s in prod if not fin(s)]
+            if bad:
+                cands.append((min(bad), kind, name, depth))
+    if cands:
+        cands.sort(key=lambda c: (c[0], c[1] == "module", -c[3] if c[1] == "module" else 0))  # op, then innermost
+        pos, kind, name, forward_index = cands[0]
+        if kind == "op_grad":
+            # its module: the first module born in the backward after it, else the first
+            # module whose forward ended after the Function's (none: outside the model)
+            module = next((c[2] for c in cands if c[1] == "module" and c[0] >= pos), None)
+            if module is None:
+                module = next((e[1] for e in events[forward_index + 1 :] if e[0] == "module"), OUTSIDE)
+            return "backward", module, name, (4, pos), ("slot", pos)
+        return "backward", name, None, (4, pos), ("slot", pos)
+    for i, v in enumerate(grads):
+        if not math.isfinite(v):
+            return "gradient", params[i][0], None, (5, i), ("grad", i)
+    return None
+
+
+def offending(t, name, n=N_INDICES):
+    """'weight[1, 5] = nan, weight[2, 0] = inf' for the first ``n`` non-finite elements of ``t``
+    (a host sync: reports only), '' when there are none."""
+    if t is None:
+        return ""
+    t = t.detach()
+    bad = (~torch.isfinite(t)).nonzero()[:n]
+    if not len(bad):
+        return ""
+    vals = t[tuple(bad.t())].tolist()
+    return ", ".join(f"{name}[{', '.join(map(str, idx))}] = {v}" for idx, v in zip(bad.tolist(), vals))
