@@ -19,8 +19,8 @@ How a step is traced: ``Tracer.start`` registers a forward hook on every module,
 manualgrad's ``apply`` hands every Function call to ``Tracer._op``. They keep *references*
 to each call's floating inputs and outputs (no kernel) and register a tensor hook on every
 one that requires grad, and a hook on each Function's autograd node; those keep references to
-the gradients. ``Tracer.stop`` (at the optimizer step) measures all of them with one foreach
-L2 norm, written into a device-side row; nothing is read on the host. ``decode`` walks a row
+the gradients. ``Tracer.stop`` (at the optimizer step) hands them to the monitor, which sums each
+into a 0-dim device tensor (NaN/Inf make the sum non-finite); nothing is read on the host. ``decode`` walks a row
 read back at a logging step and returns the first birth, by the rules above. References are
 dropped at ``stop`` (a step traced at a logging step keeps them until the report, for the
 offending indices). A module that modifies its input in place is seen after the change.
@@ -164,11 +164,11 @@ class Tracer:
 def decode(values, meta, params):
     """The first birth in one traced step, or None.
 
-    ``values``: [L2 norm of every parameter's .grad (P), of every parameter (P), of every
-    traced tensor (T)] as Python floats; ``meta`` from ``Tracer.stop``; ``params``: (module
+    ``values``: [Σ of every parameter's .grad (P), of every parameter (P), of every traced
+    tensor (T)] as Python floats (only their finiteness matters); ``meta`` from ``Tracer.stop``; ``params``: (module
     name, parameter name) per parameter. Returns (kind, module, op, key, what) with ``key`` an
-    ordering within the step and ``what`` = ("param" | "grad", i) or ("slot", s): the tensor
-    to show offending indices of.
+    ordering within the step and ``what`` = ("param" | "grad", i, None) or ("slot", s, label):
+    the tensor to show offending indices of.
     """
     P = len(params)
     grads, pvals, tv = values[:P], values[P : 2 * P], values[2 * P :]
@@ -179,13 +179,13 @@ def decode(values, meta, params):
 
     for i, v in enumerate(pvals):
         if not math.isfinite(v):
-            return "parameter", params[i][0], None, (0, i), ("param", i)
+            return "parameter", params[i][0], None, (0, i), ("param", i, None)
     modules = [e for e in events if e[0] == "module"]
     for kind, name, depth, ins, outs in modules:
         if depth == 0:
             bad = [s for s in ins if not fin(s)]
             if bad:
-                return "input", name, None, (1, 0), ("slot", bad[0])
+                return "input", name, None, (1, 0), ("slot", bad[0], "input")
 
     def born(ins, outs):
         return all(fin(s) for s in ins) and any(not fin(s) for s in outs)
@@ -194,10 +194,10 @@ def decode(values, meta, params):
         if kind in ("module", "op") and born(ins, outs):
             bad = next(s for s in outs if not fin(s))
             if kind == "module":
-                return "forward", name, None, (2, i), ("slot", bad)
+                return "forward", name, None, (2, i), ("slot", bad, "output")
             # the Function's module: the first module born after it (none: outside the model)
             module = next((e[1] for e in events[i + 1 :] if e[0] == "module" and born(e[3], e[4])), OUTSIDE)
-            return "forward", module, name, (2, i), ("slot", bad)
+            return "forward", module, name, (2, i), ("slot", bad, "output")
 
     # backward: received gradients finite, produced ones not; ordered by when they were made
     cands = []
@@ -208,7 +208,7 @@ def decode(values, meta, params):
             recv = [grad_of[s] for s in outs if s in grad_of]
             prod = [grad_of[s] for s in ins if s in grad_of]
             if depth == 0 and any(not fin(s) for s in recv):
-                return "loss", name, None, (3, 0), ("slot", next(s for s in recv if not fin(s)))
+                return "loss", name, None, (3, 0), ("slot", next(s for s in recv if not fin(s)), "grad_output")
         else:
             continue
         if all(fin(s) for s in recv):
@@ -224,11 +224,11 @@ def decode(values, meta, params):
             module = next((c[2] for c in cands if c[1] == "module" and c[0] >= pos), None)
             if module is None:
                 module = next((e[1] for e in events[forward_index + 1 :] if e[0] == "module"), OUTSIDE)
-            return "backward", module, name, (4, pos), ("slot", pos)
-        return "backward", name, None, (4, pos), ("slot", pos)
+            return "backward", module, name, (4, pos), ("slot", pos, "grad_input")
+        return "backward", name, None, (4, pos), ("slot", pos, "grad_input")
     for i, v in enumerate(grads):
         if not math.isfinite(v):
-            return "gradient", params[i][0], None, (5, i), ("grad", i)
+            return "gradient", params[i][0], None, (5, i), ("grad", i, None)
     return None
 
 
@@ -238,6 +238,8 @@ def offending(t, name, n=N_INDICES):
     if t is None:
         return ""
     t = t.detach()
+    if t.dim() == 0:
+        return f"{name} = {t.item()}" if not torch.isfinite(t) else ""
     bad = (~torch.isfinite(t)).nonzero()[:n]
     if not len(bad):
         return ""

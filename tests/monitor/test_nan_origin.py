@@ -52,9 +52,8 @@ def run(model, steps, every=1, before_step=None, x=None, loss=None, opt=None, lr
     with mon:
         try:
             for step in range(steps):
-                xs = x
-                if before_step is not None:
-                    xs = before_step(step, model, x) or x
+                xs = before_step(step, model, x) if before_step is not None else None
+                xs = x if xs is None else xs
                 opt.zero_grad()
                 loss(model(xs), y).backward()
                 opt.step()
@@ -92,3 +91,188 @@ def test_sqrt_after_relu_is_named_as_a_backward_origin(nn):
     origin = mon.first_nonfinite
     assert origin[:3] == ("4", "backward", 0)
     assert "backward" in str(err) and "module '4'" in str(err) and "= inf" in str(err)
+
+
+# -- the planted-fault suite -------------------------------------------------------------------
+
+
+class Exp(torch.nn.Module):
+    def forward(self, x):
+        return torch.exp(x)
+
+
+class RootAbs(torch.autograd.Function):
+    """y = sqrt(|x|): finite everywhere; dy/dx = sign(x) / (2 sqrt(|x|)) divides 0 by 0 at x = 0."""
+
+    @staticmethod
+    def forward(x):
+        return x.abs().sqrt()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        # dx = dy sign(y... x) / (2 y): 0 / 0 where x = 0 (after a ReLU: half the entries)
+        return dy * torch.sign(y) / (2 * y)
+
+
+class RootAbsModule(torch.nn.Module):
+    def __init__(self, through_manualgrad):
+        super().__init__()
+        self.through_manualgrad = through_manualgrad
+
+    def forward(self, x):
+        if self.through_manualgrad:  # every manualgrad Function goes through this apply
+            from manualgrad.ops._apply import apply
+
+            return apply(RootAbs, x)
+        return RootAbs.apply(x)
+
+
+def nan_bias_of_2_at(k):
+    def before(step, model, x):
+        if step == k:
+            with torch.no_grad():
+                model[2].bias[7] = math.nan
+    return before
+
+
+def scale_input_at(k, factor):
+    def before(step, model, x):
+        return x * factor if step == k else x
+    return before
+
+
+def inf_entry_at(k):
+    def before(step, model, x):
+        if step == k:
+            x = x.clone()
+            x[3, 2] = math.inf
+            return x
+    return before
+
+
+def log_softmax_by_hand(scale_at):
+    """-mean log softmax(z)[y] computed as log(softmax), with z scaled by 1e4 at one step:
+    softmax underflows to exactly 0, log(0) = -inf, and its backward divides 0 by 0."""
+    state = {"step": -1}
+
+    def loss(out, y):
+        state["step"] += 1
+        z = out * 1e4 if state["step"] == scale_at else out
+        return -torch.log(torch.softmax(z, -1)).gather(1, y[:, None]).mean()
+    return loss
+
+
+# name: (model builder(nn), run kwargs (made per run), expected (module, kind, step), op for
+# manualgrad models)
+# Every expectation is worked out by hand in the comment next to it.
+SCENARIOS = {
+    # a weight set to NaN before step 2: the parameter of '2' (not its output, not '0')
+    "nan_bias": (lambda nn: issue_mlp(nn), lambda: dict(steps=4, before_step=nan_bias_of_2_at(2)), ("2", "parameter", 2), None),
+    # inputs x1e3 at step 1: Linear '2' outputs ~1e3, finite; exp(1e3) = inf: born in '4'
+    "exp_overflow": (lambda nn: issue_mlp(nn, extra=Exp()), lambda: dict(steps=3, before_step=scale_input_at(1, 1e3)),
+                     ("4", "forward", 1), None),
+    # log(softmax(1e4 z)) at step 2: the model's output is finite, its gradient is NaN
+    "log0_in_loss": (lambda nn: issue_mlp(nn), lambda: dict(steps=4, loss=log_softmax_by_hand(2)), ("model", "loss", 2), None),
+    # sqrt after ReLU: inf slope at 0 from the first step
+    "sqrt_backward": (lambda nn: issue_mlp(nn, extra=Sqrt()), lambda: dict(steps=2), ("4", "backward", 0), None),
+    # a custom Function whose backward divides 0 by 0 (after a ReLU): born in its backward
+    "custom_div0": (lambda nn: issue_mlp(nn, extra=RootAbsModule(nn is mnn)), lambda: dict(steps=2),
+                    ("4", "backward", 0), "RootAbs"),
+    # an Inf in the batch at step 3: the model's input
+    "inf_input": (lambda nn: issue_mlp(nn), lambda: dict(steps=5, before_step=inf_entry_at(3)), ("model", "input", 3), None),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+@NNS
+def test_planted_fault_is_traced_to_where_it_is_born(nn, name):
+    build, make_kwargs, expected, op = SCENARIOS[name]
+    kwargs = make_kwargs()
+    mon, err = run(build(nn), kwargs.pop("steps"), origin="every_step", **kwargs)
+    assert err is not None, "no report"
+    origin = mon.first_nonfinite
+    assert origin == expected, str(err)
+    assert origin.op == (op if nn is mnn else None)
+    assert str(err) == origin.message and f"step {expected[2]}" in str(err)
+
+
+def test_forward_overflow_in_a_manualgrad_loss_names_the_function_outside_the_model():
+    # mse of outputs x1e20 at step 1: (1e20)^2 overflows in manualgrad's loss Function
+    from manualgrad import functional as MF
+
+    state = {"step": -1}
+
+    def loss(out, y):
+        state["step"] += 1
+        return MF.mse_loss(out * (1e20 if state["step"] == 1 else 1.0), torch.zeros_like(out))
+
+    mon, err = run(issue_mlp(mnn), 3, loss=loss, origin="every_step")
+    origin = mon.first_nonfinite
+    assert origin == ("(outside the monitored model)", "forward", 1) and origin.op == "RegressionLossFunction"
+
+
+@NNS
+def test_learning_rate_explosion_is_traced_to_the_first_overflowing_module(nn):
+    # lr 0.1, then 1e30 from step 2. Step 2's update moves every parameter by 1e30 |g|,
+    # finite (|g| < 1); at step 3 Linear '0' gives ~1e31 (8 inputs ~1), finite; Linear '2'
+    # sums 16 products of ~1e30 x ~1e31 = 1e61 > 3.4e38: inf. Checked on a replica below.
+    model = issue_mlp(nn)
+    replica = issue_mlp(torch.nn)
+    replica.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def explode(step, m, x):
+        if step == 2:
+            opt.param_groups[0]["lr"] = 1e30
+
+    mon, err = run(model, 5, before_step=explode, opt=opt, origin="every_step")
+    assert mon.first_nonfinite == ("2", "forward", 3), str(err)
+
+    # the replica, trained the same way by hand, agrees
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    for step in range(3):
+        replica.zero_grad()
+        torch.nn.functional.cross_entropy(replica(x), y).backward()
+        with torch.no_grad():
+            for p in replica.parameters():
+                p -= (0.1 if step < 2 else 1e30) * p.grad
+    assert all(torch.isfinite(p).all() for p in replica.parameters())  # not a parameter origin
+    h0 = replica[0](x)
+    assert torch.isfinite(h0).all() and not torch.isfinite(replica[2](replica[1](h0))).all()
+
+
+@NNS
+def test_parameters_mode_names_a_parameter_and_otherwise_the_step_and_modules(nn):
+    def poison(step, model, x):
+        if step == 2:
+            with torch.no_grad():
+                model[4].weight[3, 1] = math.inf
+
+    mon, err = run(issue_mlp(nn), 4, before_step=poison, origin="parameters")
+    assert mon.first_nonfinite == ("4", "parameter", 2) and "weight[3, 1] = inf" in str(err)
+    mon, err = run(issue_mlp(nn, extra=Exp()), 3, before_step=scale_input_at(1, 1e3), origin="parameters")
+    assert mon.first_nonfinite == ("0, 2, 5", "forward or backward", 1), str(err)
+
+
+def test_report_at_a_later_logging_step_names_the_first_step_and_warns():
+    # every=4: the fault at step 1 is reported at step 4 (the first logging step after it)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = issue_mlp(mnn, extra=Exp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+        with GradientMonitor(model, NullWriter(), optimizer=opt, every=4) as mon:
+            for step in range(6):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x * (1e3 if step == 1 else 1)), y).backward()
+                opt.step()
+    (w,) = [str(c.message) for c in caught if "non-finite" in str(c.message)]
+    assert mon.first_nonfinite == ("4", "forward", 1)
+    assert "first at step 1" in w and "reported at step 4" in w
