@@ -59,6 +59,9 @@ class NonFiniteOrigin(tuple):
         self.message = ""
         return self
 
+    def __getnewargs__(self):  # pickled (all_gather_object under torch.distributed)
+        return tuple(self)
+
     module = property(lambda self: self[0])
     kind = property(lambda self: self[1])
     step = property(lambda self: self[2])

@@ -276,3 +276,59 @@ def test_report_at_a_later_logging_step_names_the_first_step_and_warns():
     (w,) = [str(c.message) for c in caught if "non-finite" in str(c.message)]
     assert mon.first_nonfinite == ("4", "forward", 1)
     assert "first at step 1" in w and "reported at step 4" in w
+
+
+# -- one DDP rank --------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, port, outdir):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    results = {}
+    for nn in (torch.nn, mnn):
+        model = issue_mlp(nn, extra=Exp())  # same seed: the same model on both ranks
+        ddp = DDP(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(2, 16, 8, generator=g)[rank], torch.randint(0, 4, (2, 16), generator=g)[rank]
+        mon = GradientMonitor(model, NullWriter(), optimizer=opt, every=1, on_nonfinite="raise")
+        try:
+            for step in range(4):
+                # rank 1's batch x1e3 at step 2: exp overflows in '4' there only; the
+                # all-reduce then makes rank 0's gradients NaN too
+                xs = x * 1e3 if (rank == 1 and step == 2) else x
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(xs), y).backward()
+                opt.step()
+        except NonFiniteError as e:
+            o = mon.first_nonfinite
+            results[nn.__name__] = (tuple(o), o.rank, str(e))
+        mon.close()
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch built without the gloo backend")
+def test_nan_born_on_one_ddp_rank_is_named_on_every_rank(tmp_path):
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        results = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+        for nn in ("torch.nn", "manualgrad.nn"):
+            origin, origin_rank, message = results[nn]
+            assert origin == ("4", "forward", 2) and origin_rank == 1, message
+            assert "on rank 1" in message
