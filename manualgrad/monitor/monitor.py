@@ -181,6 +181,7 @@ class GradientMonitor:
         self._closed = False
         self.first_nonfinite = None  # NonFiniteOrigin (module, kind, step) of the run's first report
         if origin == "every_step":
+            self._tracer.attach()
             self._tracer.start()
 
         if self.rank == 0:

@@ -98,20 +98,18 @@ class Tracer:
 
     # -- recording ---------------------------------------------------------------------------
 
-    def start(self):
-        self._tensors, self._slot_of, self._events, self._grad_of, self._hooked = [], {}, [], {}, set()
+    def attach(self):
+        """Hooks every module and joins manualgrad's apply; they record only between start and stop."""
         for name, depth, m in self._modules:
             self._handles.append(m.register_forward_hook(functools.partial(self._module, name, depth)))
         _apply.recorders.append(self._op)
+
+    def start(self):
+        self._tensors, self._slot_of, self._events, self._grad_of, self._hooked = [], {}, [], {}, set()
         self.recording = True
 
     def stop(self):
         """Ends the step: (tensors recorded, in order; events, gradient of each slot)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        if self._op in _apply.recorders:
-            _apply.recorders.remove(self._op)
         self.recording = False
         out = self._tensors, (self._events, self._grad_of)
         self._tensors = self._slot_of = self._events = self._grad_of = self._hooked = None
@@ -145,23 +143,29 @@ class Tracer:
     def _op(self, fn, args, output):
         if not self.recording or not torch.is_grad_enabled():
             return
+        # parameters and their gradients are checked on their own (the monitor's first 2P)
         outs = _floats(output)
+        skip = tuple(isinstance(a, torch.nn.Parameter) for a in args)
         forward_index = len(self._events)
-        self._events.append(("op", fn.__name__, None, [self._slot(t) for t in _floats(args)],
-                             [self._slot(t) for t in outs]))
+        ins = [self._slot(t) for t, p in zip(args, skip) if not p and isinstance(t, torch.Tensor) and t.is_floating_point()]
+        self._events.append(("op", fn.__name__, None, ins, [self._slot(t) for t in outs]))
         node = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
         if node is not None:
-            node.register_hook(functools.partial(self._op_grads, fn.__name__, forward_index))
+            node.register_hook(functools.partial(self._op_grads, fn.__name__, forward_index, skip))
 
-    def _op_grads(self, name, forward_index, grad_inputs, grad_outputs):
+    def _op_grads(self, name, forward_index, skip, grad_inputs, grad_outputs):
         if self.recording:
             recv = [self._slot(g) for g in grad_outputs if isinstance(g, torch.Tensor)]
-            prod = [self._slot(g) for g in grad_inputs if isinstance(g, torch.Tensor)]
+            prod = [self._slot(g) for g, p in zip(grad_inputs, skip) if not p and isinstance(g, torch.Tensor)]
             self._events.append(("op_grad", name, forward_index, recv, prod))
 
     def close(self):
-        if self.recording:
-            self.stop()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._op in _apply.recorders:
+            _apply.recorders.remove(self._op)
+        self.recording = False
 
 
 def decode(values, meta, params):
