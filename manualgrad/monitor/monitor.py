@@ -1,10 +1,19 @@
 """GradientMonitor: hooks that gather per-module gradient statistics and log them to TensorBoard.
 
-Cost model. Every step (logged or not) the monitor runs a handful of small kernels and never
-waits for the device: one foreach L2 norm over the final gradients, folded per module into a
-device-side non-finite counter (and, with ``activations=True``, one norm per hooked
-activation). A norm that overflows float32 (above ~1.8e19) counts as non-finite too. On a logging step it also computes norms, the update and (every ``hist_every``)
-64-bin histograms, stacks everything into one tensor and moves it to the host once.
+Cost model. Every step (logged or not) the monitor sums every gradient and every parameter
+(one small kernel each, float32: NaN/Inf make a sum non-finite; a sum of finite values
+overflows only past ~3.4e38, where an L2 norm would past ~1.8e19) and never waits for the
+device: the 0-dim sums wait there until the next logging step. With ``origin='every_step'``
+(the default) it also traces every module and manualgrad Function call: forward hooks, a
+tensor hook per activation and a hook per Function's autograd node keep references to the
+inputs, outputs and their gradients, summed the same way at the optimizer step. That is one
+pass over every activation and activation gradient, plus a few microseconds of Python per
+module and Function: on a model with large activations and little compute per activation
+(a small MLP on CPU) that is the bulk of the monitor's cost; ``origin='parameters'`` leaves
+it out. On a logging step it also computes norms, the update and (every ``hist_every``)
+64-bin histograms, stacks everything into one tensor and moves it to the host once (twice
+when something went non-finite: the step it was first seen in is read back to name where it
+was born, see ``origin.py``), and hands the scalars to the writer as one event.
 
 Hook points. With ``optimizer=`` a step pre-hook reads the final ``.grad`` (after gradient
 accumulation, unscaling and clipping; before the update) and, on logging steps only, keeps a
@@ -14,8 +23,9 @@ Activations use forward hooks, and their gradients ``output.register_hook`` from
 forward hook on logging steps: no full backward hooks, which break on in-place ops.
 
 torch.compile. Hooks registered before compiling are traced into the graph without breaks:
-they only do tensor arithmetic into preallocated tensors. Whether the coming step is logged is
-a Python bool the graph is guarded on, so a compiled model holds up to three variants (plain,
+they only do tensor arithmetic into preallocated tensors, and the origin tracer's hooks do
+nothing while compiling (inside a compiled model the origin is told from parameters and
+gradients only). Whether the coming step is logged is a Python bool the graph is guarded on, so a compiled model holds up to three variants (plain,
 logging, logging with histograms). Under compile the activation gradient norm is not measured:
 a hook on an intermediate tensor would break the graph.
 """

@@ -78,6 +78,8 @@ class NonFiniteOrigin(tuple):
 
 def _floats(obj):
     """The floating tensors in a module's args or output (a tensor, or a tuple / list / dict of them)."""
+    if type(obj) is torch.Tensor:  # the common case first: this runs for every call
+        return [obj] if obj.is_floating_point() else []
     if isinstance(obj, torch.Tensor):
         return [obj] if obj.is_floating_point() else []
     if isinstance(obj, (tuple, list)):
@@ -144,14 +146,16 @@ class Tracer:
         if not self.recording or not torch.is_grad_enabled():
             return
         # parameters and their gradients are checked on their own (the monitor's first 2P)
+        slot, Parameter = self._slot, torch.nn.Parameter
+        skip = tuple(type(a) is Parameter for a in args)
+        ins = [slot(a) for a, p in zip(args, skip) if not p and isinstance(a, torch.Tensor) and a.is_floating_point()]
         outs = _floats(output)
-        skip = tuple(isinstance(a, torch.nn.Parameter) for a in args)
         forward_index = len(self._events)
-        ins = [self._slot(t) for t, p in zip(args, skip) if not p and isinstance(t, torch.Tensor) and t.is_floating_point()]
-        self._events.append(("op", fn.__name__, None, ins, [self._slot(t) for t in outs]))
-        node = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
-        if node is not None:
-            node.register_hook(functools.partial(self._op_grads, fn.__name__, forward_index, skip))
+        self._events.append(("op", fn.__name__, None, ins, [slot(t) for t in outs]))
+        for t in outs:
+            if t.grad_fn is not None:
+                t.grad_fn.register_hook(functools.partial(self._op_grads, fn.__name__, forward_index, skip))
+                break
 
     def _op_grads(self, name, forward_index, skip, grad_inputs, grad_outputs):
         if self.recording:

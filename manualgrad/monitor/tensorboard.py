@@ -6,6 +6,7 @@ Tags (``<name>`` is the module's name from ``named_modules``, "model" for the ro
     update/ratio/<name>   update/log10_ratio/<name>                     (with an optimizer)
     act/mean/<name>  act/std/<name>  act/near_zero/<name>  act/dead/<name>
     act/saturation/<name>  act/grad_norm/<name>                          (activations=True)
+    nonfinite/<name>   (steps with a non-finite parameter or gradient since the last log)
     global/grad_norm   global/lr/group<i>   global/clip_coef   global/clip_fraction
     global/nonfinite
     hist/grad/<name>   hist/weight/<name>   hist/act/<name>              (every hist_every)
