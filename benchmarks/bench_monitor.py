@@ -75,6 +75,47 @@ def run(name, cadence, steps, warmup, activations, origin="every_step"):
     return times
 
 
+def floor(name, steps, warmup):
+    """What tracing every step costs at the least, without the monitor: (a) a forward hook on
+    every module and a tensor hook on every activation, doing nothing; (b) the same hooks
+    keeping references, then one float32 sum per activation and activation gradient (what
+    the origin check reads). Times against the plain step, alternating."""
+    _, features, batch, _ = MODELS[name]
+    loss_fn = mnn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, features, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    kept = []
+
+    def keep_hook(module, args, out):
+        kept.append(out)
+        out.register_hook(kept.append)
+
+    def noop_hook(module, args, out):
+        out.register_hook(lambda grad: None)
+
+    runs = {}
+    for label, hook in (("plain", None), ("hooks only", noop_hook), ("hooks + sums", keep_hook)):
+        model, opt = build(name, 0)
+        if hook is not None:
+            for m in model.modules():
+                m.register_forward_hook(hook)
+        runs[label] = (model, opt, label == "hooks + sums")
+    times = dict.fromkeys(runs, 0.0)
+    for i in range(warmup + steps):
+        for label, (model, opt, sums) in (runs.items() if i % 2 else reversed(runs.items())):
+            t0 = time.perf_counter()
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if sums:
+                [t.sum(dtype=torch.float32) for t in kept]
+                kept.clear()
+            opt.step()
+            if i >= warmup:
+                times[label] += time.perf_counter() - t0
+    return {k: v / times["plain"] for k, v in times.items()}, 1e3 * times["plain"] / steps
+
+
 CADENCES = [
     ("every=50, hist_every=1000", dict(every=50, hist_every=1000), 1.03),
     ("every=1, no histograms  ", dict(every=1, hist_every=0), 1.25),
@@ -89,6 +130,7 @@ def main():
     p.add_argument("--steps", type=int, default=1000, help="timed steps per configuration (each side)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--activations", action="store_true", help="also monitor activations")
+    p.add_argument("--floor", action="store_true", help="also time the floor of per-step tracing (hooks, sums)")
     p.add_argument("--origin", nargs="+", choices=["every_step", "parameters"], default=["every_step", "parameters"],
                    help="NaN-origin tracing modes to measure")
     args = p.parse_args()
@@ -97,6 +139,10 @@ def main():
           f"activations={args.activations}")
     for name in args.models:
         _, features, batch, _ = MODELS[name]
+        if args.floor:
+            ratios, plain_ms = floor(name, args.steps, args.warmup)
+            print(f"{name:5s} (batch {batch}) floor of tracing every step: plain {plain_ms:.3f} ms/step, "
+                  + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items() if k != "plain"), flush=True)
         for c in args.cadences:
           for origin in args.origin:
             label, cadence, target = CADENCES[c]

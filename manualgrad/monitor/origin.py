@@ -150,16 +150,25 @@ class Tracer:
         skip = tuple(type(a) is Parameter for a in args)
         ins = [slot(a) for a, p in zip(args, skip) if not p and isinstance(a, torch.Tensor) and a.is_floating_point()]
         outs = _floats(output)
+        out_slots = [slot(t) for t in outs]
         forward_index = len(self._events)
-        self._events.append(("op", fn.__name__, None, ins, [slot(t) for t in outs]))
-        for t in outs:
-            if t.grad_fn is not None:
-                t.grad_fn.register_hook(functools.partial(self._op_grads, fn.__name__, forward_index, skip))
-                break
+        self._events.append(("op", fn.__name__, None, ins, out_slots))
+        node = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
+        if node is not None:
+            # the node's hook sees the gradient of each of its outputs: no tensor hook needed
+            # for them when a module returns them                      (slot, output index)
+            mine = [(s, t.output_nr) for t, s in zip(outs, out_slots) if t.grad_fn is node]
+            self._hooked.update(s for s, _ in mine)
+            node.register_hook(functools.partial(self._op_grads, fn.__name__, forward_index, skip, mine))
 
-    def _op_grads(self, name, forward_index, skip, grad_inputs, grad_outputs):
+    def _op_grads(self, name, forward_index, skip, mine, grad_inputs, grad_outputs):
         if self.recording:
-            recv = [self._slot(g) for g in grad_outputs if isinstance(g, torch.Tensor)]
+            recv = []
+            for s, k in mine:
+                g = grad_outputs[k]
+                if isinstance(g, torch.Tensor):
+                    recv.append(self._slot(g))
+                    self._grad_of[s] = recv[-1]
             prod = [self._slot(g) for g, p in zip(grad_inputs, skip) if not p and isinstance(g, torch.Tensor)]
             self._events.append(("op_grad", name, forward_index, recv, prod))
 
