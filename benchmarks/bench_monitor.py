@@ -48,7 +48,7 @@ def step(model, opt, loss_fn, x, y):
     opt.step()
 
 
-def run(name, cadence, steps, warmup, activations, origin="every_step"):
+def run(name, cadence, steps, warmup, activations, origin="trace"):
     from torch.utils.tensorboard import SummaryWriter
 
     _, features, batch, _ = MODELS[name]
@@ -131,7 +131,7 @@ def main():
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--activations", action="store_true", help="also monitor activations")
     p.add_argument("--floor", action="store_true", help="also time the floor of per-step tracing (hooks, sums)")
-    p.add_argument("--origin", nargs="+", choices=["every_step", "parameters"], default=["every_step", "parameters"],
+    p.add_argument("--origin", nargs="+", choices=["trace", "parameters"], default=["trace", "parameters"],
                    help="NaN-origin tracing modes to measure")
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -3,8 +3,8 @@
 Cost model. Every step (logged or not) the monitor sums every gradient and every parameter
 (one small kernel each, float32: NaN/Inf make a sum non-finite; a sum of finite values
 overflows only past ~3.4e38, where an L2 norm would past ~1.8e19) and never waits for the
-device: the 0-dim sums wait there until the next logging step. With ``origin='every_step'``
-(the default) it also traces every module and manualgrad Function call: forward hooks, a
+device: the 0-dim sums wait there until the next logging step. With ``origin='trace'`` it
+also traces every module and manualgrad Function call: forward hooks, a
 tensor hook per activation and a hook per Function's autograd node keep references to the
 inputs, outputs and their gradients, summed the same way at the optimizer step. That is one
 pass over every activation and activation gradient, plus a few microseconds of Python per
@@ -85,25 +85,23 @@ class GradientMonitor:
             activation or gradient was NaN/Inf since the previous one. The report names where
             the first one was born (module, manualgrad op, step, parameter / input / forward /
             loss / backward / gradient, offending indices); it is kept as ``first_nonfinite``.
-        origin ('every_step' | 'parameters'): how a non-finite value's birth is found. Both
-            check every parameter and gradient at every step. 'every_step' also traces every
-            module and manualgrad Function call (inputs, outputs and their gradients) and names
-            where it was born; 'parameters' (cheaper: no hooks, no norm over activations)
-            names a non-finite parameter, otherwise only the step and the modules whose
-            gradients went non-finite.
-        sharded (bool): under torch.distributed, each rank holds a disjoint shard of every
-            gradient (FSDP-like), so norms are summed across ranks. False (DDP): gradients are
-            replicated; only activation statistics and non-finite flags are reduced.
+        origin ('parameters' | 'trace'): how a non-finite value's birth is found. Both check
+            every parameter and gradient at every step, and name a parameter that is
+            non-finite; otherwise 'parameters' names the step and the modules whose gradients
+            went non-finite. 'trace' also traces every module and manualgrad Function call
+            (inputs, outputs and their gradients) and names where it was born: forward,
+            backward, the loss, the input. It costs one more pass over the activations and
+            their gradients and a few microseconds of Python per call (see the cost model).
 
     Use as a context manager, or call ``close()``: it removes every hook it registered.
     """
 
     def __init__(self, model, writer, optimizer=None, every=50, hist_every=1000, include=None,
-                 exclude=None, activations=False, on_nonfinite="warn", sharded=False, origin="every_step"):
+                 exclude=None, activations=False, on_nonfinite="warn", sharded=False, origin="parameters"):
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
-        if origin not in ("every_step", "parameters"):
-            raise ValueError(f"origin must be 'every_step' or 'parameters', got {origin!r}")
+        if origin not in ("trace", "parameters"):
+            raise ValueError(f"origin must be 'trace' or 'parameters', got {origin!r}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         for obj, what in ((model, "model"), (optimizer, "optimizer")):
@@ -190,7 +188,7 @@ class GradientMonitor:
         self._pending = None
         self._closed = False
         self.first_nonfinite = None  # NonFiniteOrigin (module, kind, step) of the run's first report
-        if origin == "every_step":
+        if origin == "trace":
             self._tracer.attach()
             self._tracer.start()
 
@@ -309,7 +307,7 @@ class GradientMonitor:
             self._log(n)
         self._log_now = self._n % self.every == 0
         self._hist_now = self.hist_every > 0 and self._n % self.hist_every == 0
-        if self.origin == "every_step" and not self._closed:
+        if self.origin == "trace" and not self._closed:
             self._tracer.start()
 
     # -- logging -----------------------------------------------------------------------------
@@ -459,7 +457,10 @@ class GradientMonitor:
         # untraced (origin='parameters') and no parameter non-finite: the step and the modules
         r = next(r for r in range(len(steps)) if any(gb[r]))
         mods = [self.names[k] if k < self._M else "(other parameters)" for k, b in enumerate(gb[r]) if b]
-        return origin_.NonFiniteOrigin(", ".join(mods), "forward or backward", steps[r])
+        o = origin_.NonFiniteOrigin("', '".join(mods), "gradient", steps[r])
+        o.how = ("gradient non-finite while every parameter was finite: born in the forward or "
+                 "backward (origin='trace' names where)")
+        return o
 
     def _origin(self, found, step):
         kind, module, op, order, (what, i, label) = found

@@ -42,8 +42,6 @@ HOW = {
     "loss": "the model's forward was finite, the gradient reaching its output is not (born in the loss)",
     "backward": "the gradient it passes back is non-finite while the one it received was finite (backward)",
     "gradient": "the parameter's .grad is non-finite while every gradient reaching the module was finite",
-    "forward or backward": "their gradients went non-finite while every parameter was finite "
-                           "(origin='every_step' names where)",
 }
 OUTSIDE = "(outside the monitored model)"
 N_INDICES = 3  # offending indices shown in a report
@@ -53,10 +51,10 @@ class NonFiniteOrigin(tuple):
     """``(module, kind, step)``, with ``op`` (manualgrad Function or None), ``rank``, ``detail``
     (parameter name, offending indices) and ``message`` (the report's text) as attributes."""
 
-    def __new__(cls, module, kind, step, op=None, rank=0, detail="", traced_step=None):
+    def __new__(cls, module, kind, step, op=None, rank=0, detail=""):
         self = super().__new__(cls, (module, kind, step))
-        self.op, self.rank, self.detail, self.traced_step = op, rank, detail, traced_step
-        self.message = ""
+        self.op, self.rank, self.detail = op, rank, detail
+        self.how, self.message = HOW[kind], ""
         return self
 
     def __getnewargs__(self):  # pickled (all_gather_object under torch.distributed)
@@ -67,13 +65,13 @@ class NonFiniteOrigin(tuple):
     step = property(lambda self: self[2])
 
     def describe(self):
-        where = f"module '{self.module}'" if self.module != OUTSIDE else self.module
+        plural = "s" if "', '" in self.module else ""  # several modules (origin='parameters')
+        where = self.module if self.module == OUTSIDE else f"module{plural} '{self.module}'"
         if self.op:
             where += f" (op {self.op})"
         rank = f" on rank {self.rank}" if self.rank else ""
-        traced = "" if self.traced_step in (None, self.step) else f"; traced at step {self.traced_step}"
         detail = f"; {self.detail}" if self.detail else ""
-        return f"non-finite {self.kind} in {where} first at step {self.step}{rank}: {HOW[self.kind]}{detail}{traced}"
+        return f"non-finite {self.kind} in {where} first at step {self.step}{rank}: {self.how}{detail}"
 
 
 def _floats(obj):
