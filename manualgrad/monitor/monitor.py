@@ -13,7 +13,9 @@ module and Function: on a model with large activations and little compute per ac
 it out. On a logging step it also computes norms, the update and (every ``hist_every``)
 64-bin histograms, stacks everything into one tensor and moves it to the host once (twice
 when something went non-finite: the step it was first seen in is read back to name where it
-was born, see ``origin.py``), and hands the scalars to the writer as one event.
+was born, see ``origin.py``). The scalars of a logging step make one event; events reach the
+writer in bursts of 8 logging steps (or after 1 s, and at ``close()``): each event wakes the
+SummaryWriter's thread, which on a busy CPU costs more than a small model's step.
 
 Hook points. With ``optimizer=`` a step pre-hook reads the final ``.grad`` (after gradient
 accumulation, unscaling and clipping; before the update) and, on logging steps only, keeps a
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import warnings
 import weakref
 
@@ -48,6 +51,7 @@ __all__ = ["GradientMonitor", "NonFiniteError", "NonFiniteOrigin"]
 NonFiniteOrigin = origin_.NonFiniteOrigin
 
 _ATTACHED = weakref.WeakSet()  # models and optimizers with a monitor attached
+_WRITE_BATCH, _WRITE_SECS = 8, 1.0  # scalars reach the writer every 8 logging steps or 1 s, and at close()
 
 
 class NonFiniteError(FloatingPointError):
@@ -93,7 +97,8 @@ class GradientMonitor:
             backward, the loss, the input. It costs one more pass over the activations and
             their gradients and a few microseconds of Python per call (see the cost model).
 
-    Use as a context manager, or call ``close()``: it removes every hook it registered.
+    Use as a context manager, or call ``close()``: it removes every hook it registered and
+    hands the last logged steps to the writer.
     """
 
     def __init__(self, model, writer, optimizer=None, every=50, hist_every=1000, include=None,
@@ -186,6 +191,7 @@ class GradientMonitor:
         self._before = None  # parameters before the step being logged (a buffer kept for reuse)
         self._have_before = False
         self._pending = None
+        self._writes, self._written_at = [], time.monotonic()  # logging steps not yet handed to the writer
         self._closed = False
         self.first_nonfinite = None  # NonFiniteOrigin (module, kind, step) of the run's first report
         if origin == "trace":
@@ -427,10 +433,12 @@ class GradientMonitor:
         nonfinite = sum(map(sum, gb))
         if self.rank == 0:
             host["global/nonfinite"] = nonfinite
-            tb.write_scalars(self.writer, n, tags + list(host), scalars + list(host.values()))
+            self._writes.append((n, tags + list(host), scalars + list(host.values())))
             width = 5 + stats.HIST_BINS
             for i, t in enumerate(hist_tags):
                 tb.write_histogram(self.writer, t, n, rest[i * width : (i + 1) * width])
+            if len(self._writes) >= _WRITE_BATCH or time.monotonic() - self._written_at > _WRITE_SECS:
+                self._write()
         report = self._nonfinite(ring, steps, metas, gb, rb) if (nonfinite or anywhere) else None
         self._held = None
         self._have_before = False
@@ -479,12 +487,22 @@ class GradientMonitor:
         o.order = (step, origin_.KINDS.index(kind), order, self.rank)
         return o
 
+    def _write(self):
+        """Hand the buffered logging steps to the writer, one event each, in one burst: each
+        event wakes the SummaryWriter's thread, and a wake-up per step costs more than a small
+        model's step when the CPU is busy."""
+        for n, tags, values in self._writes:
+            tb.write_scalars(self.writer, n, tags, values)
+        self._writes.clear()
+        self._written_at = time.monotonic()
+
     def _report(self, origin):
         msg = f"GradientMonitor: {origin.describe()} (reported at step {self._n - 1})"
         origin.message = msg
         if self.first_nonfinite is None:  # the run's first, not the latest report
             self.first_nonfinite = origin
         if self.rank == 0:
+            self._write()
             self.writer.flush()
         if self.on_nonfinite == "raise":
             raise NonFiniteError(msg)
@@ -507,6 +525,7 @@ class GradientMonitor:
         self._held = None
         self._closed = True
         if self.rank == 0:
+            self._write()
             self.writer.flush()
 
     def __enter__(self):
