@@ -151,6 +151,9 @@ class GradientMonitor:
         M = len(chosen)
         self._M = M
         self._group = torch.tensor(group, device=dev)
+        # (2P, M+1): gradient i and parameter i to their module i's column
+        self._to_module = torch.zeros(2 * len(group), M + 1, device=dev)
+        self._to_module[torch.arange(2 * len(group)), torch.tensor(group + group)] = 1
         self._group_list = group
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
         # NaN origin. One row per step since the last log: L2 norms of the final gradients
@@ -192,6 +195,7 @@ class GradientMonitor:
         self._have_before = False
         self._pending = None
         self._writes, self._written_at = [], time.monotonic()  # logging steps not yet handed to the writer
+        self._tags = {}  # (stat, id(names)) -> tags
         self._closed = False
         self.first_nonfinite = None  # NonFiniteOrigin (module, kind, step) of the run's first report
         if origin == "trace":
@@ -248,10 +252,6 @@ class GradientMonitor:
     def _grads(self):
         return [self._zero if p.grad is None else p.grad for p in self._params]
 
-    def _module_sum(self, per_param):
-        """Σ over each module's parameters of a (P,) vector -> (M + 1,)."""
-        return torch.zeros(self._M + 1, device=self._device).index_add_(0, self._group, per_param)
-
     def _module_max(self, per_param):
         return torch.zeros(self._M + 1, device=self._device).scatter_reduce_(0, self._group, per_param, "amax")
 
@@ -273,16 +273,13 @@ class GradientMonitor:
         self._rows.append(sums); self._row_steps.append(self._n); self._row_meta.append(meta)
         if not self._log_now:
             return
-        # logging step: ||g||_2 and ||θ||_2 per parameter in float32 (one foreach kernel each;
-        # on CPU ~30x faster than the max-abs norm), summed per module            (M+1,)
+        # logging step: ||g||_2 and ||θ||_2 per parameter in float32 (one foreach kernel; on
+        # CPU ~30x faster than the max-abs norm) and max |g| (a foreach |g| temporary and a
+        # foreach max), and a copy of the parameters for the update          (2P,), (P,)
         with torch.no_grad():
             params = [p.detach() for p in self._params]
-            g_sq = self._module_sum(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)) ** 2)
-            p_sq = self._module_sum(torch.stack(torch._foreach_norm(params, 2.0, dtype=torch.float32)) ** 2)
-        # max |g| = max(max g, -min g) (no |g| temporary), and a copy of the parameters for
-        # the update
-        gmax = self._module_max(torch.stack([torch.maximum(g.amax(), -g.amin()).float() for g in grads]))
-        with torch.no_grad():
+            gp_norm = torch.stack(torch._foreach_norm(grads + params, 2.0, dtype=torch.float32))
+            gmax = self._module_max(torch.stack(torch._foreach_max(torch._foreach_abs(grads))).float())
             if self.optimizer is not None:
                 # one buffer, allocated at the first logging step and reused: no allocation
                 # proportional to the model afterwards
@@ -291,7 +288,7 @@ class GradientMonitor:
                 else:
                     torch._foreach_copy_(self._before, params)
                 self._have_before = True
-        self._pending = dict(g_sq=g_sq, g_max=gmax, p_sq=p_sq)
+        self._pending = dict(gp_norm=gp_norm, g_max=gmax)
         if self._hist_now:
             self._pending["hist"] = [
                 (kind, k, stats.histogram(torch.cat([t[i].flatten() for i in idx])))
@@ -319,15 +316,21 @@ class GradientMonitor:
     # -- logging -----------------------------------------------------------------------------
 
     def _log(self, n):
-        P, M = self._pending, self._M
-        d_sq = None
+        P, M, n_par = self._pending, self._M, len(self._params)
+        per_param = [P["gp_norm"]]
         if self._have_before:
             with torch.no_grad():
                 # θ_before - θ_after: ||Δθ|| per parameter (a temporary: θ_before stays for
                 # the offending indices of a non-finite parameter)
                 delta = torch._foreach_sub(self._before, [p.detach() for p in self._params])
-                d_sq = self._module_sum(torch.stack(torch._foreach_norm(delta, 2.0, dtype=torch.float32)) ** 2)
+                per_param.append(torch.stack(torch._foreach_norm(delta, 2.0, dtype=torch.float32)))
                 del delta
+        # Σ ||·||² per module of the gradients, parameters (and updates): one index_add
+        sq = torch.cat(per_param).square_().view(len(per_param) + 1, n_par) if len(per_param) > 1 \
+            else per_param[0].square().view(2, n_par)
+        mod_sq = torch.zeros(len(sq), M + 1, device=self._device).index_add_(1, self._group, sq)
+        P["g_sq"], P["p_sq"] = mod_sq[0], mod_sq[1]
+        d_sq = mod_sq[2] if len(mod_sq) > 2 else None
         A = len(self._act_mods)
         act = torch.stack([s if s is not None else torch.full((5,), math.nan, device=self._device)
                            for s in self._a_stats]) if A else None
@@ -335,11 +338,10 @@ class GradientMonitor:
                            for g in self._a_gnorm]) if A else None
         # non-finite bookkeeping from the ring: per step and module, was a parameter or its
         # gradient NaN/Inf (rows, M+1); per step, was anything traced NaN/Inf (rows,)
-        rows, n_par = len(self._row_steps), len(self._params)
+        rows = len(self._row_steps)
         ring = torch.nn.utils.rnn.pad_sequence([torch.stack(r) for r in self._rows], batch_first=True)  # (rows, W)
-        bad = ~torch.isfinite(ring)
-        bad_par = (bad[:, :n_par] | bad[:, n_par : 2 * n_par]).float()
-        g_bad = torch.zeros(rows, M + 1, device=self._device).index_add_(1, self._group, bad_par).clamp_max_(1)
+        bad = torch.isfinite(ring).logical_not_()
+        g_bad = (bad[:, : 2 * n_par].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
         row_bad = bad.any(1).float()
 
         # Cross-rank reduction (logging steps only): sums, maxima, minima in three collectives.
@@ -376,8 +378,11 @@ class GradientMonitor:
             if names is None:
                 tags.append(stat)
             else:
-                tags.extend(tb.tag(stat, x) for x in names)
-            parts.append(t.reshape(-1).float())
+                key = (stat, id(names))
+                if key not in self._tags:
+                    self._tags[key] = [tb.tag(stat, x) for x in names]
+                tags.extend(self._tags[key])
+            parts.append(t)
 
         names = self.names
         g_norm = P["g_sq"].sqrt()
@@ -417,7 +422,7 @@ class GradientMonitor:
             for a, h in enumerate(self._a_hist):
                 if h is not None:
                     hist_tags.append(f"hist/act/{self.act_names[a]}"); parts.append(h)
-        values = torch.cat([t.reshape(-1).float() for t in parts]).cpu().tolist()  # the one transfer
+        values = torch.cat([t.reshape(-1) for t in parts]).float().cpu().tolist()  # the one transfer
 
         # reset the accumulators (in place, on the device)
         steps, metas = self._row_steps, self._row_meta
@@ -463,7 +468,9 @@ class GradientMonitor:
         if mine is not None:
             return mine
         # untraced (origin='parameters') and no parameter non-finite: the step and the modules
-        r = next(r for r in range(len(steps)) if any(gb[r]))
+        r = next((r for r in range(len(steps)) if any(gb[r])), None)
+        if r is None:  # (a traced value went non-finite, and no birth was found: not expected)
+            return origin_.NonFiniteOrigin(origin_.OUTSIDE, "forward", steps[first] if first is not None else steps[-1])
         mods = [self.names[k] if k < self._M else "(other parameters)" for k, b in enumerate(gb[r]) if b]
         o = origin_.NonFiniteOrigin("', '".join(mods), "gradient", steps[r])
         o.how = ("gradient non-finite while every parameter was finite: born in the forward or "
