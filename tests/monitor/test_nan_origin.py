@@ -333,3 +333,50 @@ def test_nan_born_on_one_ddp_rank_is_named_on_every_rank(tmp_path):
             origin, origin_rank, message = results[nn]
             assert origin == ("4", "forward", 2) and origin_rank == 1, message
             assert "on rank 1" in message
+
+
+# -- tracing stays cheap to reason about: no host sync, no graph break ---------------------------
+
+
+def test_tracing_reads_nothing_on_the_host_between_logging_steps():
+    from torch.overrides import TorchFunctionMode
+
+    syncing = {torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
+               torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.numpy}
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in syncing:
+                self.calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for nn in (torch.nn, mnn):
+        model = issue_mlp(nn, extra=Exp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+        per_step = []
+        with GradientMonitor(model, NullWriter(), optimizer=opt, every=3, origin="trace"):
+            for step in range(6):
+                with Count() as c:  # the whole step: forward and backward hooks, then the update
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(x), y).backward()
+                    opt.step()
+                per_step.append(c.calls)
+        # the logging steps' one transfer (and the list made of it on the host), else nothing
+        assert per_step == [["cpu", "tolist"], [], []] * 2, nn.__name__
+
+
+def test_tracing_adds_no_graph_breaks_to_a_torch_model_under_compile():
+    model = issue_mlp(torch.nn, extra=Exp())
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    alone = torch._dynamo.explain(model)(x)
+    with GradientMonitor(model, NullWriter(), origin="trace"):
+        torch._dynamo.reset()
+        traced = torch._dynamo.explain(model)(x)
+    assert (traced.graph_count, traced.graph_break_count) == (alone.graph_count, alone.graph_break_count) == (1, 0)
