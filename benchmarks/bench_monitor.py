@@ -67,10 +67,10 @@ def run(name, cadence, steps, warmup, activations, origin="trace"):
                 if i % 2:
                     order = order[::-1]  # alternate who goes first
                 for who, (model, opt) in order:
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()
                     step(model, opt, loss_fn, x, y)
                     if i >= warmup:
-                        times[who] += time.perf_counter() - t0
+                        times[who] += time.process_time() - t0
         writer.close()
     return times
 
@@ -103,7 +103,7 @@ def floor(name, steps, warmup):
     times = dict.fromkeys(runs, 0.0)
     for i in range(warmup + steps):
         for label, (model, opt, sums) in (runs.items() if i % 2 else reversed(runs.items())):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -112,7 +112,7 @@ def floor(name, steps, warmup):
                 kept.clear()
             opt.step()
             if i >= warmup:
-                times[label] += time.perf_counter() - t0
+                times[label] += time.process_time() - t0
     return {k: v / times["plain"] for k, v in times.items()}, 1e3 * times["plain"] / steps
 
 
