@@ -76,10 +76,11 @@ def run(name, cadence, steps, warmup, activations, origin="trace"):
 
 
 def floor(name, steps, warmup):
-    """What tracing every step costs at the least, without the monitor: (a) a forward hook on
-    every module and a tensor hook on every activation, doing nothing; (b) the same hooks
-    keeping references, then one float32 sum per activation and activation gradient (what
-    the origin check reads). Times against the plain step, alternating."""
+    """Floors, without the monitor: (a) a forward hook on every module and a tensor hook on
+    every activation, doing nothing; (b) the same hooks keeping references, then one float32
+    sum per activation and activation gradient (what origin='trace' reads); (c) one event of
+    the scalars logged per step handed to a SummaryWriter (its thread computes the record's
+    CRC in pure Python: ~150 us per KB). CPU time against the plain step, alternating."""
     _, features, batch, _ = MODELS[name]
     loss_fn = mnn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
@@ -93,26 +94,42 @@ def floor(name, steps, warmup):
     def noop_hook(module, args, out):
         out.register_hook(lambda grad: None)
 
+    from torch.utils.tensorboard import SummaryWriter
+
+    from manualgrad.monitor import tensorboard as tb
+
     runs = {}
-    for label, hook in (("plain", None), ("hooks only", noop_hook), ("hooks + sums", keep_hook)):
+    for label, hook in (("plain", None), ("hooks only", noop_hook), ("hooks + sums", keep_hook),
+                        ("one writer event", None)):
         model, opt = build(name, 0)
         if hook is not None:
             for m in model.modules():
                 m.register_forward_hook(hook)
-        runs[label] = (model, opt, label == "hooks + sums")
+        runs[label] = (model, opt)
+    # (c) the scalars the monitor logs per step (every=1), as one event, with nothing computed
+    n_mod = sum(1 for m in runs["plain"][0].modules() if not list(m.children()) and list(m.parameters()))
+    tags = [f"{stat}/{k}" for stat in ("grad/norm", "grad/max_abs", "param/norm", "update/ratio",
+                                       "update/log10_ratio", "nonfinite") for k in range(n_mod)]
+    tags += ["global/grad_norm", "global/lr/group0", "global/nonfinite"]
+    values = [0.5] * len(tags)
     times = dict.fromkeys(runs, 0.0)
-    for i in range(warmup + steps):
-        for label, (model, opt, sums) in (runs.items() if i % 2 else reversed(runs.items())):
-            t0 = time.process_time()
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if sums:
-                [t.sum(dtype=torch.float32) for t in kept]
-                kept.clear()
-            opt.step()
-            if i >= warmup:
-                times[label] += time.process_time() - t0
+    with tempfile.TemporaryDirectory() as d:
+        writer = SummaryWriter(d)
+        for i in range(warmup + steps):
+            for label, (model, opt) in (runs.items() if i % 2 else reversed(runs.items())):
+                t0 = time.process_time()
+                loss = loss_fn(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if label == "hooks + sums":
+                    [t.sum(dtype=torch.float32) for t in kept]
+                    kept.clear()
+                opt.step()
+                if label == "one writer event":
+                    tb.write_scalars(writer, i, tags, values)
+                if i >= warmup:
+                    times[label] += time.process_time() - t0
+        writer.close()
     return {k: v / times["plain"] for k, v in times.items()}, 1e3 * times["plain"] / steps
 
 
@@ -141,7 +158,7 @@ def main():
         _, features, batch, _ = MODELS[name]
         if args.floor:
             ratios, plain_ms = floor(name, args.steps, args.warmup)
-            print(f"{name:5s} (batch {batch}) floor of tracing every step: plain {plain_ms:.3f} ms/step, "
+            print(f"{name:5s} (batch {batch}) floors: plain {plain_ms:.3f} ms/step, "
                   + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items() if k != "plain"), flush=True)
         for c in args.cadences:
           for origin in args.origin:
