@@ -89,10 +89,12 @@ def floor(name, steps, warmup):
 
     def keep_hook(module, args, out):
         kept.append(out)
-        out.register_hook(kept.append)
+        if out.requires_grad:
+            out.register_hook(kept.append)
 
     def noop_hook(module, args, out):
-        out.register_hook(lambda grad: None)
+        if out.requires_grad:
+            out.register_hook(lambda grad: None)
 
     from torch.utils.tensorboard import SummaryWriter
 

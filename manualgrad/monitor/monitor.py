@@ -200,7 +200,6 @@ class GradientMonitor:
         self.first_nonfinite = None  # NonFiniteOrigin (module, kind, step) of the run's first report
         if origin == "trace":
             self._tracer.attach()
-            self._tracer.start()
 
         if self.rank == 0:
             present = {"grad/norm", "grad/max_abs", "param/norm", "global/grad_norm", "global/lr",
@@ -259,7 +258,7 @@ class GradientMonitor:
         grads = self._grads()
         checked = grads + self._params
         meta = None
-        if self._tracer.recording:  # a traced step: every traced tensor too
+        if self.origin == "trace":  # a traced step: every traced tensor too
             tensors, meta = self._tracer.stop()
             checked += tensors
             self._held = (self._n, tensors) if self._log_now else None
@@ -310,8 +309,6 @@ class GradientMonitor:
             self._log(n)
         self._log_now = self._n % self.every == 0
         self._hist_now = self.hist_every > 0 and self._n % self.hist_every == 0
-        if self.origin == "trace" and not self._closed:
-            self._tracer.start()
 
     # -- logging -----------------------------------------------------------------------------
 

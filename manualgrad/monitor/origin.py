@@ -99,10 +99,17 @@ class Tracer:
     # -- recording ---------------------------------------------------------------------------
 
     def attach(self):
-        """Hooks every module and joins manualgrad's apply; they record only between start and stop."""
+        """Hooks every module and joins manualgrad's apply; they record from the model's
+        forward (the first one, under gradient accumulation) to ``stop`` at the optimizer step:
+        the loss is in, another model's forward before this one's is not."""
+        self._handles.append(self.model.register_forward_pre_hook(self._begin))
         for name, depth, m in self._modules:
             self._handles.append(m.register_forward_hook(functools.partial(self._module, name, depth)))
         _apply.recorders.append(self._op)
+
+    def _begin(self, module, args):
+        if not self.recording and not torch.compiler.is_compiling() and torch.is_grad_enabled():
+            self.start()
 
     def start(self):
         self._tensors, self._slot_of, self._events, self._grad_of, self._hooked = [], {}, [], {}, set()
@@ -110,6 +117,8 @@ class Tracer:
 
     def stop(self):
         """Ends the step: (tensors recorded, in order; events, gradient of each slot)."""
+        if not self.recording:  # no forward of the model since the last step
+            return [], ([], {})
         self.recording = False
         out = self._tensors, (self._events, self._grad_of)
         self._tensors = self._slot_of = self._events = self._grad_of = self._hooked = None
@@ -122,11 +131,6 @@ class Tracer:
             self._tensors.append(t)
         return s
 
-    def _hook_grad(self, t, s):
-        if t.requires_grad and s not in self._hooked:
-            self._hooked.add(s)
-            t.register_hook(functools.partial(self._on_grad, s))
-
     def _on_grad(self, s, grad):
         if self.recording:
             self._grad_of[s] = self._slot(grad)
@@ -134,11 +138,16 @@ class Tracer:
     def _module(self, name, depth, module, args, output):
         if not self.recording or torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return
+        slot, hooked = self._slot, self._hooked
         ins, outs = _floats(args), _floats(output)
-        in_slots, out_slots = [self._slot(t) for t in ins], [self._slot(t) for t in outs]
-        for t, s in zip(ins + outs, in_slots + out_slots):
-            self._hook_grad(t, s)
-        self._events.append(("module", name, depth, in_slots, out_slots))
+        slots = []
+        for t in ins + outs:
+            s = slot(t)
+            slots.append(s)
+            if s not in hooked and t.requires_grad:  # its gradient, once per tensor
+                hooked.add(s)
+                t.register_hook(functools.partial(self._on_grad, s))
+        self._events.append(("module", name, depth, slots[: len(ins)], slots[len(ins) :]))
 
     def _op(self, fn, args, output):
         if not self.recording or not torch.is_grad_enabled():
