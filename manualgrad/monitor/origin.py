@@ -15,15 +15,19 @@ everything it was computed from was finite. Kinds, in the order they can happen 
     gradient    a parameter's final .grad is non-finite while every gradient reaching its
                 module was finite (a gradient hook, or another rank's all-reduce under DDP)
 
-How a step is traced: ``Tracer.start`` registers a forward hook on every module, and
-manualgrad's ``apply`` hands every Function call to ``Tracer._op``. They keep *references*
-to each call's floating inputs and outputs (no kernel) and register a tensor hook on every
-one that requires grad, and a hook on each Function's autograd node; those keep references to
-the gradients. ``Tracer.stop`` (at the optimizer step) hands them to the monitor, which sums each
-into a 0-dim device tensor (NaN/Inf make the sum non-finite); nothing is read on the host. ``decode`` walks a row
-read back at a logging step and returns the first birth, by the rules above. References are
-dropped at ``stop`` (a step traced at a logging step keeps them until the report, for the
-offending indices). A module that modifies its input in place is seen after the change.
+How a step is traced (``origin='trace'``): a forward hook on every module, and manualgrad's
+``apply`` handing every Function call to ``Tracer._op``, keep *references* to each call's
+floating inputs and outputs (no kernel), from the model's forward to the optimizer step. A
+hook on each Function's autograd node, and a tensor hook on each other module input or output
+that requires grad, keep references to the gradients. ``Tracer.stop`` (at the optimizer step)
+hands them to the monitor, which sums each into a 0-dim device tensor (NaN/Inf make the sum
+non-finite); nothing is read on the host. ``decode`` walks a row read back at a logging step
+and returns the first birth, by the rules above.
+
+Memory: the references keep activations and their gradients alive until the optimizer step
+(backward would free most of them on the way); past ``FLUSH_ELEMENTS`` elements the pending
+ones are summed and dropped. A step traced at a logging step keeps them until the report, for
+the offending indices. A module that modifies its input in place is seen after the change.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ HOW = {
     "gradient": "the parameter's .grad is non-finite while every gradient reaching the module was finite",
 }
 OUTSIDE = "(outside the monitored model)"
+FLUSH_ELEMENTS = 1 << 25  # referenced elements (128 MB of float32) before they are summed and dropped
 N_INDICES = 3  # offending indices shown in a report
 
 
@@ -113,6 +118,7 @@ class Tracer:
 
     def start(self):
         self._tensors, self._slot_of, self._events, self._grad_of, self._hooked = [], {}, [], {}, set()
+        self._held_elements = 0
         self.recording = True
 
     def stop(self):
@@ -129,7 +135,20 @@ class Tracer:
         if s is None:  # the reference kept in _tensors also keeps id(t) unique within the step
             s = self._slot_of[id(t)] = len(self._tensors)
             self._tensors.append(t)
+            self._held_elements += t.numel()
+            if self._held_elements > FLUSH_ELEMENTS:
+                self._flush()
         return s
+
+    def _flush(self):
+        """Sum the tensors held so far (0-dim each, in their slots) and drop the references."""
+        with torch.no_grad():
+            for i, t in enumerate(self._tensors):
+                if t.dim():
+                    self._tensors[i] = t.detach().sum(dtype=torch.float32)
+        # their ids may be reused from now on: a tensor seen again gets a new slot
+        self._slot_of.clear()
+        self._held_elements = 0
 
     def _on_grad(self, s, grad):
         if self.recording:

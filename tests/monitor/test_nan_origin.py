@@ -380,3 +380,16 @@ def test_tracing_adds_no_graph_breaks_to_a_torch_model_under_compile():
         torch._dynamo.reset()
         traced = torch._dynamo.explain(model)(x)
     assert (traced.graph_count, traced.graph_break_count) == (alone.graph_count, alone.graph_break_count) == (1, 0)
+
+
+def test_tracing_past_its_memory_bound_finds_the_same_origins(monkeypatch):
+    # every tensor summed and dropped as soon as it is seen: the same births, by the same rules
+    import manualgrad.monitor.origin as origin_module
+
+    monkeypatch.setattr(origin_module, "FLUSH_ELEMENTS", 100)
+    for nn in (torch.nn, mnn):
+        for name in ("exp_overflow", "log0_in_loss", "sqrt_backward", "custom_div0", "inf_input"):
+            build, make_kwargs, expected, op = SCENARIOS[name]
+            kwargs = make_kwargs()
+            mon, err = run(build(nn), kwargs.pop("steps"), origin="trace", **kwargs)
+            assert mon.first_nonfinite == expected and mon.first_nonfinite.op == (op if nn is mnn else None), name
