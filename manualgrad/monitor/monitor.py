@@ -27,8 +27,8 @@ forward hook on logging steps: no full backward hooks, which break on in-place o
 torch.compile. Hooks registered before compiling are traced into the graph without breaks:
 they only do tensor arithmetic into preallocated tensors, and the origin tracer's hooks do
 nothing while compiling (inside a compiled model the origin is told from parameters and
-gradients only). Whether the coming step is logged is a Python bool the graph is guarded on, so a compiled model holds up to three variants (plain,
-logging, logging with histograms). Under compile the activation gradient norm is not measured:
+gradients only). Whether the coming step is logged is a Python bool the graph is guarded on,
+so a compiled model holds up to three variants (plain, logging, logging with histograms). Under compile the activation gradient norm is not measured:
 a hook on an intermediate tensor would break the graph.
 """
 from __future__ import annotations
@@ -95,7 +95,11 @@ class GradientMonitor:
             went non-finite. 'trace' also traces every module and manualgrad Function call
             (inputs, outputs and their gradients) and names where it was born: forward,
             backward, the loss, the input. It costs one more pass over the activations and
-            their gradients and a few microseconds of Python per call (see the cost model).
+            their gradients and a few microseconds of Python per call (see the cost model),
+            and holds references to them until the optimizer step (up to 2^25 elements).
+        sharded (bool): under torch.distributed, each rank holds a disjoint shard of every
+            gradient (FSDP-like), so norms are summed across ranks. False (DDP): gradients are
+            replicated; only activation statistics and non-finite flags are reduced.
 
     Use as a context manager, or call ``close()``: it removes every hook it registered and
     hands the last logged steps to the writer.
@@ -151,13 +155,14 @@ class GradientMonitor:
         M = len(chosen)
         self._M = M
         self._group = torch.tensor(group, device=dev)
-        # (2P, M+1): gradient i and parameter i to their module i's column
+        # (2P, M+1) one-hot: column group[i] for gradient i and for parameter i
         self._to_module = torch.zeros(2 * len(group), M + 1, device=dev)
         self._to_module[torch.arange(2 * len(group)), torch.tensor(group + group)] = 1
         self._group_list = group
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
-        # NaN origin. One row per step since the last log: L2 norms of the final gradients
-        # (P), then, on traced steps, of the parameters (P) and of every traced tensor.
+        # NaN origin. One row per step since the last log: Σ of every gradient (P), of every
+        # parameter (P), then, with origin='trace', of every traced tensor; and the step's
+        # number and trace (host side)
         owner = {id(p): n for n, p in model.named_parameters()}
         self._param_names = [tuple(owner[id(p)].rpartition(".")[::2]) for p in self._params]
         self._param_names = [(m or "model", n) for m, n in self._param_names]
@@ -333,15 +338,15 @@ class GradientMonitor:
                            for s in self._a_stats]) if A else None
         agn = torch.stack([g.reshape(()) if g is not None else torch.full((), math.nan, device=self._device)
                            for g in self._a_gnorm]) if A else None
-        # non-finite bookkeeping from the ring: per step and module, was a parameter or its
-        # gradient NaN/Inf (rows, M+1); per step, was anything traced NaN/Inf (rows,)
+        # non-finite bookkeeping from the rows of sums: per step and module, was a parameter
+        # or its gradient NaN/Inf (rows, M+1); per step, was anything NaN/Inf (rows,)
         rows = len(self._row_steps)
         ring = torch.nn.utils.rnn.pad_sequence([torch.stack(r) for r in self._rows], batch_first=True)  # (rows, W)
         bad = torch.isfinite(ring).logical_not_()
         g_bad = (bad[:, : 2 * n_par].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
         row_bad = bad.any(1).float()
 
-        # Cross-rank reduction (logging steps only): sums, maxima, minima in three collectives.
+        # Cross-rank reduction (logging steps only): sums and maxima in two collectives.
         sums = [P["p_sq"]] + ([d_sq] if d_sq is not None else [])
         if self.sharded:
             sums.append(P["g_sq"])
