@@ -76,7 +76,8 @@ def run(name, cadence, steps, warmup, activations, origin="trace"):
 
 
 def floor(name, steps, warmup):
-    """Floors, without the monitor: (a) a forward hook on every module and a tensor hook on
+    """Floors, without the monitor: (0) one float32 sum per parameter and per gradient (what
+    every step checks); (a) a forward hook on every module and a tensor hook on
     every activation, doing nothing; (b) the same hooks keeping references, then one float32
     sum per activation and activation gradient (what origin='trace' reads); (c) one event of
     the scalars logged per step handed to a SummaryWriter (its thread computes the record's
@@ -101,8 +102,8 @@ def floor(name, steps, warmup):
     from manualgrad.monitor import tensorboard as tb
 
     runs = {}
-    for label, hook in (("plain", None), ("hooks only", noop_hook), ("hooks + sums", keep_hook),
-                        ("one writer event", None)):
+    for label, hook in (("plain", None), ("parameter + gradient sums", None), ("hooks only", noop_hook),
+                        ("hooks + sums", keep_hook), ("one writer event", None)):
         model, opt = build(name, 0)
         if hook is not None:
             for m in model.modules():
@@ -126,6 +127,9 @@ def floor(name, steps, warmup):
                 if label == "hooks + sums":
                     [t.sum(dtype=torch.float32) for t in kept]
                     kept.clear()
+                if label == "parameter + gradient sums":  # what every step checks in any mode
+                    with torch.no_grad():
+                        [t.sum(dtype=torch.float32) for p in model.parameters() for t in (p, p.grad)]
                 opt.step()
                 if label == "one writer event":
                     tb.write_scalars(writer, i, tags, values)
