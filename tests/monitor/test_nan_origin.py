@@ -393,3 +393,31 @@ def test_tracing_past_its_memory_bound_finds_the_same_origins(monkeypatch):
             kwargs = make_kwargs()
             mon, err = run(build(nn), kwargs.pop("steps"), origin="trace", **kwargs)
             assert mon.first_nonfinite == expected and mon.first_nonfinite.op == (op if nn is mnn else None), name
+
+
+def test_nonfinite_count_per_module_is_logged(tmp_path):
+    # a NaN gradient hook on '4' at steps 2 and 3 (a frozen optimizer keeps the weights
+    # finite): nonfinite/4 counts 2 steps at the log of step 5, the other modules 0
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tests.monitor.test_monitor import Frozen, read, scalar
+
+    model = issue_mlp(torch.nn)
+    opt = Frozen(model.parameters())
+    state = {"on": False}
+    model[4].weight.register_hook(lambda g: g * math.nan if state["on"] else g)
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    writer = SummaryWriter(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with GradientMonitor(model, writer, optimizer=opt, every=5):
+            for step in range(6):
+                state["on"] = step in (2, 3)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+    writer.close()
+    ea = read(tmp_path)
+    assert scalar(ea, "nonfinite/4") == {0: 0.0, 5: 2.0}
+    assert scalar(ea, "nonfinite/0") == scalar(ea, "nonfinite/2") == {0: 0.0, 5: 0.0}
+    assert scalar(ea, "global/nonfinite") == {0: 0.0, 5: 2.0}
