@@ -211,10 +211,10 @@ def decode(values, meta, params):
     """The first birth in one traced step, or None.
 
     ``values``: [Σ of every parameter's .grad (P), of every parameter (P), of every traced
-    tensor (T)] as Python floats (only their finiteness matters); ``meta`` from ``Tracer.stop``; ``params``: (module
-    name, parameter name) per parameter. Returns (kind, module, op, key, what) with ``key`` an
-    ordering within the step and ``what`` = ("param" | "grad", i, None) or ("slot", s, label):
-    the tensor to show offending indices of.
+    tensor (T)] as Python floats (only their finiteness matters); ``meta`` from
+    ``Tracer.stop``; ``params``: (module name, parameter name) per parameter. Returns (kind,
+    module, op, key, what) with ``key`` an ordering within the step and ``what`` =
+    ("param" | "grad", i, None) or ("slot", s, label): the tensor to show offending indices of.
     """
     P = len(params)
     grads, pvals, tv = values[:P], values[P : 2 * P], values[2 * P :]
