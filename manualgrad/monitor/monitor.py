@@ -197,6 +197,7 @@ class GradientMonitor:
             _ATTACHED.add(optimizer)
         _ATTACHED.add(model)
         self._before = None  # parameters before the step being logged (a buffer kept for reuse)
+        self._scratch = {}  # (dtype, device) -> buffer for θ_before - θ_after
         self._have_before = False
         self._pending = None
         self._writes, self._written_at = [], time.monotonic()  # logging steps not yet handed to the writer
@@ -323,11 +324,19 @@ class GradientMonitor:
         per_param = [P["gp_norm"]]
         if self._have_before:
             with torch.no_grad():
-                # θ_before - θ_after: ||Δθ|| per parameter (a temporary: θ_before stays for
-                # the offending indices of a non-finite parameter)
-                delta = torch._foreach_sub(self._before, [p.detach() for p in self._params])
-                per_param.append(torch.stack(torch._foreach_norm(delta, 2.0, dtype=torch.float32)))
-                del delta
+                # ||θ_before - θ_after|| per parameter, the difference made in a scratch buffer
+                # the size of the largest parameter (θ_before stays, for the offending indices
+                # of a non-finite parameter; a temporary the size of the model would cost an
+                # allocation per logging step)
+                norms = []
+                for b, p in zip(self._before, self._params):
+                    key = (b.dtype, b.device)
+                    if key not in self._scratch:
+                        size = max(q.numel() for q in self._params if (q.dtype, q.device) == key)
+                        self._scratch[key] = torch.empty(size, dtype=b.dtype, device=b.device)
+                    diff = self._scratch[key][: b.numel()].view_as(b)
+                    norms.append(torch.linalg.vector_norm(torch.sub(b, p, out=diff), dtype=torch.float32))
+                per_param.append(torch.stack(norms))
         # Σ ||·||² per module of the gradients, parameters (and updates): one index_add
         sq = torch.cat(per_param).square_().view(len(per_param) + 1, n_par) if len(per_param) > 1 \
             else per_param[0].square().view(2, n_par)
@@ -531,6 +540,7 @@ class GradientMonitor:
         if self.optimizer is not None:
             _ATTACHED.discard(self.optimizer)
         self._before = None
+        self._scratch = {}
         self._tracer.close()
         self._held = None
         self._closed = True
