@@ -28,8 +28,9 @@ torch.compile. Hooks registered before compiling are traced into the graph witho
 they only do tensor arithmetic into preallocated tensors, and the origin tracer's hooks do
 nothing while compiling (inside a compiled model the origin is told from parameters and
 gradients only). Whether the coming step is logged is a Python bool the graph is guarded on,
-so a compiled model holds up to three variants (plain, logging, logging with histograms). Under compile the activation gradient norm is not measured:
-a hook on an intermediate tensor would break the graph.
+so a compiled model holds up to three variants (plain, logging, logging with histograms).
+Under compile the activation gradient norm is not measured: a hook on an intermediate tensor
+would break the graph.
 """
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ class Tracer:
 
     def __init__(self, model):
         self.model = model
-        self._modules = [(name or "model", name.count(".") + (1 if name else 0), m) for name, m in model.named_modules()]
+        # (name, depth: 0 for the model itself, m)
+        self._modules = [(name or "model", name.count(".") + 1 if name else 0, m) for name, m in model.named_modules()]
         self._handles = []
         self.recording = False
 
