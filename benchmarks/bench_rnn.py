@@ -8,15 +8,28 @@ Prints per layer type the median fwd+bwd time of each, their ratio (manualgrad /
 input excluded; target: no more than torch). Note: torch runs its LSTM on oneDNN on the CPU
 (one fused kernel per layer), its GRU and RNN as per-step ATen ops.
 
-Where the LSTM's gap is (default sizes, 1 thread, CPU time, ours/torch alternating in one process,
-an AVX-512 machine): LSTM 2.2-2.3x torch, but 1.08x torch with oneDNN switched off
-(torch.backends.mkldnn.flags(enabled=False), torch's per-step ATen LSTM); GRU 1.02x, RNN 0.95x.
-About 3/4 of our step is matmuls, the same products and flops as torch's, at MKL sgemm's speed;
-oneDNN's fused kernel runs the per-step product (32 x 256 by 256 x 1024) about 2x faster with
-its packed weights (torch.ops.mkldnn._linear_pointwise: 0.086 ms vs F.linear 0.174 ms). Removing
-the backward's per-step cat (a preallocated gate-gradient buffer) measured no gain.
+Where the LSTM's time goes (default sizes, 1 thread, ours/torch alternating in one process, an
+AVX-512 AMD EPYC shared with other jobs, so +-5%). Before: 2.2-2.3x torch (its oneDNN LSTM), 1.08x
+torch's per-step ATen LSTM (oneDNN off). The gap was the products: MKL's sgemm runs at about half
+oneDNN's speed on this CPU (the per-step 32 x 256 by 256 x 1024: 161 us vs 78-85 us with oneDNN's
+packed weight; a 2048 x 256 by 256 x 1024 over all steps: 9.0 ms vs 3.8-4.3 ms). Now: LSTM
+1.16-1.27x (CPU time, several runs; this bench's wall time 1.20-1.22x), GRU 1.01x, RNN 0.92-0.95x.
+The LSTM runs ops/recurrent_fast.py on a padded float32 batch: every product on oneDNN
+(torch.ops.mkldnn._linear_pointwise, forward-only, as torch's own LSTM), one sigmoid for the four
+gates, outputs written in place (8 elementwise ops and one product per step forward, 4 and one
+backward). Of ours (about 83-95 ms CPU time to torch's 71-74):
+- the products, the same ones torch's fused kernel computes: 0.87-0.88x torch on their own
+  (per layer: input projection, 64 + 64 per-step products, dx, dW_ih, dW_hh; oneDNN costs about
+  10 us per call on top of the flops, 2.6 ms over 256 per-step calls);
+- per layer about 2 ms forward elementwise (the step's gates arrive cold from the input
+  projection) and 7 ms backward: the local derivatives of all steps (1.8 ms, ~14 passes over
+  (N, H)), contiguous transposes for the weight gradients (dG^T, x^T, h^T: 1.5-2 ms), the
+  per-step elementwise (1.8 ms), weight packing and views (0.9 ms), db (0.5 ms).
+The Python + dispatch floor is small by comparison: 1,536 elementwise ops x 0.75-1.5 us = 1.2-2.3 ms.
+With oneDNN off (torch.backends.mkldnn.flags(enabled=False)) the fast form uses torch.addmm / mm
+and runs at 1.94-1.97x torch's oneDNN LSTM (the reference form: 2.08-2.11x), about 0.94x torch's per-step ATen LSTM.
 
-    python benchmarks/bench_rnn.py [--steps 20] [--warmup 3] [--layers LSTM GRU RNN]
+    python benchmarks/bench_rnn.py [--steps 20] [--warmup 3] [--threads 1] [--layers LSTM GRU RNN]
         [--input 256] [--hidden 256] [--seq 64] [--batch 32] [--num-layers 2]
 """
 import argparse
@@ -68,6 +81,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=20, help="timed steps per implementation (median is reported)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the figures are for 1)")
     p.add_argument("--layers", nargs="+", choices=["LSTM", "GRU", "RNN"], default=["LSTM", "GRU", "RNN"])
     p.add_argument("--input", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
@@ -75,6 +89,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--num-layers", type=int, default=2)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, float32 CPU")
     for name in args.layers:
         bench(name, args)

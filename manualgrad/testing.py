@@ -19,7 +19,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 __all__ = ["check_gradients", "assert_same_as_torch", "assert_raises_like_torch", "assert_error_within_torch",
-           "float32_errors", "as_float64", "saved_bytes"]
+           "float32_errors", "as_float64", "saved_bytes", "saved_bytes_by_op"]
 
 
 def as_float64(t):
@@ -278,7 +278,7 @@ def saved_bytes(fn, *args, exclude=(), **kwargs):
     """Unique bytes that ``fn(*args, **kwargs)`` saves for backward.
 
     Every tensor autograd packs (torch's own nodes and custom Functions alike) is counted
-    once per storage, so an output saved by one node and an input saved by the next count
+    once per storage (inside ``manualgrad.lean()``, the tensors lean keeps), so an output saved by one node and an input saved by the next count
     once. Storages of the tensors in ``exclude`` (typically the parameters, which exist
     anyway) are left out. Returns (bytes, output).
     """
@@ -291,6 +291,84 @@ def saved_bytes(fn, *args, exclude=(), **kwargs):
             storages[s.data_ptr()] = s.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _lean_again():
         out = fn(*args, **kwargs)
     return sum(storages.values()), out
+
+
+def _lean_again():
+    """Inside manualgrad.lean(), lean() again: its hooks then sit inside the counting ones and
+    pass on to them what they keep (the innermost saved-tensor hooks are the only ones torch calls)."""
+    import contextlib
+
+    from .memory import in_lean, lean
+
+    return lean() if in_lean() else contextlib.nullcontext()
+
+
+def _graph_nodes(outputs):
+    """Every autograd node reachable from the outputs' grad_fns, in creation order."""
+    todo = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    seen = {}
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        todo.extend(n for n, _ in node.next_functions)
+    return sorted(seen.values(), key=lambda n: n._sequence_nr())
+
+
+def _saved_values(node):
+    # a custom Function's node keeps its ctx's saved tensors; torch's own nodes one _saved_<name> each
+    if hasattr(node, "_raw_saved_tensors"):
+        return list(node.saved_tensors)
+    values = []
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            value = getattr(node, name)
+            values.extend(value if isinstance(value, (tuple, list)) else [value])
+    return values
+
+
+def saved_bytes_by_op(fn, *args, exclude=(), **kwargs):
+    """What ``fn(*args, **kwargs)`` keeps for backward, per op: ({grad_fn name: bytes}, output).
+
+    Like ``saved_bytes``, every storage counts once; it goes to the first op (in forward order)
+    that keeps it, so an op that keeps only what an earlier op keeps anyway shows 0 bytes (or
+    does not show). Under ``manualgrad.lean()`` the tensors a recipe keeps are counted, where the
+    op that saves the recomputed tensor is charged only for what no earlier op keeps.
+    The values sum to ``saved_bytes``'s total. Storages of ``exclude`` (the parameters) are left out.
+    """
+    from .memory import probing
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    probe = []  # the storages unpacked while one node is probed
+
+    def pack(t):
+        return t
+
+    def unpack(t):
+        if probing_on[0]:
+            probe.append(t.untyped_storage())
+            return torch.empty(0)
+        return t
+
+    probing_on = [False]
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack), _lean_again():
+        out = fn(*args, **kwargs)
+    per_op, counted = {}, set(skip)
+    probing_on[0] = True
+    try:
+        with probing():
+            for node in _graph_nodes(_outputs(out)):
+                probe.clear()
+                _saved_values(node)
+                name = type(node).__name__
+                for s in probe:
+                    if s.data_ptr() not in counted:
+                        counted.add(s.data_ptr())
+                        per_op[name] = per_op.get(name, 0) + s.nbytes()
+    finally:
+        probing_on[0] = False
+    return per_op, out

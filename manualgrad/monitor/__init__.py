@@ -7,8 +7,11 @@
             loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
 
 - ``monitor.py``: the hooks and when they run (``GradientMonitor``, ``NonFiniteError``).
+- ``origin.py``: where the first non-finite value is born (``NonFiniteOrigin``, ``origin='trace'``).
 - ``stats.py``: the statistics, computed on the device.
-- ``tensorboard.py``: tags, histograms, the custom-scalars layout.
+- ``noise.py``: the gradient noise scale and the cosine between successive logged gradients.
+- ``tensorboard.py``: tags, one TensorBoard run per layer (``<logdir>/layers/<name>/``), histograms,
+  the custom-scalars layout; ``read_run(logdir)`` reads a run back under the flat tags.
 - ``plot.py``: ``python -m manualgrad.monitor.plot LOGDIR -o out.png``.
 """
 from .monitor import GradientMonitor, NonFiniteError

@@ -3,18 +3,25 @@
 Cost model. Every step (logged or not) the monitor sums every gradient and every parameter
 (one small kernel each, float32: NaN/Inf make a sum non-finite; a sum of finite values
 overflows only past ~3.4e38, where an L2 norm would past ~1.8e19) and never waits for the
-device: the 0-dim sums wait there until the next logging step. With ``origin='trace'`` it
-also traces every module and manualgrad Function call: forward hooks, a
-tensor hook per activation and a hook per Function's autograd node keep references to the
-inputs, outputs and their gradients, summed the same way at the optimizer step. That is one
-pass over every activation and activation gradient, plus a few microseconds of Python per
-module and Function: on a model with large activations and little compute per activation
-(a small MLP on CPU) that is the bulk of the monitor's cost; ``origin='parameters'`` leaves
-it out. On a logging step it also computes norms, the update and (every ``hist_every``)
-64-bin histograms, stacks everything into one tensor and moves it to the host once (twice
-when something went non-finite: the step it was first seen in is read back to name where it
-was born, see ``origin.py``). The scalars of a logging step make one event; events reach the
-writer in bursts of 8 logging steps (or after 1 s, and at ``close()``): each event wakes the
+device: the 0-dim sums wait there until the next logging step. With ``activations=True`` each
+hooked activation's forward hook adds the activation's sum into a per-step device buffer (two
+small kernels per call, two per step), so an activation that goes NaN/Inf is reported even
+when every gradient stays finite. With ``origin='trace'`` it also traces every module and
+manualgrad Function call: forward hooks, a tensor hook per activation and a hook per
+Function's autograd node keep references to the inputs, outputs and their gradients, summed
+the same way at the optimizer step. That is one pass over every activation and activation
+gradient, plus a few microseconds of Python per module and Function: on a model with large
+activations and little compute per activation (a small MLP on CPU) that is the bulk of the
+monitor's cost; ``origin='parameters'`` (the default) leaves it out. On a logging step it also
+computes norms, the update and (every ``hist_every``) 64-bin histograms, stacks everything
+into one tensor and moves it to the host once (twice when something went non-finite: the step
+it was first seen in is read back to name where it was born, see ``origin.py``); with the
+noise scale and cosine (below) a few more small kernels. Under torch.distributed a logging step
+adds two all-reduces (sums, maxima), and one all_gather_object when something went
+non-finite. The scalars of a logging step make one event per TensorBoard run (the writer's
+own and one per layer, see ``tensorboard.py``); they reach the writer in bursts of 8 logging
+steps (or 1 s after the previous burst, at a non-finite report, at ``close()``, and when a
+monitor never closed is collected or the interpreter exits): each event wakes the
 SummaryWriter's thread, which on a busy CPU costs more than a small model's step.
 
 Hook points. With ``optimizer=`` a step pre-hook reads the final ``.grad`` (after gradient
@@ -24,13 +31,30 @@ an optimizer the user calls ``mon.step()`` after backward; there is then no upda
 Activations use forward hooks, and their gradients ``output.register_hook`` from inside the
 forward hook on logging steps: no full backward hooks, which break on in-place ops.
 
+Distributed. Statistics are those of the whole model on every rank: under DDP of the
+gradients after the all-reduce (rank 0's replica), under FSDP2 (``fully_shard``: DTensor
+parameters and gradients) combined from the shards: each parameter's squared norms weighted
+by w_p (1 where this rank's piece counts, ``stats.rank_weight``) before they are summed per
+module, then added across ranks (each shard once, each replica once); maxima the maximum over
+shards (an empty shard counts 0), in the all-reduces of a logging step. The every-step check
+sums this rank's shards; a step is non-finite when it is on any rank, and the report names the
+earliest birth over all ranks, on every rank. Histograms under sharding are of rank 0's shard.
+
+Also logged (``noise.py``): the gradient noise scale ``noise/B_simple`` (with ``noise/tr_sigma``,
+``noise/g_sq``) from the micro-batch and per-rank gradients (under FSDP2, the micro-batch
+increments of the sharded gradients), when a step has more than one of them (under
+torch.compile pass ``batch_size``); and ``grad/cosine_prev/<name>``, the cosine between a
+module's gradients at successive logging steps. Both work on logging steps only: one squared
+norm per parameter and micro-batch, one dot product per parameter, and a copy of the gradients
+kept from one logging step to the next (``cosine=False`` saves it).
+
 torch.compile. Hooks registered before compiling are traced into the graph without breaks:
 they only do tensor arithmetic into preallocated tensors, and the origin tracer's hooks do
-nothing while compiling (inside a compiled model the origin is told from parameters and
-gradients only). Whether the coming step is logged is a Python bool the graph is guarded on,
-so a compiled model holds up to three variants (plain, logging, logging with histograms).
-Under compile the activation gradient norm is not measured: a hook on an intermediate tensor
-would break the graph.
+nothing while compiling (inside a compiled model the origin is told from parameters,
+gradients and, with ``activations=True``, the hooked activations only). Whether the coming
+step is logged is a Python bool the graph is guarded on, so a compiled model holds up to three
+variants (plain, logging, logging with histograms). Under compile the activation gradient
+norm is not measured: a hook on an intermediate tensor would break the graph.
 """
 from __future__ import annotations
 
@@ -43,8 +67,8 @@ import weakref
 import torch
 
 from .. import utils
+from . import noise, stats
 from . import origin as origin_
-from . import stats
 from . import tensorboard as tb
 
 __all__ = ["GradientMonitor", "NonFiniteError", "NonFiniteOrigin"]
@@ -56,7 +80,7 @@ _WRITE_BATCH, _WRITE_SECS = 8, 1.0  # scalars reach the writer every 8 logging s
 
 
 class NonFiniteError(FloatingPointError):
-    """A gradient or activation went NaN/Inf (raised with ``on_nonfinite='raise'``)."""
+    """A parameter, activation or gradient went NaN/Inf (raised with ``on_nonfinite='raise'``)."""
 
 
 def _is_activation(module):
@@ -67,6 +91,17 @@ def _dist_info():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _write_out(writer, writes, flush=True):
+    """Each buffered logging step ``(step, tags, values)`` to ``writer`` (one event per step and
+    run), then ``writes`` is emptied; ``flush``: and on to the disk, layer runs included (at exit)."""
+    for n, tags, values in writes:
+        tb.write_scalars(writer, n, tags, values)
+    writes.clear()
+    if flush:
+        writer.flush()
+        tb.flush_layer_runs(writer)
 
 
 class GradientMonitor:
@@ -90,24 +125,39 @@ class GradientMonitor:
             activation or gradient was NaN/Inf since the previous one. The report names where
             the first one was born (module, manualgrad op, step, parameter / input / forward /
             loss / backward / gradient, offending indices); it is kept as ``first_nonfinite``.
+            ``nonfinite/<name>`` counts the steps with a non-finite parameter or gradient per
+            module, ``global/nonfinite`` the module-steps (and activation-steps) of any kind.
         origin ('parameters' | 'trace'): how a non-finite value's birth is found. Both check
-            every parameter and gradient at every step, and name a parameter that is
-            non-finite; otherwise 'parameters' names the step and the modules whose gradients
-            went non-finite. 'trace' also traces every module and manualgrad Function call
-            (inputs, outputs and their gradients) and names where it was born: forward,
-            backward, the loss, the input. It costs one more pass over the activations and
-            their gradients and a few microseconds of Python per call (see the cost model),
-            and holds references to them until the optimizer step (up to 2^25 elements).
+            every parameter and gradient (and, with ``activations=True``, hooked activation)
+            at every step, and name a parameter that is non-finite; otherwise 'parameters'
+            names the step and the activations that went non-finite (kind 'forward'), else the
+            modules whose gradients did (kind 'gradient'). 'trace' also traces every module
+            and manualgrad Function call (inputs, outputs and their gradients) and names where
+            it was born: forward, backward, the loss, the input. It costs one more pass over
+            the activations and their gradients and a few microseconds of Python per call (see
+            the cost model), and holds references to them until the optimizer step (up to 2^25
+            elements).
         sharded (bool): under torch.distributed, each rank holds a disjoint shard of every
-            gradient (FSDP-like), so norms are summed across ranks. False (DDP): gradients are
-            replicated; only activation statistics and non-finite flags are reduced.
+            plain-tensor parameter and gradient (FSDP-like), so norms are summed across ranks.
+            False (DDP): they are replicated and rank 0's count. DTensor parameters (FSDP2's
+            ``fully_shard``) decide from their placements, whatever ``sharded`` says: Shard
+            pieces are summed, Replicate ones counted once. Build the monitor after wrapping.
+        noise_scale (bool): log the gradient noise scale B_simple (``noise/*``, see
+            ``noise.py``) when a step has more than one micro-batch or more than one rank.
+        batch_size (int, optional): samples per micro-batch on one rank, for the noise scale;
+            by default dim 0 of the first tensor argument of the model's forward.
+        noise_ema (float): smoothing of the noise scale over logging steps (0 = none).
+        cosine (bool): log ``grad/cosine_prev``, the cosine between each module's gradient at
+            this logging step and at the previous one. Costs one copy of the gradients (of this
+            rank's shard under FSDP), kept between logging steps.
 
-    Use as a context manager, or call ``close()``: it removes every hook it registered and
-    hands the last logged steps to the writer.
+    Use as a context manager, or call ``close()``: it removes every hook it registered, hands
+    the last logged steps to the writer and closes the per-layer runs (the writer stays open).
     """
 
     def __init__(self, model, writer, optimizer=None, every=50, hist_every=1000, include=None,
-                 exclude=None, activations=False, on_nonfinite="warn", sharded=False, origin="parameters"):
+                 exclude=None, activations=False, on_nonfinite="warn", sharded=False, origin="parameters",
+                 noise_scale=True, batch_size=None, noise_ema=0.9, cosine=True):
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
         if origin not in ("trace", "parameters"):
@@ -151,7 +201,7 @@ class GradientMonitor:
         if not self._params:
             raise ValueError("GradientMonitor: the model has no trainable parameters")
         self._param_ids = seen
-        dev = self._params[0].device
+        dev = stats.local(self._params[0]).device
         self._device = dev
         M = len(chosen)
         self._M = M
@@ -178,6 +228,10 @@ class GradientMonitor:
                 if (m in mods or (not list(m.children()) and _is_activation(m))) and keep(n):
                     self.act_names.append(n); self._act_mods.append(m)
         A = len(self._act_mods)
+        # Σ of each activation over this step's forward calls, folded in by its forward hook
+        # every step (NaN/Inf make it non-finite): one row (A,) per step since the last log
+        self._a_sum = torch.zeros(A, device=dev)
+        self._a_rows = []
         self._a_stats = [None] * A
         self._a_hist = [None] * A
         self._a_gnorm = [None] * A
@@ -202,17 +256,22 @@ class GradientMonitor:
         self._have_before = False
         self._pending = None
         self._writes, self._written_at = [], time.monotonic()  # logging steps not yet handed to the writer
+        # a monitor never closed still hands them over when it is collected or the interpreter exits
+        self._finalize = weakref.finalize(self, _write_out, writer, self._writes) if self.rank == 0 else None
         self._tags = {}  # (stat, id(names)) -> tags
         self._closed = False
         self.first_nonfinite = None  # NonFiniteOrigin (module, kind, step) of the run's first report
         if origin == "trace":
             self._tracer.attach()
 
+        self._init_distributed_stats(noise_scale, batch_size, noise_ema, cosine)  # B: noise.py, stats.py
+
         if self.rank == 0:
             present = {"grad/norm", "grad/max_abs", "param/norm", "global/grad_norm", "global/lr",
                        "global/clip_coef", "global/clip_fraction", "global/nonfinite", "nonfinite"}
             if optimizer is not None:
                 present |= {"update/ratio", "update/log10_ratio"}
+            present |= self._stat_tags_present()  # B
             if A:
                 present |= {"act/mean", "act/std", "act/near_zero", "act/dead", "act/saturation", "act/grad_norm"}
             writer.add_custom_scalars(tb.custom_layout(present))
@@ -224,6 +283,9 @@ class GradientMonitor:
             if not isinstance(output, torch.Tensor):
                 return
             y = output.detach()
+            # every step: the device-side non-finite check of this activation (a sum, added to
+            # the step's; no host sync)                                                 0-dim
+            self._a_sum[a].add_(y.sum(dtype=torch.float32))
             if self._log_now:
                 self._a_stats[a] = stats.activation_stats(y, dim, kind)
                 if self._hist_now:
@@ -242,6 +304,8 @@ class GradientMonitor:
     def _on_clip(self, parameters, total_norm, clip_coef):
         if not any(id(p) in self._param_ids for p in parameters):
             return
+        if self._has_dtensor:  # FSDP2: the clip function computed N with DTensors
+            total_norm, clip_coef = stats.full(total_norm), stats.full(clip_coef)
         self._clip_norm, self._clip_coef = total_norm, clip_coef
         self._clip_count.add_(clip_coef < 1)
         self._clip_calls += 1
@@ -256,14 +320,23 @@ class GradientMonitor:
         self._after_update()
 
     def _grads(self):
+        if self._has_dtensor:  # FSDP2: this rank's shard
+            return [self._zero if p.grad is None else stats.local(p.grad.detach()) for p in self._params]
         return [self._zero if p.grad is None else p.grad for p in self._params]
+
+    def _local_params(self):
+        """The parameters as this rank holds them (FSDP2: the local shards), detached."""
+        if self._has_dtensor:
+            return [stats.local(p.detach()) for p in self._params]
+        return [p.detach() for p in self._params]
 
     def _module_max(self, per_param):
         return torch.zeros(self._M + 1, device=self._device).scatter_reduce_(0, self._group, per_param, "amax")
 
     def _before_update(self):
         grads = self._grads()
-        checked = grads + self._params
+        # the parameters as they are (FSDP2: this rank's shards; no detach, summed under no_grad)
+        checked = grads + (self._local_params() if self._has_dtensor else self._params)
         meta = None
         if self.origin == "trace":  # a traced step: every traced tensor too
             tensors, meta = self._tracer.stop()
@@ -274,18 +347,22 @@ class GradientMonitor:
         # (an L2 norm would overflow past ~1.8e19: an exploding run would read as non-finite
         # early). One kernel per tensor (no foreach sum; on CPU as fast as the foreach L2 norm
         # over these sizes); the 0-dim results wait on the device for the next log.  (2P + T,)
+        # An empty FSDP shard sums to 0.
         with torch.no_grad():
             sums = [t.sum(dtype=torch.float32) for t in checked]
         self._rows.append(sums); self._row_steps.append(self._n); self._row_meta.append(meta)
+        if self._act_mods:  # this step's Σ of each activation (the forward hooks'), then reset  (A,)
+            self._a_rows.append(self._a_sum.clone()); self._a_sum.zero_()
         if not self._log_now:
             return
         # logging step: ||g||_2 and ||θ||_2 per parameter in float32 (one foreach kernel; on
         # CPU ~30x faster than the max-abs norm) and max |g| = max(max g, -min g) (one aminmax
-        # pass per gradient, no |g| temporary), and a copy of the parameters for the update
+        # pass per gradient, no |g| temporary; 0 for an empty FSDP shard, where aminmax
+        # raises), and a copy of the parameters for the update
         with torch.no_grad():
-            params = [p.detach() for p in self._params]
+            params = self._local_params()
             gp_norm = torch.stack(torch._foreach_norm(grads + params, 2.0, dtype=torch.float32))  # (2P,)
-            lo, hi = zip(*[torch.aminmax(g) for g in grads])
+            lo, hi = zip(*[torch.aminmax(g) if g.numel() else (self._zero, self._zero) for g in grads])
             gmax = self._module_max(torch.maximum(torch.stack(hi), -torch.stack(lo)).float())  # (M+1,)
             if self.optimizer is not None:
                 # one buffer, allocated at the first logging step and reused: no allocation
@@ -296,6 +373,7 @@ class GradientMonitor:
                     torch._foreach_copy_(self._before, params)
                 self._have_before = True
         self._pending = dict(gp_norm=gp_norm, g_max=gmax)
+        self._stats_before_update(grads)  # B
         if self._hist_now:
             self._pending["hist"] = [
                 (kind, k, stats.histogram(torch.cat([t[i].flatten() for i in idx])))
@@ -317,6 +395,7 @@ class GradientMonitor:
             self._log(n)
         self._log_now = self._n % self.every == 0
         self._hist_now = self.hist_every > 0 and self._n % self.hist_every == 0
+        self._stats_after_update()  # B
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -328,19 +407,24 @@ class GradientMonitor:
                 # ||θ_before - θ_after|| per parameter, the difference made in a scratch buffer
                 # the size of the largest parameter (θ_before stays, for the offending indices
                 # of a non-finite parameter; a temporary the size of the model would cost an
-                # allocation per logging step)
+                # allocation per logging step). Under FSDP2 of this rank's shards.
+                params = self._local_params() if self._has_dtensor else self._params
                 norms = []
-                for b, p in zip(self._before, self._params):
+                for b, p in zip(self._before, params):
                     key = (b.dtype, b.device)
                     if key not in self._scratch:
-                        size = max(q.numel() for q in self._params if (q.dtype, q.device) == key)
+                        size = max(q.numel() for q in params if (q.dtype, q.device) == key)
                         self._scratch[key] = torch.empty(size, dtype=b.dtype, device=b.device)
                     diff = self._scratch[key][: b.numel()].view_as(b)
                     norms.append(torch.linalg.vector_norm(torch.sub(b, p, out=diff), dtype=torch.float32))
                 per_param.append(torch.stack(norms))
-        # Σ ||·||² per module of the gradients, parameters (and updates): one index_add
+        # Σ ||·||² per module of the gradients, parameters (and updates): one index_add. Each
+        # ||·||² weighted by w_p first (``_across``), so that the sum over ranks counts every
+        # shard once and every replica once                        (2 or 3, P) -> (2 or 3, M+1)
         sq = torch.cat(per_param).square_().view(len(per_param) + 1, n_par) if len(per_param) > 1 \
             else per_param[0].square().view(2, n_par)
+        if self._w is not None:
+            sq = sq * self._w
         mod_sq = torch.zeros(len(sq), M + 1, device=self._device).index_add_(1, self._group, sq)
         P["g_sq"], P["p_sq"] = mod_sq[0], mod_sq[1]
         d_sq = mod_sq[2] if len(mod_sq) > 2 else None
@@ -355,16 +439,22 @@ class GradientMonitor:
         ring = torch.nn.utils.rnn.pad_sequence([torch.stack(r) for r in self._rows], batch_first=True)  # (rows, W)
         bad = torch.isfinite(ring).logical_not_()
         g_bad = (bad[:, : 2 * n_par].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
-        row_bad = bad.any(1).float()
+        row_bad = bad.any(1)
+        a_bad = None
+        if A:  # per step and hooked activation, was it NaN/Inf                        (rows, A)
+            a_bad = torch.isfinite(torch.stack(self._a_rows)).logical_not_()
+            row_bad |= a_bad.any(1)
+            a_bad = a_bad.float()
+        row_bad = row_bad.float()
 
         # Cross-rank reduction (logging steps only): sums and maxima in two collectives.
-        sums = [P["p_sq"]] + ([d_sq] if d_sq is not None else [])
-        if self.sharded:
-            sums.append(P["g_sq"])
+        # Sums of squares are already weighted per parameter (w_p): replicas count once.
+        extra = self._stat_sums()  # B: per-rank sums of the noise scale and cosine, reduced alike
+        sums = [P["p_sq"], P["g_sq"]] + ([d_sq] if d_sq is not None else []) + extra
         if self.world > 1:
             sum_parts = sums + ([act.flatten(), agn ** 2] if A else [])
             # (per rank: whether its own traced row went bad, for the origin exchange)
-            max_parts = [g_bad, P["g_max"], row_bad.amax(0, keepdim=True)]
+            max_parts = [g_bad, P["g_max"], row_bad.amax(0, keepdim=True)] + ([a_bad] if A else [])
             flat = [torch.cat([t.flatten() for t in parts]) for parts in (sum_parts, max_parts)]
             ops = (torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MAX)
             for t, op in zip(flat, ops):
@@ -372,15 +462,17 @@ class GradientMonitor:
             # (only the reduced values are read back below; activation stats are averaged)
             s, mx = flat
             P["p_sq"], s = s[: M + 1], s[M + 1 :]
+            P["g_sq"], s = s[: M + 1], s[M + 1 :]
             if d_sq is not None:
                 d_sq, s = s[: M + 1], s[M + 1 :]
-            if self.sharded:
-                P["g_sq"], s = s[: M + 1], s[M + 1 :]
+            for i, t in enumerate(extra):
+                extra[i], s = s[: t.numel()].reshape(t.shape), s[t.numel() :]
             if A:
                 act = s[: 5 * A].reshape(A, 5) / self.world
                 agn = (s[5 * A :] / self.world).sqrt()
             k = rows * (M + 1)
-            g_bad_all, P["g_max"], any_bad = mx[:k].reshape(rows, M + 1), mx[k : k + M + 1], mx[k + M + 1 :]
+            g_bad_all, P["g_max"], any_bad = mx[:k].reshape(rows, M + 1), mx[k : k + M + 1], mx[k + M + 1 : k + M + 2]
+            a_bad = mx[k + M + 2 :].reshape(rows, A) if A else None
         else:
             g_bad_all, any_bad = g_bad, row_bad.amax(0, keepdim=True)
 
@@ -409,6 +501,7 @@ class GradientMonitor:
             put("update/log10_ratio", names, log10[:M])
         put("global/grad_norm", None, P["g_sq"].sum().sqrt())
         put("nonfinite", names, g_bad_all.sum(0)[:M])
+        self._put_stats(put, P["g_sq"], extra)  # B: noise/*, grad/cosine_prev/*
         host = {}  # scalars already on the host (float learning rates)
         if self.optimizer is not None:
             for i, group in enumerate(self.optimizer.param_groups):
@@ -427,7 +520,7 @@ class GradientMonitor:
             put("act/grad_norm", self.act_names, agn)
         n_scalars = len(tags)
         # non-finite bookkeeping rides along
-        parts += [g_bad_all, row_bad, any_bad]
+        parts += [g_bad_all, row_bad, any_bad] + ([a_bad] if A else [])
         hists = P.get("hist", [])
         hist_tags = [f"hist/{kind}/{names[k]}" for kind, k, _ in hists]
         parts += [h for _, _, h in hists]
@@ -439,7 +532,7 @@ class GradientMonitor:
 
         # reset the accumulators (in place, on the device)
         steps, metas = self._row_steps, self._row_meta
-        self._rows, self._row_steps, self._row_meta = [], [], []
+        self._rows, self._row_steps, self._row_meta, self._a_rows = [], [], [], []
         self._a_stats = [None] * A; self._a_hist = [None] * A; self._a_gnorm = [None] * A
         self._clip_count.zero_(); self._clip_calls = 0
         self._pending = None
@@ -448,7 +541,9 @@ class GradientMonitor:
         k = rows * (M + 1)
         gb = [rest[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
         rb, anywhere, rest = rest[k : k + rows], rest[k + rows], rest[k + rows + 1 :]
-        nonfinite = sum(map(sum, gb))
+        ab = [rest[r * A : (r + 1) * A] for r in range(rows)]  # per step, per hooked activation
+        rest = rest[rows * A :]
+        nonfinite = sum(map(sum, gb)) + sum(map(sum, ab))
         if self.rank == 0:
             host["global/nonfinite"] = nonfinite
             self._writes.append((n, tags + list(host), scalars + list(host.values())))
@@ -457,13 +552,13 @@ class GradientMonitor:
                 tb.write_histogram(self.writer, t, n, rest[i * width : (i + 1) * width])
             if len(self._writes) >= _WRITE_BATCH or time.monotonic() - self._written_at > _WRITE_SECS:
                 self._write()
-        report = self._nonfinite(ring, steps, metas, gb, rb) if (nonfinite or anywhere) else None
+        report = self._nonfinite(ring, steps, metas, gb, rb, ab) if (nonfinite or anywhere) else None
         self._held = None
         self._have_before = False
         if report is not None:
             self._report(report)
 
-    def _nonfinite(self, ring, steps, metas, gb, rb):
+    def _nonfinite(self, ring, steps, metas, gb, rb, ab):
         """The origin to report: where the first non-finite value since the last log was born."""
         first = next((r for r in range(len(steps)) if rb[r]), None)  # this rank's first bad step
         mine = None
@@ -480,10 +575,16 @@ class GradientMonitor:
             mine = min(found, key=lambda o: o.order) if found else None
         if mine is not None:
             return mine
-        # untraced (origin='parameters') and no parameter non-finite: the step and the modules
-        r = next((r for r in range(len(steps)) if any(gb[r])), None)
+        # untraced (origin='parameters') and no parameter non-finite: the step and the modules,
+        # a non-finite activation (forward) before a non-finite gradient (backward)
+        r = next((r for r in range(len(steps)) if any(gb[r]) or any(ab[r])), None)
         if r is None:  # (a traced value went non-finite, and no birth was found: not expected)
             return origin_.NonFiniteOrigin(origin_.OUTSIDE, "forward", steps[first] if first is not None else steps[-1])
+        if any(ab[r]):
+            mods = [self.act_names[a] for a, b in enumerate(ab[r]) if b]
+            o = origin_.NonFiniteOrigin("', '".join(mods), "forward", steps[r])
+            o.how = "activation non-finite (origin='trace' names where it was born)"
+            return o
         mods = [self.names[k] if k < self._M else "(other parameters)" for k, b in enumerate(gb[r]) if b]
         o = origin_.NonFiniteOrigin("', '".join(mods), "gradient", steps[r])
         o.how = ("gradient non-finite while every parameter was finite: born in the forward or "
@@ -495,10 +596,10 @@ class GradientMonitor:
         # the first few offending elements: of the parameter or its .grad as they are now, of
         # a traced tensor when the step is the one being reported
         if what == "param":  # as it was at the step if it was copied then, else as it is now
-            then = self._before[i] if self._have_before and step == self._n - 1 else self._params[i]
+            then = self._before[i] if self._have_before and step == self._n - 1 else stats.local(self._params[i])
             detail = origin_.offending(then, self._param_names[i][1])
-        elif what == "grad":
-            detail = origin_.offending(self._params[i].grad, self._param_names[i][1] + ".grad")
+        elif what == "grad":  # (under FSDP2 the indices are of this rank's shard)
+            detail = origin_.offending(stats.local(self._params[i].grad), self._param_names[i][1] + ".grad")
         elif self._held is not None and self._held[0] == step:
             detail = origin_.offending(self._held[1][i], label)
         else:
@@ -511,9 +612,7 @@ class GradientMonitor:
         """Hand the buffered logging steps to the writer, one event each, in one burst: each
         event wakes the SummaryWriter's thread, and a wake-up per step costs more than a small
         model's step when the CPU is busy."""
-        for n, tags, values in self._writes:
-            tb.write_scalars(self.writer, n, tags, values)
-        self._writes.clear()
+        _write_out(self.writer, self._writes, flush=False)
         self._written_at = time.monotonic()
 
     def _report(self, origin):
@@ -524,9 +623,62 @@ class GradientMonitor:
         if self.rank == 0:
             self._write()
             self.writer.flush()
+            tb.flush_layer_runs(self.writer)  # the per-layer runs too: on disk before a raise
         if self.on_nonfinite == "raise":
             raise NonFiniteError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    # -- across ranks, noise scale, direction (stats.py, noise.py) -----------------------------
+
+    def _init_distributed_stats(self, noise_scale, batch_size, noise_ema, cosine):
+        self._has_dtensor = any(stats.is_dtensor(p) for p in self._params)
+        # w_p: 1 where this rank's piece of parameter p counts in a cross-rank sum (stats.rank_weight)
+        w = [stats.rank_weight(p, self.rank, self.world, self.sharded) for p in self._params]
+        self._w = None if all(x == 1.0 for x in w) else torch.tensor(w, device=self._device)
+        per_rank = not (self._has_dtensor or (self.sharded and self.world > 1))  # else increments of shards
+        self._noise = noise.NoiseScale(self, batch_size, noise_ema, per_rank) if noise_scale else None
+        self._direction = noise.Direction(self) if cosine else None
+        if self._noise is not None and self._log_now:
+            self._noise.arm()
+
+    def _stat_tags_present(self):
+        return ({"noise/B_simple", "noise/tr_sigma", "noise/g_sq"} if self._noise is not None else set()) | (
+            {"grad/cosine_prev"} if self._direction is not None else set())
+
+    def _across(self, per_param, weighted=True):
+        """Σ per module (+ rest) of a (P,) vector; ``weighted``: by w_p, so that a sum over ranks
+        counts each piece of a parameter once (not for per-rank quantities such as one rank's
+        micro-batch gradient).                                                       (M+1,)"""
+        if weighted and self._w is not None:
+            per_param = per_param * self._w
+        return torch.zeros(self._M + 1, device=self._device).index_add_(0, self._group, per_param)
+
+    def _stats_before_update(self, grads):
+        if self._has_dtensor:  # the weights w_p came from the parameters' placements
+            for p in self._params:
+                if p.grad is not None and stats.is_dtensor(p.grad):
+                    stats.check_placements(p.grad)
+                    if p.grad.placements != p.placements:
+                        raise NotImplementedError(
+                            f"GradientMonitor: a gradient placed as {p.grad.placements} for a parameter placed as "
+                            f"{p.placements}; only gradients placed like their parameters are supported"
+                        )
+        if self._direction is not None:
+            self._direction.before_update(grads)
+
+    def _stats_after_update(self):
+        if self._noise is not None and self._log_now:
+            self._noise.arm()  # for the coming logging step
+
+    def _stat_sums(self):
+        self._extra = [(x, x.sums()) for x in (self._noise, self._direction) if x is not None]
+        return [t for _, ts in self._extra for t in ts]
+
+    def _put_stats(self, put, g_sq, reduced):
+        for x, ts in self._extra:
+            mine, reduced = reduced[: len(ts)], reduced[len(ts) :]
+            x.put(put, g_sq, mine)
+        self._extra = []
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -544,10 +696,16 @@ class GradientMonitor:
         self._scratch = {}
         self._tracer.close()
         self._held = None
+        if self._noise is not None:
+            self._noise.close()
+        if self._direction is not None:
+            self._direction.close()
         self._closed = True
         if self.rank == 0:
             self._write()
+            self._finalize.detach()
             self.writer.flush()
+            tb.close_layer_runs(self.writer)  # the per-layer runs beside it are the monitor's: closed
 
     def __enter__(self):
         return self

@@ -72,6 +72,9 @@ def histogram(t):
     [0, 1] with a fixed Python range (histc with its own range would read min/max on the host).
     """
     t = t.detach().flatten().float()
+    if t.numel() == 0:  # an empty FSDP shard: no finite value, nothing is written
+        head = torch.tensor([math.inf, -math.inf, 0.0, 0.0, 0.0], device=t.device)
+        return torch.cat([head, torch.zeros(HIST_BINS, device=t.device)])
     finite = torch.isfinite(t)
     lo = torch.where(finite, t, math.inf).amin()
     hi = torch.where(finite, t, -math.inf).amax()
@@ -83,3 +86,79 @@ def histogram(t):
     xf = x * finite
     head = torch.stack([lo, hi, finite.sum().float(), xf.sum(), (xf * xf).sum()])
     return torch.cat([head, counts])
+
+
+# -- across ranks: DDP, FSDP2 (DTensor), sharded -------------------------------------------
+#
+# A statistic of the whole model is a sum over parameters of a per-parameter sum (of squares,
+# of products), and each rank holds either a replica of a parameter (DDP; Replicate) or a
+# disjoint piece of it (FSDP; Shard). Summing w_p * s_p over ranks, with w_p = 1 on the rank
+# that holds a piece once and 0 on its replicas, gives every element exactly once: no
+# sqrt(world) error for replicas, no missing shards. One SUM all-reduce then serves them all.
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(t):
+    DTensor = _dtensor_type()
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t):
+    """The part of ``t`` this rank holds: a DTensor's local shard, or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def full(t):
+    """A DTensor as the plain tensor it stands for (a collective unless it is replicated)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def max_abs(t):
+    """max |t| as a 0-dim float32 tensor; 0 for an empty tensor (an FSDP shard can be empty)."""
+    if t.numel() == 0:
+        return torch.zeros((), device=t.device)
+    # max(max t, -min t): no |t| temporary
+    return torch.maximum(t.amax(), -t.amin()).float()
+
+
+def check_placements(t):
+    """NotImplementedError for a DTensor whose pieces do not add up by sums of squares."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    for pl in t.placements:
+        if not isinstance(pl, (Replicate, Shard)):
+            raise NotImplementedError(
+                f"GradientMonitor: a DTensor placed as {pl} (placements {t.placements}); only Shard and "
+                "Replicate are supported (the norm of a partial sum is not a sum of the pieces' norms)"
+            )
+
+
+def rank_weight(t, rank, world, sharded):
+    """w_p above: 1.0 if this rank's piece of ``t`` counts in a cross-rank sum, else 0.0.
+
+    A DTensor decides from its placements: Shard dimensions of the mesh all count, Replicate
+    dimensions count at mesh coordinate 0 only. A plain tensor is a shard with ``sharded=True``
+    (FSDP-like, each rank a disjoint piece) and a replica otherwise (DDP: rank 0 counts).
+    """
+    if world == 1:
+        return 1.0
+    if is_dtensor(t):
+        from torch.distributed.tensor import Replicate
+
+        check_placements(t)
+        mesh = t.device_mesh
+        if mesh.size() != world:
+            raise NotImplementedError(
+                f"GradientMonitor: a DTensor on a device mesh of {mesh.size()} ranks in a world of {world}; "
+                "only meshes spanning every rank are supported"
+            )
+        coord = mesh.get_coordinate()
+        return float(all(c == 0 for c, pl in zip(coord, t.placements) if isinstance(pl, Replicate)))
+    return 1.0 if sharded or rank == 0 else 0.0

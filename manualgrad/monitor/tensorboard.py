@@ -6,14 +6,44 @@ Tags (``<name>`` is the module's name from ``named_modules``, "model" for the ro
     update/ratio/<name>   update/log10_ratio/<name>                     (with an optimizer)
     act/mean/<name>  act/std/<name>  act/near_zero/<name>  act/dead/<name>
     act/saturation/<name>  act/grad_norm/<name>                          (activations=True)
-    nonfinite/<name>   (steps with a non-finite parameter or gradient since the last log)
-    global/grad_norm   global/lr/group<i>   global/clip_coef   global/clip_fraction
-    global/nonfinite
+    nonfinite/<name>   steps with a non-finite parameter or gradient since the last log
+    global/grad_norm   global/lr/group<i>   global/clip_coef   global/clip_norm_before
+    global/clip_fraction   global/nonfinite (non-finite module-steps and activation-steps)
+    grad/cosine_prev/<name>     cos(gradient now, gradient at the previous logging step)
+    noise/B_simple   noise/tr_sigma   noise/g_sq     gradient noise scale (more than one
+                                                    micro-batch or rank; see noise.py)
     hist/grad/<name>   hist/weight/<name>   hist/act/<name>              (every hist_every)
+
+On disk: one run per layer. TensorBoard colours lines by run, so per-module statistics are
+written to a run of their own for each module, ``<logdir>/layers/<dir>/`` (``layer_dir``), under
+the statistic's name alone (``grad/norm``): in a chart every layer is then a line of its own
+colour, named ``layers/<dir>`` in the legend. ``<dir>`` is the module name percent-encoded
+(``urllib.parse.quote(name, safe="")``: letters, digits and ``_.-~`` are kept, so ``blocks.0.attn``
+stays as it is and ``a/b`` becomes ``a%2Fb``); ``layer_name`` maps it back (on a case-insensitive
+file system two names differing only in case share a run). Global statistics and histograms
+stay in the writer's own run. A writer without a log directory (no ``get_logdir``) gets the flat
+tags above in its own run.
+
+When values reach the disk: the monitor hands its logging steps to ``write_scalars`` in
+bursts (every 8 logging steps or 1 s, see ``monitor.py``), each step one event per run. The
+writer's own run is then written by the SummaryWriter (``flush_secs``); the layer runs are
+appended to at the first ``write_scalars`` ``min(flush_secs, 1 s)`` or more after the previous
+append, by ``flush_layer_runs`` (the monitor calls it when it reports a non-finite value), and
+at ``GradientMonitor.close()``, when the writer is collected, or when the interpreter exits. A
+live dashboard trails by at most about two seconds plus one logging interval.
+
+``read_run(logdir)`` reads either layout back under the flat tags.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import re
+import socket
+import time
+import urllib.parse
+import weakref
 
 from .stats import HIST_BINS
 
@@ -30,6 +60,7 @@ MODULE_STATS = {  # tag prefix -> chart title in the custom-scalars layout
     "act/saturation": "fraction saturated (tanh/sigmoid)",
     "act/grad_norm": "activation gradient L2 norm",
     "nonfinite": "steps with a non-finite parameter or gradient since the last log",
+    "grad/cosine_prev": "cosine(gradient, gradient at the previous log)",
 }
 GLOBAL_STATS = {
     "global/grad_norm": "total gradient L2 norm",
@@ -37,29 +68,176 @@ GLOBAL_STATS = {
     "global/clip_coef": "clip coefficient min(max_norm/N, 1)",
     "global/clip_fraction": "fraction of steps clipped",
     "global/nonfinite": "non-finite module-steps since the last log",
+    "noise/B_simple": "gradient noise scale B_simple = tr(Σ)/|G|² (samples)",
+    "noise/tr_sigma": "per-sample gradient variance tr(Σ) (moving average)",
+    "noise/g_sq": "squared true gradient norm |G|² (moving average)",
 }
+
+
+# The per-layer charts shown first, in this order (in the custom-scalars page and in plot.py);
+# a name that is not (yet) a key of MODULE_STATS is skipped.
+DASHBOARD = ("grad/norm", "update/ratio", "nonfinite", "noise/B_simple")
+
+LAYERS = "layers"  # <logdir>/layers/<dir>/: the run of one module
 
 
 def tag(stat, name):
     return f"{stat}/{name}"
 
 
+def split_tag(tag_, _stats=None):
+    """``"<stat>/<name>"`` with ``stat`` a key of MODULE_STATS -> (stat, name); None for any
+    other tag. The longest matching key wins (a module name may itself contain '/')."""
+    for stat in _stats or sorted(MODULE_STATS, key=len, reverse=True):
+        if tag_.startswith(stat + "/") and len(tag_) > len(stat) + 1:
+            return stat, tag_[len(stat) + 1 :]
+    return None
+
+
+def layer_dir(logdir, name):
+    """The directory of module ``name``'s run: ``<logdir>/layers/<name percent-encoded>``.
+    (``named_modules`` names are never ``.`` or ``..``; should one be, its dots are encoded too.)"""
+    if not name:
+        raise ValueError("a module's run needs a non-empty name")
+    d = urllib.parse.quote(name, safe="")
+    if d in (".", ".."):
+        d = d.replace(".", "%2E")
+    return os.path.join(logdir, LAYERS, d)
+
+
+def layer_name(dirname):
+    """The module name of a directory under ``<logdir>/layers/`` (inverse of ``layer_dir``)."""
+    return urllib.parse.unquote(dirname)
+
+
 def write_scalars(writer, step, tags, values):
-    """``values`` is a list of Python floats, one per tag.
+    """``values`` is a list of Python floats, one per tag. Module statistics (``"<stat>/<name>"``,
+    ``stat`` a key of MODULE_STATS) go to the module's run as ``<stat>``, the rest to ``writer``.
 
-    A torch SummaryWriter gets them as one event (one Summary holding every value): one
-    add_scalar per tag costs ~20 us each and as many trips through the writer thread's queue,
-    the bulk of a logging step on a small model. Readers see the same scalars."""
-    file_writer = getattr(writer, "_get_file_writer", None)
+    Each run gets one event per call (one Summary holding all its values): one add_scalar per
+    tag costs ~20 us and a trip through the writer thread's queue, the bulk of a logging step
+    on a small model. Readers see the same scalars."""
+    runs = _layer_runs(writer)
+    stats = sorted(MODULE_STATS, key=len, reverse=True)
+    own, per_layer = [], {}
+    for t, v in zip(tags, values):
+        split = split_tag(t, stats) if runs is not None else None
+        if split is None:
+            own.append((t, v))
+        else:
+            per_layer.setdefault(split[1], []).append((split[0], v))
+    for name, pairs in per_layer.items():
+        runs.write(name, step, pairs)
+    file_writer = getattr(writer, "_get_file_writer", None)  # torch's SummaryWriter
     if file_writer is None:  # another writer: one call per scalar
-        for t, v in zip(tags, values):
+        for t, v in own:
             writer.add_scalar(t, v, global_step=step)
-        return
-    if tags:
-        from tensorboard.compat.proto.summary_pb2 import Summary
+    elif own:
+        file_writer().add_summary(_summary(own), global_step=step)
 
-        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values)])
-        file_writer().add_summary(summary, global_step=step)
+
+def _summary(pairs):
+    from tensorboard.compat.proto import summary_pb2
+
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in pairs])
+
+
+def flush_layer_runs(writer):
+    """Write out what the layer runs of ``writer`` hold now (a write does it at most a second
+    after the previous one, close_layer_runs and the interpreter's exit do it too)."""
+    runs = _RUNS.get(writer)
+    if runs is not None:
+        runs.flush()
+
+
+def close_layer_runs(writer):
+    """Flush and close the layer runs of ``writer`` (GradientMonitor.close calls this). A later
+    write opens new event files next to the old ones; TensorBoard reads them all."""
+    runs = _RUNS.pop(writer, None)
+    if runs is not None:
+        runs.finalize()  # runs.close(), once
+
+
+_RUNS = weakref.WeakKeyDictionary()  # writer -> its _LayerRuns, made at the first module statistic
+
+
+def _layer_runs(writer):
+    runs = _RUNS.get(writer)
+    if runs is None:
+        get_logdir = getattr(writer, "get_logdir", None)
+        if get_logdir is None:
+            return None
+        runs = _RUNS[writer] = _LayerRuns(get_logdir(), getattr(writer, "flush_secs", 120))
+        # closed with the monitor, or else when the writer is collected or the interpreter exits
+        # (a script that closes its writer but not the monitor still gets every layer's last values)
+        runs.finalize = weakref.finalize(writer, runs.close)
+    return runs
+
+
+class _LayerRuns:
+    """One event file per module under ``<logdir>/layers/``, opened at its first write.
+
+    Written from the calling thread (no writer thread per layer, as a SummaryWriter per layer
+    would start): each write is one Event holding all of a module's statistics at that step,
+    kept in memory and appended to the files by the first write ``min(flush_secs, max_delay)``
+    seconds after the previous flush (a live dashboard lags by little more than the logging
+    interval), and on ``flush`` and ``close``.
+    """
+
+    _uid = itertools.count()
+    max_delay = 1.0  # seconds
+
+    def __init__(self, logdir, flush_secs):
+        self.logdir, self.flush_secs = logdir, flush_secs
+        self._files, self._pending = {}, {}  # name -> GFile, name -> [record bytes]
+        self._last_flush = time.monotonic()
+
+    def write(self, name, step, pairs):
+        from tensorboard.compat.proto import event_pb2
+
+        if name not in self._files:
+            self._open(name)
+        self._record(name, event_pb2.Event(wall_time=time.time(), step=step, summary=_summary(pairs)))
+        if time.monotonic() - self._last_flush >= min(self.flush_secs, self.max_delay):
+            self.flush()
+
+    def _open(self, name):
+        from tensorboard.compat import tf
+        from tensorboard.compat.proto import event_pb2
+
+        path = layer_dir(self.logdir, name)
+        tf.io.gfile.makedirs(path)
+        fname = "events.out.tfevents.%010d.%s.%s.%s" % (time.time(), socket.gethostname(), os.getpid(), next(self._uid))
+        self._files[name] = tf.io.gfile.GFile(os.path.join(path, fname), "wb")
+        self._pending[name] = []
+        self._record(name, event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _record(self, name, event):
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        RecordWriter(_Collect(self._pending[name])).write(event.SerializeToString())
+
+    def flush(self):
+        for name, f in self._files.items():
+            if self._pending[name]:
+                f.write(b"".join(self._pending[name]))
+                self._pending[name].clear()
+            f.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self):
+        self.flush()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._pending.clear()
+
+
+class _Collect:
+    """A file-like list: RecordWriter frames a record (length, CRCs) and writes it here."""
+
+    def __init__(self, chunks):
+        self.write = chunks.append
 
 
 def write_histogram(writer, tag_, step, packed):
@@ -79,15 +257,75 @@ def write_histogram(writer, tag_, step, packed):
 
 
 def custom_layout(stats_present):
-    """One multiline chart per statistic, across all modules (a regex over their tags)."""
-    modules = {
-        title: ["Multiline", [rf"^{stat}/.*"]]
-        for stat, title in MODULE_STATS.items()
-        if stat in stats_present
-    }
+    """One multiline chart per statistic (a regex over tags). Per layer: the statistic's tag in
+    every layer run, one line (and colour) per layer, the DASHBOARD charts first; a writer without
+    a log directory has the flat ``<stat>/<name>`` tags in its own run, which the regex matches
+    too. A global statistic that is also a module statistic is drawn in the per-layer chart (the
+    writer's own run is its line there)."""
+
+    def regex(stat):
+        return rf"^{re.escape(stat)}(/.*)?$"
+
+    order = [s for s in DASHBOARD if s in MODULE_STATS] + [s for s in MODULE_STATS if s not in DASHBOARD]
+    layers = {MODULE_STATS[s]: ["Multiline", [regex(s)]] for s in order if s in stats_present}
     globals_ = {
-        title: ["Multiline", [rf"^{stat}(/.*)?$"]]
+        title: ["Multiline", [regex(stat)]]
         for stat, title in GLOBAL_STATS.items()
-        if stat in stats_present
+        if stat in stats_present and not (stat in MODULE_STATS and stat in stats_present)
     }
-    return {"per module": modules, "global": globals_}
+    return {"per layer (one run each: layers/<name>)": layers, "global": globals_}
+
+
+class MonitorRun:
+    """A monitor's run read back, whatever its layout: an EventAccumulator of ``logdir`` whose
+    scalars also hold every layer run's statistics under the flat tags ``<stat>/<name>``.
+    Histograms, tensors and the rest come from ``logdir``'s own event files."""
+
+    def __init__(self, logdir, size_guidance=None):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        size_guidance = size_guidance or {"scalars": 0, "histograms": 0, "tensors": 0}
+        logdir = str(logdir)
+        self.main = EventAccumulator(logdir, size_guidance=size_guidance)
+        self.layers = {}  # module name -> EventAccumulator of its run
+        root = os.path.join(logdir, LAYERS)
+        if _gfile().isdir(root):
+            for d in sorted(_gfile().listdir(root)):
+                d = d.rstrip("/")
+                if _gfile().isdir(os.path.join(root, d)):
+                    self.layers[layer_name(d)] = EventAccumulator(os.path.join(root, d), size_guidance=size_guidance)
+        self._flat = {}  # flat tag -> (module name, tag in its run)
+
+    def Reload(self):
+        self.main.Reload()
+        self._flat = {}
+        for name, ea in self.layers.items():
+            ea.Reload()
+            for t in ea.Tags()["scalars"]:
+                self._flat[tag(t, name)] = (name, t)
+        return self
+
+    def Tags(self):
+        tags = dict(self.main.Tags())
+        tags["scalars"] = list(tags["scalars"]) + list(self._flat)
+        return tags
+
+    def Scalars(self, tag_):
+        if tag_ in self._flat:
+            name, t = self._flat[tag_]
+            return self.layers[name].Scalars(t)
+        return self.main.Scalars(tag_)
+
+    def __getattr__(self, attr):  # Histograms, Tensors, ...: the writer's own run
+        return getattr(self.main, attr)
+
+
+def read_run(logdir, size_guidance=None):
+    """``MonitorRun(logdir)``, loaded."""
+    return MonitorRun(logdir, size_guidance).Reload()
+
+
+def _gfile():
+    from tensorboard.compat import tf
+
+    return tf.io.gfile

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ..memory import recipe_of, tag
 from ._apply import FLOAT32_ON_CUDA, INPUT, apply
 from ._checks import can_write_inplace
 
@@ -51,6 +52,10 @@ class ReLUFunction(torch.autograd.Function):
         ctx.inplace = inplace
         if inplace:
             ctx.mark_dirty(x)
+        # lean(): relu of a tagged input (relu(batch_norm(x)), say) is that input's recipe, then relu
+        r = recipe_of(x, since=1 if inplace else 0)  # in place, forward wrote x once
+        if r is not None:
+            tag(ctx, output, relu, r, inplace, inplace=inplace)
         # y, not x: the next layer usually saves y too, so the two share one storage.
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)
@@ -372,6 +377,7 @@ class GELUFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, approximate = inputs
         ctx.approximate = approximate
+        tag(ctx, output, gelu, x, approximate)  # lean(): y recomputed from the kept x
         ctx.save_for_backward(x)
         ctx.save_for_forward(x)
 
@@ -442,6 +448,7 @@ class SiLUFunction(torch.autograd.Function):
             ctx.mark_dirty(x)
         else:
             x0 = x
+            tag(ctx, output, silu, x)  # lean(): y recomputed from the kept x
         ctx.save_for_backward(x0)
         ctx.save_for_forward(x0)
 

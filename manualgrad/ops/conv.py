@@ -123,11 +123,12 @@ def _weight_grad_conv(dy, xp, k_size, stride, padding, dilation, groups):
         xs = TF.pad(xs, [q for p, l, m in zip(reversed(padding), reversed(L), reversed(need)) for q in (p, m - l - p)])
         padding = (0,) * n
     # dys: dy as O filters of N channels (filter j*og + o = dy[:, j*og + o])   (O, N, *Lo)
-    # 2-d with 64 or more filters per group: channels-last filters (N innermost), with which oneDNN's
-    # convolution measured 1.3-1.6x faster (ResNet shapes, 64-256 channels); with 32 it measured
-    # 10-20% slower. (A permuted copy, not contiguous(memory_format=...), which vmap cannot run.)
-    if n == 2 and dy.shape[1] // groups >= 64:
-        dys = dy.permute(1, 2, 3, 0).contiguous().permute(0, 3, 1, 2)
+    # 2-d with 64 or more filters per group, 3-d with 32 or more: channels-last filters (N innermost),
+    # with which oneDNN's convolution measured 1.3-1.6x faster (2-d: ResNet shapes, 64-256 channels;
+    # 3-d: 16->32 and 64->64 3x3x3 on 16^3 and 8^3 volumes); 2-d with 32 and 3-d with 8 or 16
+    # measured 10-30% slower. (A permuted copy, not contiguous(memory_format=...), which vmap cannot run.)
+    if (n == 2 and dy.shape[1] // groups >= 64) or (n == 3 and dy.shape[1] // groups >= 32):
+        dys = dy.movedim(0, -1).contiguous().movedim(-1, 1)
     else:
         dys = dy.transpose(0, 1).contiguous()
     # dW^T = conv(xs, dys) with stride d, dilation s, grouped by g         (C/g, O, *K')

@@ -8,7 +8,9 @@ In place on a view, the Function runs in place on a copy of the view, then copy_
 result into the view (see ``_apply``).
 
 What is saved for backward is the mask bit-packed: ceil(numel / 8) bytes, where torch keeps
-a float copy of the scaled mask (numel * element_size bytes).
+a float copy of the scaled mask (numel * element_size bytes). Inside ``manualgrad.lean()``, on
+the CPU, when that is more than the generator's state (5056 bytes), the state the mask was drawn
+from is kept instead and backward redraws the mask from it, as scaled_dot_product_attention does.
 
 vmap: the Function takes a hidden ``vmap_dims`` argument, empty outside vmap. Its vmap rule
 applies the Function to the batched tensor and records there which dims are batch dims, as
@@ -19,6 +21,7 @@ import math
 
 import torch
 
+from ..memory import Recipe, recipe_of, tag
 from ._apply import INPUT, apply
 
 
@@ -54,8 +57,8 @@ def dropout_scale(p, dtype):
     return torch.ones((), dtype=dtype).div_(1 - p).item()
 
 
-def dropout_forward(x, p, inplace=False, vmap_dims=()):
-    """Returns y and the packed mask (empty when p == 1: nothing is kept)."""
+def dropout_forward(x, p, inplace=False, vmap_dims=(), pack=True):
+    """Returns y and the packed mask (empty when p == 1: nothing is kept, or without ``pack``)."""
     if p == 1:
         # y = x * 0 (torch multiplies by a zero too: -0 and nan come out as in torch)   (*) like x
         return (x.mul_(0) if inplace else x * 0), torch.empty(0, dtype=torch.uint8, device=x.device)
@@ -73,14 +76,59 @@ def dropout_forward(x, p, inplace=False, vmap_dims=()):
     scale = dropout_scale(p, x.dtype)
     # y = x * (1 / (1 - p)) * mask     (* 0/1 bytes: faster than * bool)         (*) like x
     y = x.mul_(scale) if inplace else x * scale
-    return y.mul_(mask.view(torch.uint8)), _pack_mask(mask, vmap_dims)
+    packed = _pack_mask(mask, vmap_dims) if pack else torch.empty(0, dtype=torch.uint8, device=x.device)
+    return y.mul_(mask.view(torch.uint8)), packed
+
+
+def _dropout_again(x, p, mask):
+    # y = x * (1 / (1 - p)) * mask, the forward's two products (mask 0/1 bytes)   (*) like x
+    return (x * dropout_scale(p, x.dtype)) * mask
 
 
 def dropout_backward(dy, packed, mask_shape, p, vmap_dims=()):
     # dx = dy * (1 / (1 - p)) * mask                       (*) like dy (the mask broadcasts)
     if p == 1:
         return dy * 0
-    return (dy * dropout_scale(p, dy.dtype)).mul_(_unpack_mask(packed, mask_shape, vmap_dims))
+    return dropout_backward_from_mask(dy, _unpack_mask(packed, mask_shape, vmap_dims), p)
+
+
+def dropout_backward_from_mask(dy, mask, p):
+    # dx = dy * (1 / (1 - p)) * mask                       (*) like dy, mask 0/1 bytes
+    return (dy * dropout_scale(p, dy.dtype)).mul_(mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# lean(): the mask redrawn from the generator state it was drawn from
+
+_STATE_BYTES = 5056  # a CPU (mt19937) generator's state
+
+
+class Replay:
+    """The global CPU generator's state before forward drew the mask (a uint8 tensor): a plain
+    object, an option of the Function (not a tensor input autograd would track)."""
+    __slots__ = ("state",)
+
+    def __init__(self, state):
+        self.state = state
+
+
+def _replayable(x, p):
+    """Inside lean(), whether to keep the generator state rather than the packed mask: on the CPU
+    (elsewhere torch's fused kernel draws), outside transforms and compile, when it is smaller."""
+    from ..memory import in_lean
+
+    return (in_lean() and x.device.type == "cpu" and p != 1 and torch.is_grad_enabled() and x.requires_grad
+            and (x.numel() + 7) // 8 > _STATE_BYTES and not torch._C._are_functorch_transforms_active())
+
+
+def _redraw(state, layout, p):
+    """The mask forward drew, drawn again: bernoulli_(1 - p) on bools laid out as forward's
+    (``layout``: its shape and strides), from a private generator in the state forward's draw
+    started from (0/1 bytes)."""
+    g = torch.Generator()
+    g.set_state(state)
+    mask = torch.empty_strided(*layout, dtype=torch.bool).bernoulli_(1 - p, generator=g)
+    return mask.view(torch.uint8)
 
 
 # Devices where torch's out-of-place dropout runs the fused native_dropout kernel instead of
@@ -129,42 +177,60 @@ class DropoutFunction(torch.autograd.Function):
     autocast = INPUT  # autocast: in the input's dtype (on no autocast list)
 
     @staticmethod
-    def forward(x, p, inplace, vmap_dims):
-        y, packed = dropout_forward(x, p, inplace, vmap_dims)
+    def forward(x, p, inplace, vmap_dims, replay):
+        y, packed = dropout_forward(x, p, inplace, vmap_dims, pack=replay is None)
         return (x if inplace else y), packed  # in place: the input object itself (Dynamo checks that)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, p, inplace, vmap_dims = inputs
+        x, p, inplace, vmap_dims, replay = inputs
         _, packed = output
         ctx.p, ctx.inplace, ctx.vmap_dims = p, inplace, vmap_dims
         ctx.mask_shape = _mask_shape(x.shape, vmap_dims)
         if inplace:
             ctx.mark_dirty(x)
         ctx.mark_non_differentiable(packed)
+        ctx.layout = None
+        if replay is not None:
+            # lean(): the state the mask was drawn from, and the mask's layout (empty_like(x)'s), not the mask
+            ctx.layout = (x.shape, torch.empty_like(x, dtype=torch.bool, device="meta").stride())
+            packed = replay.state
+        # lean(): dropout of a tagged input (dropout(gelu(x)), say) is that input's recipe times the
+        # kept mask (the mask drawn by bernoulli_ only: native_dropout's fused kernel rounds its own way)
+        r = recipe_of(x, since=2 if inplace else 0)  # in place, forward wrote x twice (* scale, * mask)
+        if r is not None and p != 1 and not vmap_dims and x.device.type not in FUSED_DEVICES:
+            tag(ctx, output[0], _dropout_again, r, p, Recipe(_mask, (packed, ctx.layout, ctx.mask_shape, p)),
+                inplace=inplace)
         ctx.save_for_backward(packed)
         ctx.save_for_forward(packed)
 
     @staticmethod
-    def backward(ctx, dy, _):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        (packed,) = ctx.saved_tensors
-        return dropout_backward(dy, packed, ctx.mask_shape, ctx.p, ctx.vmap_dims), None, None, None
+    def _mask(ctx):
+        (kept,) = ctx.saved_tensors
+        if ctx.layout is not None:
+            return _redraw(kept, ctx.layout, ctx.p)
+        return _unpack_mask(kept, ctx.mask_shape, ctx.vmap_dims)
 
     @staticmethod
-    def jvp(ctx, dx, _p, _inplace, _vmap_dims):
-        (packed,) = ctx.saved_tensors
-        if not ctx.inplace:
-            return dropout_backward(dx, packed, ctx.mask_shape, ctx.p, ctx.vmap_dims), None
-        # An in-place op must update its input's tangent in place too.
+    def backward(ctx, dy, _):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
         if ctx.p == 1:
-            return dx.mul_(0), None
-        mask = _unpack_mask(packed, ctx.mask_shape, ctx.vmap_dims)
+            return dy * 0, None, None, None, None
+        return dropout_backward_from_mask(dy, DropoutFunction._mask(ctx), ctx.p), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _p, _inplace, _vmap_dims, _replay):
+        if ctx.p == 1:
+            return (dx.mul_(0) if ctx.inplace else dx * 0), None
+        mask = DropoutFunction._mask(ctx)
+        if not ctx.inplace:
+            return dropout_backward_from_mask(dx, mask, ctx.p), None
+        # An in-place op must update its input's tangent in place too.
         return dx.mul_(dropout_scale(ctx.p, dx.dtype)).mul_(mask), None
 
     @staticmethod
-    def vmap(info, in_dims, x, p, inplace, vmap_dims):
+    def vmap(info, in_dims, x, p, inplace, vmap_dims, replay):
         """As torch's dropout under torch.func.vmap: randomness="error" raises, "different"
         draws one mask per sample, "same" one mask for the whole batch; p == 1 draws nothing,
         so any randomness works."""
@@ -177,7 +243,7 @@ class DropoutFunction(torch.autograd.Function):
             )
         if bdim is None:
             if not (random and info.randomness == "different"):
-                return DropoutFunction.apply(x, p, inplace, vmap_dims), (None, None)
+                return DropoutFunction.apply(x, p, inplace, vmap_dims, None), (None, None)
             if inplace:
                 raise RuntimeError(
                     "vmap: dropout(inplace=True) with randomness='different' would write a different "
@@ -196,20 +262,27 @@ class DropoutFunction(torch.autograd.Function):
         return (y, packed), (bdim, k)
 
 
+def _mask(kept, layout, mask_shape, p):
+    # the mask as 0/1 bytes, from the generator state (layout given) or the packed bits
+    return _unpack_mask(kept, mask_shape, ()) if layout is None else _redraw(kept, layout, p)
+
+
 def _apply(x, p, inplace, vmap_dims):
     """DropoutFunction on x; in place on a view, in place on a copy of the view, then copied
     into it: autograd refuses a Function that writes into a view and returns two tensors (y and
     the mask). The copy has the view's layout, so the draws and values are the same; copy_
     records the write into the view (and so into its base's history) as torch's own in-place
     ops do."""
+    replay = Replay(torch.default_generator.get_state()) if not vmap_dims and _replayable(x, p) else None
     if inplace and x._is_view():
-        y, packed = apply(DropoutFunction, x.clone(), p, True, vmap_dims)
+        y, packed = apply(DropoutFunction, x.clone(), p, True, vmap_dims, replay)
         return x.copy_(y), packed
-    return apply(DropoutFunction, x, p, inplace, vmap_dims)
+    return apply(DropoutFunction, x, p, inplace, vmap_dims, replay)
 
 
 def dropout(input, p=0.5, training=True, inplace=False):
-    """Drop-in for ``torch.nn.functional.dropout``; the backward keeps the mask bit-packed.
+    """Drop-in for ``torch.nn.functional.dropout``; the backward keeps the mask bit-packed
+    (inside ``manualgrad.lean()``, the generator state to redraw it from when that is smaller).
 
     Like torch, training=False, p=0 and empty inputs return ``input`` itself (no graph node).
     """

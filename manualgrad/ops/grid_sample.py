@@ -38,6 +38,7 @@ import warnings
 import torch
 
 from ._apply import FLOAT32_ON_CPU, INPUT, apply
+from ._checks import can_write_inplace
 
 MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
@@ -156,8 +157,93 @@ def _gather(x_flat, lin):
     return x_flat.gather(2, lin[:, None, :].expand(-1, x_flat.shape[1], -1))
 
 
+def corner_taps(grid, S, mode, padding_mode, align_corners):
+    """taps() for bilinear and nearest, every tap at once: lin (N, K, P) flat index into S,
+    w (N, K, P) weights (0 out of bounds), dw [dw/dg_j (N, K, P) for j < d] (empty for nearest);
+    K = 2^d corners (bilinear, in taps()'s order) or 1 (nearest). Each dim contributes a pair of
+    taps along its own axis (1 + i of the (N, 2, ..., 2, P) corners), broadcast against the others;
+    a tap outside the input gets weight 0 in its own dim, so in every corner it is part of."""
+    N, d = grid.shape[0], len(S)
+    g = grid.reshape(N, math.prod(grid.shape[1:-1]), d)
+    lin, w, dw = 0, [], []  # w, dw: per dim of S, the (masked) pair along its axis
+    for i, L in enumerate(S):
+        j = d - 1 - i  # grid[..., j] is along S's dim i
+        u, du = unnormalize(g[..., j], L, align_corners)
+        u, slope = pad_coordinate(u, L, padding_mode, align_corners)
+        if mode == "nearest":
+            idx = u.round().long()[:, None]  #                               (N, 1, P)
+            w.append(((idx >= 0) & (idx < L)).to(grid.dtype))
+        else:
+            lo = u.floor()
+            f = u - lo
+            # taps lo, lo + 1: weights 1 - f, f; derivatives in g -du/dg, du/dg, 0 outside   (N, 2, P)
+            i0 = lo.long()
+            idx = torch.stack((i0, i0 + 1), 1)
+            inside = ((idx >= 0) & (idx < L)).to(grid.dtype)
+            w.append(torch.stack((1 - f, f), 1).mul_(inside))
+            s = slope.mul_(du)
+            dw.append(torch.stack((-s, s), 1).mul_(inside))
+        # flat index of the clamped taps, dim i on its own axis        (N, 2 or 1, ..., P)
+        shape = (N,) + tuple(idx.shape[1] if a == i else 1 for a in range(d)) + (-1,)
+        lin = lin * L + idx.clamp(0, L - 1).view(shape)
+        w[-1], dw[-1:] = w[-1].view(shape), [t.view(shape) for t in dw[-1:]]
+    K = 1 if mode == "nearest" else 2 ** d
+    lin = lin.expand((N,) + lin.shape[1:-1] + (g.shape[1],)).reshape(N, K, -1)
+    # w = prod_i w_i,  dw/dg_j = dw_i/dg_j prod_{i' != i} w_i'  (i the dim of S along g_j)   (N, K, P)
+    weight = math.prod(w).reshape(N, K, -1)
+    grads = [math.prod(dw[i] if a == i else wa for a, wa in enumerate(w)).reshape(N, K, -1)
+             for i in reversed(range(d))] if dw else []
+    return lin, weight, grads
+
+
+# taps per gather / scatter-add in the plain backward: its temporaries are this many times dy
+# (the 4 of a 2-d bilinear point at once; 3-d's 8 in two rounds)
+_TAPS_AT_ONCE = 4
+
+
+def _grid_sample_backward_plain(dy, x, grid, mode, padding_mode, align_corners, need_dx, need_dgrid):
+    """grid_sample_backward for bilinear and nearest in a plain backward (no graph, no transform):
+    the taps of every point at once (up to _TAPS_AT_ONCE of them), one gather of x and one
+    scatter-add into dx over the flat (N, C, K P) index, where the reference loops over the taps
+    (a gather, a scatter into a fresh copy of dx and a channel sum per tap):
+
+        dx[n, c, lin[n, k, p]] += w[n, k, p] dy[n, c, p]
+        dgrid_j[n, p] = sum_k dw_j[n, k, p] sum_c dy[n, c, p] x[n, c, lin[n, k, p]]"""
+    N, C, S = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    g = dy.reshape(N, C, 1, -1)  #                                        (N, C, 1, P)
+    x_flat = x.reshape(N, C, math.prod(S))  #                             (N, C, prod S)
+    lin, w, dw = corner_taps(grid, S, mode, padding_mode, align_corners)  # (N, K, P)
+    K, P = lin.shape[1:]
+    dx = x_flat.new_zeros(x_flat.shape) if need_dx else None
+    dy_x = []
+    for k0 in range(0, K, _TAPS_AT_ONCE):
+        ks = slice(k0, k0 + _TAPS_AT_ONCE)
+        k = len(range(K)[ks])
+        # the flat index of these taps, the same for every channel       (N, C, k P)
+        index = lin[:, ks].reshape(N, 1, k * P).expand(N, C, k * P)
+        if need_dx:
+            # dx[n, c, lin] += w dy[n, c, p]                              (N, C, k P) -> (N, C, prod S)
+            dx.scatter_add_(2, index, (w[:, None, ks] * g).reshape(N, C, k * P))
+        if need_dgrid and dw:
+            # dy_x = sum_c dy[n, c, p] x[n, c, tap]                       (N, k, P)
+            dy_x.append(x_flat.gather(2, index).reshape(N, C, k, P).mul_(g).sum(1))
+    if need_dx:
+        dx = dx.view(x.shape)
+    dgrid = None
+    if need_dgrid:
+        if dw:
+            dy_x = torch.cat(dy_x, 1) if len(dy_x) > 1 else dy_x[0]  #    (N, K, P)
+            # dgrid_j = sum_k dw_j dy_x                                   (N, P) per j -> (N, *So, d)
+            dgrid = torch.stack([(dwj * dy_x).sum(1) for dwj in dw], -1).view(grid.shape)
+        else:  # nearest: round is flat
+            dgrid = torch.zeros_like(grid)
+    return dx, dgrid
+
+
 def grid_sample_backward(dy, x, grid, mode, padding_mode, align_corners, need_dx=True, need_dgrid=True):
     """dx (N, C, *S) and dgrid (N, *So, d) for y = grid_sample(x, grid): dy (N, C, *So)."""
+    if mode != "bicubic" and x.numel() and grid.numel() and can_write_inplace(dy, x, grid):
+        return _grid_sample_backward_plain(dy, x, grid, mode, padding_mode, align_corners, need_dx, need_dgrid)
     N, C, S = x.shape[0], x.shape[1], tuple(x.shape[2:])
     d = len(S)
     g = dy.reshape(N, C, math.prod(dy.shape[2:]))  #                          (N, C, P)

@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as TF
 
+from ..memory import tag
 from ._apply import FLOAT32_ON_CUDA, INPUT, apply
 from ._checks import can_write_inplace
 
@@ -251,6 +252,10 @@ class BatchNormFunction(torch.autograd.Function):
         # Eval normalizes with the running stats: backward needs them (unchanged by an eval call).
         # Training: the batch stats (2 C numbers, as torch saves) spare the plain backward two passes
         # over x; kept in float32/64 only (torch's CPU kernel rounds them to a bfloat16 x's dtype).
+        # lean(): y recomputed from the kept x by the same kernel (in training the batch stats
+        # recomputed as forward computed them, the running stats left alone)
+        tag(ctx, output[0], batch_norm, x, None if training else running_mean, None if training else running_var,
+            w, b, training, momentum, eps)
         stats = (running_mean, running_var, None, None)
         if training:
             stats = (None, None) + ((None, None) if x.dtype in _LOW_PRECISION else (mean, r))
@@ -405,6 +410,7 @@ class LayerNormFunction(torch.autograd.Function):
         # the row stats (2 numbers a row, as torch saves) spare the plain backward two passes over x;
         # kept in float32/64 only (a half x goes through in_float32, which recomputes them)
         stats = (None, None) if x.dtype in _LOW_PRECISION else (mean, r)
+        tag(ctx, output[0], layer_norm, x, normalized_shape, w, b, eps)  # lean(): y recomputed from the kept x
         ctx.save_for_backward(x, w, *stats)
         ctx.save_for_forward(x, w)
 
@@ -450,6 +456,7 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.normalized_shape = tuple(normalized_shape)
         # torch's rule: eps=None means the machine epsilon of the input's dtype
         ctx.eps = torch.finfo(x.dtype).eps if eps is None else eps
+        tag(ctx, output, rms_norm, x, normalized_shape, w, eps)  # lean(): y recomputed from the kept x
         ctx.save_for_backward(x, w)
         ctx.save_for_forward(x, w)
 

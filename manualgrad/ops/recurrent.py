@@ -20,6 +20,10 @@ an LSTM the cell states; y is the output). Backward walks the steps in reverse c
 (and dc), stacks every step's gate gradients, and after the loop forms dx, dW_ih, dW_hh and the
 bias gradients each in one product / sum over all steps.
 
+Fast form: on a padded batch without projections (float32 / float64, eager CPU) LSTMFunction
+runs recurrent_fast.py, the same steps with fewer ops per step and oneDNN's products; the functions
+here are its reference (tests/ops/test_recurrent_fast.py) and run everywhere else.
+
 Double backward: the backward is written with differentiable torch ops. The saved activations
 are not connected to the inputs in autograd's graph, so when the backward itself is being
 recorded (create_graph) it recomputes them from x, h0 and the outputs, which are: the gate
@@ -38,6 +42,7 @@ import torch
 
 from ._apply import INPUT, LOWER, apply, autocast_on
 from .linear import linear_forward
+from .recurrent_fast import lstm_backward_fast, lstm_fast_applies, lstm_forward_fast
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +273,8 @@ class LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        if lstm_fast_applies(batch_sizes, w_hr, x, h0, c0, w_ih, w_hh, b_ih, b_hh):  # recurrent_fast.py
+            return lstm_forward_fast(x, len(batch_sizes), reverse, h0, c0, w_ih, w_hh, b_ih, b_hh)
         return lstm_forward(x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
 
     @staticmethod
@@ -286,6 +293,11 @@ class LSTMFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: the saved activations, as functions of the inputs
             act, cs = _lstm_recompute(x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y)
         needs = [ctx.needs_input_grad[i] for i in (0, 3, 4, 5, 6, 7, 8, 9)]
+        if not torch.is_grad_enabled() and lstm_fast_applies(ctx.batch_sizes, w_hr, x, h0, c0, w_ih, w_hh,
+                                                             b_ih, b_hh, dy, dh_n, dc_n):
+            grads = lstm_backward_fast(dy, dh_n, dc_n, x, len(ctx.batch_sizes), ctx.reverse, h0, c0, w_ih, w_hh,
+                                       y, act, cs, needs)
+            return grads[:1] + (None, None) + grads[1:] + (None,)
         dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = lstm_backward(
             dy, dh_n, dc_n, x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, w_hr, y, act, cs, needs)
         return dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr

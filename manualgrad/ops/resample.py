@@ -22,9 +22,10 @@ the scale s, the input length per output step:
     cubic          K = 4: r as for linear, not clamped at 0; taps i - 1 .. i + 2 clamped into [0, L),
                    weights from Keys' cubic convolution kernel with A = -0.75 at distances
                    1 + t, t, 1 - t, 2 - t (t = r - i)
-    antialias      bilinear / bicubic with antialias=True: K = 2 ceil(h max(s, 1)) + 1 taps around
-                   c = s (o + 1/2), weights filter((j + 1/2 - c) / max(s, 1)) normalized to sum 1,
-                   filter = 1 - |x| (h = 1) or Keys' kernel with A = -0.5 (h = 2)
+    antialias      bilinear / bicubic / lanczos with antialias=True: K = 2 ceil(h max(s, 1)) + 1 taps
+                   around c = s (o + 1/2), weights filter((j + 1/2 - c) / max(s, 1)) normalized to sum 1,
+                   filter = 1 - |x| (h = 1), Keys' kernel with A = -0.5 (h = 2) or Lanczos-3,
+                   sinc(x) sinc(x / 3) on [-3, 3) with sinc(x) = sin(pi x) / (pi x) (h = 3; as PIL's LANCZOS)
     area           adaptive average pooling: the average of the window [floor(o L / Lo), ceil((o + 1) L / Lo))
 
 The forward runs torch's own kernels (the same numbers and checks). The backward is the adjoint
@@ -148,14 +149,26 @@ def _keys_half(x):  # of bicubic: Keys' kernel with A = -0.5 (as Pillow; not the
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
+def _sinc(x):  # sin(pi x) / (pi x), 1 at 0
+    one = torch.ones_like(x)
+    return torch.where(x == 0, one, torch.sin(math.pi * x) / torch.where(x == 0, one, math.pi * x))
+
+
+def _lanczos3(x):  # of lanczos: the sinc windowed by the sinc 3 times wider, on [-3, 3) (PIL's)
+    return torch.where((x >= -3) & (x < 3), _sinc(x) * _sinc(x / 3), torch.zeros_like(x))
+
+
+_AA_FILTERS = {"bilinear-aa": (1.0, _triangle), "bicubic-aa": (2.0, _keys_half), "lanczos-aa": (3.0, _lanczos3)}
+
+
 def antialias_taps(mode, L, Lo, align_corners, scale, dtype, device=None):
-    """idx, w (Lo, K) of torch's antialiased bilinear / bicubic (_compute_weights_aa): output o
+    """idx, w (Lo, K) of torch's antialiased bilinear / bicubic / lanczos (_compute_weights_aa): output o
     averages the inputs j within `support` of its center c = s (o + 1/2) with weights
     filter((j + 1/2 - c) / max(s, 1)), normalized to sum to 1. Downsampling (s > 1) stretches the
     filter by s, so every input pixel contributes: a low-pass filter before the sampling."""
     op = _opmath(dtype)
     s = pixel_scale(L, Lo, align_corners, scale, op).to(device)
-    half = 1.0 if mode == "bilinear-aa" else 2.0  # the filter's half-width: interp_size / 2
+    half, filter = _AA_FILTERS[mode]  # the filter's half-width (interp_size / 2) and the filter
     stretch = s if float(s) >= 1 else torch.ones_like(s)
     support = half * stretch
     K = math.ceil(float(support)) * 2 + 1
@@ -166,7 +179,7 @@ def antialias_taps(mode, L, Lo, align_corners, scale, dtype, device=None):
     j = torch.arange(K, device=device)
     # w[o, j] = filter((xmin + j + 1/2 - c) / stretch) on the window, 0 beyond       (Lo, K)
     x = (j + xmin[:, None] - c[:, None] + 0.5) * (1 / stretch)
-    w = (_triangle(x) if mode == "bilinear-aa" else _keys_half(x)) * (j < size[:, None])
+    w = filter(x) * (j < size[:, None])
     total = w.sum(1, keepdim=True)
     w = torch.where(total != 0, w / total, w)
     return (xmin[:, None] + j).clamp(max=L - 1), w.to(dtype)
@@ -199,6 +212,7 @@ _KERNELS = {
     ("bicubic", 2): torch._C._nn.upsample_bicubic2d,
     ("bilinear-aa", 2): torch._C._nn._upsample_bilinear2d_aa,
     ("bicubic-aa", 2): torch._C._nn._upsample_bicubic2d_aa,
+    ("lanczos-aa", 2): torch._C._nn._upsample_lanczos2d_aa,
 }
 
 
@@ -208,6 +222,25 @@ def interpolate_forward(x, mode, d, output_size, scales, align_corners):
     if mode in ("nearest", "nearest-exact"):
         return kernel(x, output_size, scales)
     return kernel(x, output_size, align_corners, scales)
+
+
+def _scatter_taps_(acc, g, dim, idx, w):
+    """interpolate_backward's scatter-adds of one dim in a plain backward (no graph, no
+    transform), into acc in place: the weighted g of every tap in one reused buffer, and along the
+    last dim a scatter_add_ over contiguous rows (index_add_ there adds one strided column per
+    index, which measured several times slower once the tensors outgrow the cache)."""
+    Lo = g.shape[dim]
+    buf = None if w is None else torch.empty_like(g)
+    for j in range(idx.shape[1]):
+        # g_j = w[o, j] g[.., o, ..]                                          like g
+        gj = g if w is None else torch.mul(g, w[:, j].view((Lo,) + (1,) * (-dim - 1)), out=buf)
+        if dim == -1:
+            # acc[.., idx[o, j]] += g_j[.., o]: along rows                    (.., L)
+            acc.scatter_add_(-1, idx[:, j].expand(gj.shape), gj)
+        else:
+            # acc[.., idx[o, j], ..] += g_j[.., o, ..]                         (.., L, ..)
+            acc.index_add_(dim, idx[:, j], gj)
+    return acc
 
 
 def interpolate_backward(dy, in_sizes, mode, scales, align_corners):
@@ -226,10 +259,13 @@ def interpolate_backward(dy, in_sizes, mode, scales, align_corners):
         shape = list(g.shape)
         shape[dim] = L
         acc = g.new_zeros(shape)
+        if inplace:
+            g = _scatter_taps_(acc, g, dim, idx, w)
+            continue
         for j in range(idx.shape[1]):
             # dx[.., idx[o, j], ..] += w[o, j] g[.., o, ..]: a scatter-add    (.., L, ..)
             gj = g if w is None else g * w[:, j].view(bcast)
-            acc = acc.index_add_(dim, idx[:, j], gj) if inplace else acc.index_add(dim, idx[:, j], gj)
+            acc = acc.index_add(dim, idx[:, j], gj)
         g = acc
     return g  #                                                                 (*, *S) like x
 
@@ -307,7 +343,7 @@ class Area3dFunction(torch.autograd.Function):
 # the functional twin: torch's argument rules, then one Function
 
 _DIMS = {"nearest": (1, 2, 3), "nearest-exact": (1, 2, 3), "area": (1, 2, 3), "linear": (1,), "bilinear": (2,),
-         "trilinear": (3,), "bicubic": (2,)}
+         "trilinear": (3,), "bicubic": (2,), "lanczos": (2,)}
 _NEEDS = {"linear": "3D", "bilinear": "4D", "trilinear": "5D", "bicubic": "4D"}
 
 
@@ -365,7 +401,7 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
     """Drop-in for ``torch.nn.functional.interpolate`` with a hand-written backward.
 
     Modes nearest, nearest-exact, linear, bilinear, bicubic, trilinear and area;
-    ``antialias=True`` for bilinear and bicubic; mode ``lanczos`` raises NotImplementedError.
+    ``antialias=True`` for bilinear and bicubic; lanczos (Lanczos-3, 4-D input, antialias=True only).
     Bad arguments fail like torch's."""
     if mode in ("nearest", "area", "nearest-exact"):
         if align_corners is not None:
@@ -379,12 +415,11 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
         if not (mode in ("bilinear", "bicubic", "lanczos") and input.dim() == 4):
             raise ValueError("Anti-alias option is restricted to bilinear, bicubic, and lanczos modes and "
                              "requires a 4-D tensor as input")
-    if mode == "lanczos":
+    if mode == "lanczos" and d == 2:  # (other dims: the unsupported-input error below, as torch)
         if align_corners:
             raise ValueError("Lanczos mode does not support align_corners=True")
         if not antialias:
             raise ValueError("Lanczos mode requires antialias=True")
-        raise NotImplementedError("interpolate: mode 'lanczos' has no hand-written backward in manualgrad yet")
     if antialias:
         mode += "-aa"  # the antialiased taps (antialias_taps)
     if d not in _DIMS.get(mode.removesuffix("-aa"), ()):
@@ -392,7 +427,7 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
             raise NotImplementedError(f"Got {d + 2}D input, but {mode} mode needs {_NEEDS[mode]} input")
         raise NotImplementedError(
             f"Input Error: Only 3D, 4D and 5D input Tensors supported (got {input.dim()}D) for the modes: "
-            f"nearest | linear | bilinear | bicubic | trilinear | area | nearest-exact (got {mode})")
+            f"nearest | linear | bilinear | bicubic | trilinear | lanczos | area | nearest-exact (got {mode})")
     if mode == "area":
         if d == 1:
             return adaptive_avg_pool1d(input, output_size)

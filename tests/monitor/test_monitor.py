@@ -5,12 +5,12 @@ import warnings
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
 import manualgrad.monitor
 import manualgrad.nn as mnn
 from manualgrad.monitor import GradientMonitor, NonFiniteError
+from manualgrad.monitor.tensorboard import read_run
 from manualgrad.utils import clip_grad_norm_
 from train.models import seed_mlp
 
@@ -27,12 +27,13 @@ def batch(n=8, seed=0):
 
 
 def read(logdir):
-    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    ea.Reload()
-    return ea
+    """The run in ``logdir`` as an EventAccumulator, the per-layer runs' statistics included under
+    their flat tags ``<stat>/<name>`` (e.g. ``grad/norm/0``), whatever the layout on disk."""
+    return read_run(logdir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
 
 
 def scalar(ea, tag):
+    """{step: value} of the scalar ``tag`` (e.g. ``grad/norm/0`` or ``global/grad_norm``)."""
     return {e.step: e.value for e in ea.Scalars(tag)}
 
 
@@ -129,11 +130,17 @@ def test_custom_scalars_layout_charts_match_logged_tags(tmp_path):
     layout = layout_pb2.Layout()
     layout.ParseFromString(event.tensor_proto.string_val[0])
     charts = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
-    scalars = ea.Tags()["scalars"]
-    for title in ["gradient L2 norm", "update:data ratio ||dθ||/||θ|| (1e-3 is typical)", "total gradient L2 norm"]:
+    # the tags as TensorBoard sees them: the writer's run, and one run per layer
+    runs = {".": ea.main.Tags()["scalars"]} | {f"layers/{n}": ea.layers[n].Tags()["scalars"] for n in ea.layers}
+    assert sorted(runs) == [".", "layers/0", "layers/2", "layers/4"]
+
+    def matched(title):
         (regex,) = charts[title]
-        assert any(re.search(regex, t) for t in scalars), title
-    assert [t for t in scalars if re.search(charts["gradient L2 norm"][0], t)] == [f"grad/norm/{n}" for n in LINEARS]
+        return {(run, t) for run, tags in runs.items() for t in tags if re.search(regex, t)}
+
+    assert matched("gradient L2 norm") == {(f"layers/{n}", "grad/norm") for n in LINEARS}
+    assert matched("update:data ratio ||dθ||/||θ|| (1e-3 is typical)") == {(f"layers/{n}", "update/ratio") for n in LINEARS}
+    assert matched("total gradient L2 norm") == {(".", "global/grad_norm")}
 
 
 def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):

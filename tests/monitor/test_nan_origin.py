@@ -261,6 +261,31 @@ def test_parameters_mode_names_a_parameter_and_otherwise_the_step_and_modules(nn
     assert "modules '0', '2', '5'" in str(err) and "origin='trace' names where" in str(err)
 
 
+class NanToNum(torch.nn.Module):
+    def forward(self, x):
+        return torch.nan_to_num(x)
+
+
+@NNS
+def test_parameters_mode_with_activations_names_a_non_finite_activation_while_gradients_stay_finite(nn):
+    # a NaN in the input at step 2 makes ReLU '0''s output NaN; nan_to_num cleans it before the
+    # Linear, and nothing flows back into '0' (no parameters, input without grad): every
+    # parameter and gradient stays finite, only the hooked activation of '0' is not. Logged
+    # every 4 steps: reported at step 4 as born at step 2.
+    def nan_input(step, model, x):
+        if step == 2:
+            x = x.clone()
+            x[5, 3] = math.nan
+            return x
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(nn.ReLU(), NanToNum(), nn.Linear(8, 4))
+    mon, err = run(model, 5, every=4, before_step=nan_input, activations=True)
+    assert all(torch.isfinite(p).all() and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert mon.first_nonfinite == ("0", "forward", 2), str(err)
+    assert "activation non-finite" in str(err) and "reported at step 4" in str(err)
+
+
 def test_report_at_a_later_logging_step_names_the_first_step_and_warns():
     # every=4: the fault at step 1 is reported at step 4 (the first logging step after it)
     with warnings.catch_warnings(record=True) as caught:

@@ -266,7 +266,7 @@ def test_convert_swaps_conv_modules_for_manualgrad():
 
 # The weight gradient has two formulations (ops/conv.py): a matrix product over the unfolded input
 # for 1x1 kernels and small C/g prod(K) (<= _GEMM_MAX), a batch-swapped convolution otherwise, in
-# 2-d with channels-last filters when O/g >= 64 and with the padded input cropped when a stride
+# 2-d (3-d) with channels-last filters when O/g >= 64 (32) and with the padded input cropped when a stride
 # would make it compute taps past K. Shapes picked to select each, compared with torch.
 
 WGRAD_CASES = [
@@ -279,6 +279,8 @@ WGRAD_CASES = [
     ((2, 12, 9, 8), (64, 12, 3, 3), dict(stride=2, padding=(1, 2)), "conv"),  # channels-last, cropped
     ((2, 24, 7, 6), (128, 12, 3, 3), dict(groups=2, padding="same", dilation=2), "conv"),  # cl, groups
     ((2, 20, 31), (6, 20, 5), dict(stride=3, padding=2), "conv"),  # 1-d, cropped
+    ((2, 4, 5, 4, 6), (32, 4, 3, 3, 3), dict(padding=1), "conv"),  # 3-d, channels-last
+    ((2, 8, 5, 4, 6), (16, 4, 3, 3, 3), dict(groups=2, stride=2, padding=1), "conv"),  # 3-d, cropped
 ]
 
 
@@ -288,7 +290,7 @@ def test_conv_weight_gradient_formulations_match_torch(x_shape, w_shape, kwargs,
     per_output = w_shape[1] * math.prod(w_shape[2:])
     gemm = math.prod(w_shape[2:]) == 1 or per_output <= _GEMM_MAX
     assert gemm == (path == "gemm")  # the shape selects the formulation under test
-    fn, torch_fn = (F.conv2d, TF.conv2d) if len(x_shape) == 4 else (F.conv1d, TF.conv1d)
+    fn, torch_fn = {3: (F.conv1d, TF.conv1d), 4: (F.conv2d, TF.conv2d), 5: (F.conv3d, TF.conv3d)}[len(x_shape)]
     x, w, b = _tensors(x_shape, w_shape, True)
     assert_same_as_torch(fn, torch_fn, x, w, b, atol=1e-4, **kwargs)
 

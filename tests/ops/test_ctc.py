@@ -15,6 +15,7 @@ import torch.nn.functional as TF
 
 import manualgrad
 import manualgrad.functional as F
+import manualgrad.ops.ctc as ctc
 from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
 from tests.conftest import exact_dy
 
@@ -99,6 +100,29 @@ def test_ctc_loss_of_two_steps_and_one_label_is_the_sum_over_its_three_paths():
     loss = F.ctc_loss(lp2, torch.tensor([[1, 0], [1, 2]]), (2, 2), (1, 2), reduction="mean")
     p12 = 0.7 * 0.2  # target (1, 2) in 2 steps: one path
     torch.testing.assert_close(loss, torch.tensor((-math.log(p) - math.log(p12) / 2) / 2))
+
+
+FAST_CASES = {**CASES, "no time steps": ((5, 4, 3), [[1, 2], [1, 0], [2, 0], [1, 1]], (5, 0, 3, 0), (2, 0, 1, 2), 0)}
+
+
+@pytest.mark.parametrize("case", FAST_CASES)
+def test_ctc_fast_recursions_are_the_plain_ones(case):
+    # the fast form (three calls per step; beta as alpha with time and states flipped) against the
+    # recursions written out, in float64: -inf in the same places, the rest to rounding
+    (t, n, c), targets, il, tl, blank = FAST_CASES[case]
+    lp = log_probs(t, n, c, torch.float64).detach()
+    targets, il, tl = torch.tensor(targets, dtype=torch.long), torch.tensor(il), torch.tensor(tl)
+    ext, skip, valid = ctc.extended_labels(targets, tl, blank)
+    log_alpha, nll = ctc.ctc_alpha(lp, ext, skip, valid, il, tl)
+    log_beta = ctc.ctc_beta(lp, ext, skip, valid, il, tl)
+    lpe = lp.gather(2, ext.expand(t, *ext.shape))
+    fast_alpha, fast_nll, fast_beta = ctc.ctc_alpha_beta_fast(lpe, skip, valid, il, tl)
+    torch.testing.assert_close(fast_alpha, log_alpha)
+    torch.testing.assert_close(fast_nll, nll)
+    torch.testing.assert_close(fast_beta, log_beta)
+    # alpha alone (a forward with no gradient to come)
+    torch.testing.assert_close(ctc.ctc_alpha_beta_fast(lpe, skip, valid, il, tl, with_beta=False)[:2],
+                               (log_alpha, nll))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -226,7 +226,10 @@ CASES = {
                                     ("bilinear", (2, 3)), ("bicubic", (2, 3)), ("trilinear", (2, 2, 3)),
                                     ("area", (2, 3)), ("area", (2, 2, 3)))] + [
         ("bicubic-antialias", dict(N=2, C=3, H=5, W=4),
-         lambda N, C, H, W: ((x(N, C, H, W),), dict(size=(2, 3), mode="bicubic", antialias=True)))],
+         lambda N, C, H, W: ((x(N, C, H, W),), dict(size=(2, 3), mode="bicubic", antialias=True))),
+        # lanczos (vision branch)
+        ("lanczos", dict(N=2, C=3, H=5, W=4),
+         lambda N, C, H, W: ((x(N, C, H, W),), dict(size=(2, 7), mode="lanczos", antialias=True)))],
     "grid_sample": [(f"{mode}-{pad}", dict(N=2, C=3, H=3, W=4, Ho=2, Wo=3),
                      lambda N, C, H, W, Ho, Wo, mode=mode, pad=pad: (
                          (x(N, C, H, W), x(N, Ho, Wo, 2)), dict(mode=mode, padding_mode=pad, align_corners=False)))

@@ -72,6 +72,23 @@ def test_grid_sample_matches_torch_on_odd_layouts_and_sizes(mode):
     same_as_torch(torch.randn(0, 2, 4, 3, requires_grad=True), points(0, (3, 3), 2), **kw)  # no samples
 
 
+@pytest.mark.parametrize("mode, padding_mode, align_corners, d", [c for c in CASES if c[0] != "bicubic"],
+                         ids=[i for c, i in zip(CASES, IDS) if c[0] != "bicubic"])
+def test_grid_sample_plain_backward_matches_the_per_tap_graph_path(mode, padding_mode, align_corners, d):
+    # the plain backward (every tap in one gather and one scatter-add) against the per-tap loop
+    # that double backward differentiates, in float64: the same sums in another order
+    from manualgrad.ops.grid_sample import grid_sample_backward
+    S, So = ((5, 7), (4, 3)) if d == 2 else ((3, 5, 4), (2, 3, 2))
+    x, grid = torch.randn((2, 3) + S, dtype=torch.float64), points(2, So, d, torch.float64).detach()
+    dy = torch.randn((2, 3) + So, dtype=torch.float64)
+    with torch.no_grad():  # as in a plain backward
+        plain = grid_sample_backward(dy, x, grid, mode, padding_mode, align_corners)
+    with torch.enable_grad():  # a graph being recorded: the per-tap path
+        expected = grid_sample_backward(dy, x, grid, mode, padding_mode, align_corners)
+    for a, e in zip(plain, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 def test_grid_sample_bilinear_matches_a_value_worked_out_by_hand():
     # 2x2 input [[0, 1], [2, 3]], align_corners=True: g = (0, 0) is the center, u = (0.5, 0.5),
     # y = (0 + 1 + 2 + 3) / 4 = 1.5; dy/dg_x = (W - 1) / 2 * ((1 - 0) + (3 - 2)) / 2 = 0.5

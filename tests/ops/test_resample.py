@@ -201,6 +201,9 @@ def x3(*s):
     ((x3(1, 2, 4),), dict(size=3, mode="linear", antialias=True)),  # antialias needs 4-D bilinear / bicubic
     ((x3(1, 2, 4, 4),), dict(size=3, mode="lanczos")),              # lanczos needs antialias
     ((x3(1, 2, 4, 4),), dict(size=3, mode="lanczos", antialias=True, align_corners=True)),
+    ((x3(1, 2, 4),), dict(size=3, mode="lanczos")),                 # lanczos on 3-D / 5-D input
+    ((x3(1, 2, 4, 4, 4),), dict(size=3, mode="lanczos")),
+    ((x3(1, 2, 4, 4).bfloat16(),), dict(size=3, mode="lanczos", antialias=True)),  # no bfloat16 kernel
     ((x3(1, 2, 4),), dict(size=0, mode="linear")),                  # empty output
     ((x3(1, 2, 0, 3),), dict(size=3, mode="bilinear")),             # empty input
     ((x3(2, 0, 4),), dict(size=3)),                                 # no channels
@@ -212,6 +215,8 @@ def test_interpolate_bad_input_fails_like_torch(args, kwargs):
 AA_SIZINGS = [dict(size=(3, 4)), dict(size=(2, 13)), dict(scale_factor=0.3), dict(scale_factor=(0.45, 1.3)),
               dict(size=(1, 1)), dict(scale_factor=0.26, recompute_scale_factor=True)]
 AA_CASES = list(itertools.product(["bilinear", "bicubic"], [False, True], AA_SIZINGS))
+# lanczos: align_corners=False only; also upsampling (the filter is not stretched, 7 taps)
+AA_CASES += [("lanczos", False, s) for s in AA_SIZINGS + [dict(size=(23, 17)), dict(scale_factor=1.7)]]
 
 
 @pytest.mark.parametrize("mode, align_corners, sizing", AA_CASES, ids=[f"{m}-{a}-{s}" for m, a, s in AA_CASES])
@@ -220,7 +225,8 @@ def test_antialiased_interpolate_matches_torch(mode, align_corners, sizing):
     same_as_torch(x, mode=mode, align_corners=align_corners, antialias=True, **sizing)
 
 
-@pytest.mark.parametrize("mode, align_corners", list(itertools.product(["bilinear", "bicubic"], [False, True])))
+@pytest.mark.parametrize("mode, align_corners",
+                         list(itertools.product(["bilinear", "bicubic"], [False, True])) + [("lanczos", False)])
 def test_antialiased_interpolate_gradients(mode, align_corners):
     x = torch.randn(1, 1, 7, 5, dtype=torch.float64, requires_grad=True)
     for sizing in (dict(size=(3, 2)), dict(scale_factor=(0.4, 1.5))):
@@ -237,9 +243,34 @@ def test_antialias_taps_match_a_box_worked_out_by_hand():
     torch.testing.assert_close(w[0][nonzero], torch.tensor([2, 3, 2, 1], dtype=torch.float64) / 8)
 
 
-def test_lanczos_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="lanczos"):
-        F.interpolate(torch.randn(1, 2, 8, 8), size=3, mode="lanczos", antialias=True)
+def test_lanczos_taps_match_the_windowed_sinc_worked_out_by_hand():
+    # L = 4 -> Lo = 4 (s = 1): output o = 1 at c = 1.5 reads inputs 0..3 at distances -1, 0, 1, 2:
+    # sinc(x) sinc(x / 3) is 0 at the nonzero integers, 1 at 0: the identity
+    idx, w = taps("lanczos-aa", 4, 4, False, None, torch.float64)
+    # (sin(pi k) is ~1e-16, not 0, in float64: the identity up to that)
+    torch.testing.assert_close((w * (idx == torch.arange(4)[:, None])).sum(1), torch.ones(4, dtype=torch.float64),
+                               rtol=1e-15, atol=1e-15)
+    # L = 2 -> Lo = 1 (s = 2, filter stretched by 2, around c = 1): inputs 0, 1 at x = -1/4, 1/4,
+    # equal weights 1/2 after normalization (the filter is even)
+    idx, w = taps("lanczos-aa", 2, 1, False, None, torch.float64)
+    assert sorted(idx[0][w[0] != 0].tolist()) == [0, 1]
+    torch.testing.assert_close(w[0][w[0] != 0], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    # L = 4 -> Lo = 1 (s = 4, around c = 2): inputs 0..3 at x = (j + 1/2 - 2) / 4 = -3/8, -1/8, 1/8, 3/8
+    x = torch.tensor([-3, -1, 1, 3], dtype=torch.float64) / 8
+    lz = torch.sinc(x) * torch.sinc(x / 3)
+    idx, w = taps("lanczos-aa", 4, 1, False, None, torch.float64)
+    torch.testing.assert_close(w[0][w[0] != 0], lz / lz.sum(), rtol=1e-15, atol=1e-15)
+
+
+def test_lanczos_under_vmap_matches_torch():
+    # vmap of the function (the batched rule) and of its vjp against torch's
+    x = torch.randn(3, 2, 5, 6)
+    f = lambda m: (lambda t: m.interpolate(t, size=(9, 4), mode="lanczos", antialias=True))  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(f(F))(x[:, :, None]), torch.func.vmap(f(TF))(x[:, :, None]),
+                               rtol=0, atol=0)
+    dy = torch.randn(3, 2, 1, 9, 4)
+    vjps = [torch.func.vmap(lambda t, g: torch.func.vjp(f(m), t)[1](g)[0])(x[:, :, None], dy) for m in (F, TF)]
+    torch.testing.assert_close(*vjps, rtol=0, atol=32 * EPS * 4)
 
 
 def test_interpolate_saves_no_more_than_torch():

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from manualgrad.monitor.tensorboard import read_run
 from train.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
 from train.cli import main
 
@@ -19,8 +19,8 @@ SMALL = ["--dataset", "digits", "--no-monitor"]
 
 
 def scalars(logdir):
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
+    # the gradient monitor's per-layer runs (logdir/layers/<name>/) under their flat tags, grad/norm/1 ...
+    acc = read_run(logdir)
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
@@ -217,6 +217,7 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("final eval accuracy: ")  # rank 0 only
     # Only rank 0 writes TensorBoard events, the monitor's included (it ran on both ranks).
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    assert len(list((tmp_path / "tb" / "layers").glob("*/events.out.tfevents.*"))) == 4  # the seed MLP's 4 Linears
     tags = scalars(tmp_path / "tb")
     assert "grad/norm/1" in tags and "update/ratio/1" in tags and "eval/accuracy" in tags
     ddp = load_checkpoint(checkpoint_paths(tmp_path / "ddp")[0])["model"]
