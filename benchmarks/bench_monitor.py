@@ -1,12 +1,19 @@
-"""GradientMonitor overhead on the seed MLP (784-1024-1024-1024-10, ReLU), Adam, batch 128:
-the same training step with and without the monitor, in the same process, alternating step by
-step. The monitor logs to a SummaryWriter in a temporary directory.
+"""GradientMonitor overhead: the same training step with and without the monitor, in the same
+process, alternating step by step. The monitor logs to a SummaryWriter in a temporary directory.
 
-Two cadences: the default (every=50, hist_every=1000: targets <= 1.03x) and scalars every
-step (every=1, no histograms: target <= 1.25x). The ratio is total monitored time over total
-plain time across all timed steps, so the cost of the logging steps is amortised as in a run.
+Two models: ``small`` (64-128-128-10 MLP with ReLU, SGD, batch 256: a step of about 0.7 ms on
+one CPU thread, where the monitor's fixed per-step cost shows) and ``seed`` (the seed MLP
+784-1024-1024-1024-10, Adam, batch 128). Two cadences: the default (every=50, hist_every=1000:
+target <= 1.03x) and scalars every step (every=1, no histograms: target <= 1.25x). Two NaN-origin
+modes: ``parameters`` (the default: every parameter and gradient checked every step) and
+``trace`` (every module and manualgrad Function call traced too). The ratio is the monitored
+run's CPU time (the process's, so the SummaryWriter's thread counts) over the plain run's, over
+all timed steps: the logging steps are amortised as in a run, and CPU time rather than wall
+time keeps the ratio usable on a machine shared with other work. ``--floor`` also times what
+the monitor cannot go below without it: the per-step sums of parameters and gradients, hooks
+on every module (with and without summing the activations), one SummaryWriter event per step.
 
-    python benchmarks/bench_monitor.py [--steps 1000] [--batch 128] [--activations]
+    python benchmarks/bench_monitor.py [--models small seed] [--steps 1000] [--floor] [--activations]
 """
 import argparse
 import pathlib
@@ -22,10 +29,21 @@ from manualgrad.monitor import GradientMonitor  # noqa: E402
 from train.models import seed_mlp  # noqa: E402
 
 
-def build(seed):
+def small_mlp(nn=mnn):
+    return torch.nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+MODELS = {  # name: (builder, input features, batch, optimizer)
+    "small": (small_mlp, 64, 256, lambda p: torch.optim.SGD(p, lr=1e-2)),
+    "seed": (seed_mlp, 784, 128, lambda p: torch.optim.Adam(p, lr=1e-3)),
+}
+
+
+def build(name, seed):
+    builder, _, _, make_opt = MODELS[name]
     torch.manual_seed(seed)
-    model = seed_mlp(nn=mnn)
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = builder(nn=mnn)
+    return model, make_opt(model.parameters())
 
 
 def step(model, opt, loss_fn, x, y):
@@ -35,49 +53,131 @@ def step(model, opt, loss_fn, x, y):
     opt.step()
 
 
-def run(cadence, steps, batch, warmup, activations):
+def run(name, cadence, steps, warmup, activations, origin="trace"):
     from torch.utils.tensorboard import SummaryWriter
 
+    _, features, batch, _ = MODELS[name]
     loss_fn = mnn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
-    xs = torch.randn(8, batch, 784, generator=g)
+    xs = torch.randn(8, batch, features, generator=g)
     ys = torch.randint(0, 10, (8, batch), generator=g)
-    plain, (watched, wopt) = build(0), build(0)
+    plain, (watched, wopt) = build(name, 0), build(name, 0)
     with tempfile.TemporaryDirectory() as d:
         writer = SummaryWriter(d)
-        with GradientMonitor(watched, writer, optimizer=wopt, activations=activations, **cadence):
+        with GradientMonitor(watched, writer, optimizer=wopt, activations=activations, origin=origin, **cadence):
             times = {"plain": 0.0, "monitor": 0.0}
             for i in range(warmup + steps):
                 x, y = xs[i % 8], ys[i % 8]
                 order = (("plain", plain), ("monitor", (watched, wopt)))
                 if i % 2:
                     order = order[::-1]  # alternate who goes first
-                for name, (model, opt) in order:
-                    t0 = time.perf_counter()
+                for who, (model, opt) in order:
+                    t0 = time.process_time()
                     step(model, opt, loss_fn, x, y)
                     if i >= warmup:
-                        times[name] += time.perf_counter() - t0
+                        times[who] += time.process_time() - t0
         writer.close()
     return times
 
 
+def floor(name, steps, warmup):
+    """Floors, without the monitor: (0) one float32 sum per parameter and per gradient (what
+    every step checks); (a) a forward hook on every module and a tensor hook on
+    every activation, doing nothing; (b) the same hooks keeping references, then one float32
+    sum per activation and activation gradient (what origin='trace' reads); (c) one event of
+    the scalars logged per step handed to a SummaryWriter (its thread computes the record's
+    CRC in pure Python: ~150 us per KB). CPU time against the plain step, alternating."""
+    _, features, batch, _ = MODELS[name]
+    loss_fn = mnn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, features, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    kept = []
+
+    def keep_hook(module, args, out):
+        kept.append(out)
+        if out.requires_grad:
+            out.register_hook(kept.append)
+
+    def noop_hook(module, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda grad: None)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from manualgrad.monitor import tensorboard as tb
+
+    runs = {}
+    for label, hook in (("plain", None), ("parameter + gradient sums", None), ("hooks only", noop_hook),
+                        ("hooks + sums", keep_hook), ("one writer event", None)):
+        model, opt = build(name, 0)
+        if hook is not None:
+            for m in model.modules():
+                m.register_forward_hook(hook)
+        runs[label] = (model, opt)
+    # (c) the scalars the monitor logs per step (every=1), as one event, with nothing computed
+    n_mod = sum(1 for m in runs["plain"][0].modules() if not list(m.children()) and list(m.parameters()))
+    tags = [f"{stat}/{k}" for stat in ("grad/norm", "grad/max_abs", "param/norm", "update/ratio",
+                                       "update/log10_ratio", "nonfinite") for k in range(n_mod)]
+    tags += ["global/grad_norm", "global/lr/group0", "global/nonfinite"]
+    values = [0.5] * len(tags)
+    times = dict.fromkeys(runs, 0.0)
+    with tempfile.TemporaryDirectory() as d:
+        writer = SummaryWriter(d)
+        for i in range(warmup + steps):
+            for label, (model, opt) in (runs.items() if i % 2 else reversed(runs.items())):
+                t0 = time.process_time()
+                loss = loss_fn(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if label == "hooks + sums":
+                    [t.sum(dtype=torch.float32) for t in kept]
+                    kept.clear()
+                if label == "parameter + gradient sums":  # what every step checks in any mode
+                    with torch.no_grad():
+                        [t.sum(dtype=torch.float32) for p in model.parameters() for t in (p, p.grad)]
+                opt.step()
+                if label == "one writer event":
+                    tb.write_scalars(writer, i, tags, values)
+                if i >= warmup:
+                    times[label] += time.process_time() - t0
+        writer.close()
+    return {k: v / times["plain"] for k, v in times.items()}, 1e3 * times["plain"] / steps
+
+
+CADENCES = [
+    ("every=50, hist_every=1000", dict(every=50, hist_every=1000), 1.03),
+    ("every=1, no histograms  ", dict(every=1, hist_every=0), 1.25),
+]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--cadences", nargs="+", type=int, choices=range(len(CADENCES)), default=range(len(CADENCES)),
+                   help="indices into the cadence list (0: default, 1: every step)")
     p.add_argument("--steps", type=int, default=1000, help="timed steps per configuration (each side)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--activations", action="store_true", help="also monitor activations")
+    p.add_argument("--floor", action="store_true", help="also time the floor of per-step tracing (hooks, sums)")
+    p.add_argument("--origin", nargs="+", choices=["trace", "parameters"], default=["trace", "parameters"],
+                   help="NaN-origin tracing modes to measure")
     args = p.parse_args()
-    print(f"seed MLP, Adam, batch {args.batch}, {args.steps} timed steps each, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, activations={args.activations}")
-    for label, cadence, target in [
-        ("every=50, hist_every=1000", dict(every=50, hist_every=1000), 1.03),
-        ("every=1, no histograms  ", dict(every=1, hist_every=0), 1.25),
-    ]:
-        t = run(cadence, args.steps, args.batch, args.warmup, args.activations)
-        ratio = t["monitor"] / t["plain"]
-        print(f"{label}: plain {1e3 * t['plain'] / args.steps:7.2f} ms/step  monitor "
-              f"{1e3 * t['monitor'] / args.steps:7.2f} ms/step  ratio {ratio:.3f}x  (target <= {target}x)")
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, {args.steps} timed steps each, "
+          f"activations={args.activations}")
+    for name in args.models:
+        _, features, batch, _ = MODELS[name]
+        if args.floor:
+            ratios, plain_ms = floor(name, args.steps, args.warmup)
+            print(f"{name:5s} (batch {batch}) floors: plain {plain_ms:.3f} ms/step, "
+                  + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items() if k != "plain"), flush=True)
+        for c in args.cadences:
+          for origin in args.origin:
+            label, cadence, target = CADENCES[c]
+            t = run(name, cadence, args.steps, args.warmup, args.activations, origin)
+            ratio = t["monitor"] / t["plain"]
+            print(f"{name:5s} (batch {batch}) {label} origin={origin:12s}: plain {1e3 * t['plain'] / args.steps:7.3f} ms/step  monitor "
+                  f"{1e3 * t['monitor'] / args.steps:7.3f} ms/step  ratio {ratio:.3f}x  (target <= {target}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
             loss = loss_fn(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
 
 - ``monitor.py``: the hooks and when they run (``GradientMonitor``, ``NonFiniteError``).
+- ``origin.py``: where the first non-finite value is born (``NonFiniteOrigin``, ``origin='trace'``).
 - ``stats.py``: the statistics, computed on the device.
 - ``noise.py``: the gradient noise scale and the cosine between successive logged gradients.
 - ``tensorboard.py``: tags, one TensorBoard run per layer (``<logdir>/layers/<name>/``), histograms,

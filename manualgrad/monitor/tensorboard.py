@@ -6,8 +6,9 @@ Tags (``<name>`` is the module's name from ``named_modules``, "model" for the ro
     update/ratio/<name>   update/log10_ratio/<name>                     (with an optimizer)
     act/mean/<name>  act/std/<name>  act/near_zero/<name>  act/dead/<name>
     act/saturation/<name>  act/grad_norm/<name>                          (activations=True)
-    global/grad_norm   global/lr/group<i>   global/clip_coef   global/clip_fraction
-    global/nonfinite
+    nonfinite/<name>   steps with a non-finite parameter or gradient since the last log
+    global/grad_norm   global/lr/group<i>   global/clip_coef   global/clip_norm_before
+    global/clip_fraction   global/nonfinite (non-finite module-steps and activation-steps)
     grad/cosine_prev/<name>     cos(gradient now, gradient at the previous logging step)
     noise/B_simple   noise/tr_sigma   noise/g_sq     gradient noise scale (more than one
                                                     micro-batch or rank; see noise.py)
@@ -21,10 +22,15 @@ colour, named ``layers/<dir>`` in the legend. ``<dir>`` is the module name perce
 stays as it is and ``a/b`` becomes ``a%2Fb``); ``layer_name`` maps it back (on a case-insensitive
 file system two names differing only in case share a run). Global statistics and histograms
 stay in the writer's own run. A writer without a log directory (no ``get_logdir``) gets the flat
-tags above in its own run. The layer runs are appended to at the first logging step
-``min(flush_secs, 1 s)`` or more after the previous append (a live dashboard trails by about a
-second plus one logging interval), and at ``GradientMonitor.close()``, when the writer is
-collected, or when the interpreter exits.
+tags above in its own run.
+
+When values reach the disk: the monitor hands its logging steps to ``write_scalars`` in
+bursts (every 8 logging steps or 1 s, see ``monitor.py``), each step one event per run. The
+writer's own run is then written by the SummaryWriter (``flush_secs``); the layer runs are
+appended to at the first ``write_scalars`` ``min(flush_secs, 1 s)`` or more after the previous
+append, by ``flush_layer_runs`` (the monitor calls it when it reports a non-finite value), and
+at ``GradientMonitor.close()``, when the writer is collected, or when the interpreter exits. A
+live dashboard trails by at most about two seconds plus one logging interval.
 
 ``read_run(logdir)`` reads either layout back under the flat tags.
 """
@@ -53,6 +59,7 @@ MODULE_STATS = {  # tag prefix -> chart title in the custom-scalars layout
     "act/dead": "fraction of dead units",
     "act/saturation": "fraction saturated (tanh/sigmoid)",
     "act/grad_norm": "activation gradient L2 norm",
+    "nonfinite": "steps with a non-finite parameter or gradient since the last log",
     "grad/cosine_prev": "cosine(gradient, gradient at the previous log)",
 }
 GLOBAL_STATS = {

@@ -32,6 +32,11 @@ forward and backward compute in exactly the dtypes chosen here (nothing inside i
 
 As torch recommends, call backward outside the autocast region; the casts are ordinary
 autograd ops, so gradients reach float32 leaves in float32.
+
+NaN origin: while a GradientMonitor traces a step it puts a recorder in ``recorders``; each
+eager call then hands it ``(fn, args, output)`` after the Function ran (references only, no
+kernel), so the monitor can name the Function where a non-finite value was born. With no
+monitor tracing, the cost is one test of an empty list.
 """
 import torch
 
@@ -45,6 +50,8 @@ except (ImportError, AttributeError, KeyError):  # a torch without them: the sta
 
 INPUT, LOWER, FLOAT32, FLOAT32_ON_CUDA = "input", "lower", "float32", "float32 on cuda"
 FLOAT32_ON_CPU = "float32 on cpu"
+
+recorders = []  # callables (fn, args, output) of GradientMonitors tracing the current step
 
 
 def _autocast_dtype(policy, device_type):
@@ -83,7 +90,11 @@ def apply(fn, *args):
         _register(fn)
     if _base_apply is None or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
-    return _base_apply.__get__(None, fn)(*_unwrap_dead_wrappers(args))
+    out = _base_apply.__get__(None, fn)(*_unwrap_dead_wrappers(args))
+    if recorders:
+        for record in recorders:
+            record(fn, args, out)
+    return out
 
 
 def _subclasses(cls):

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from manualgrad.monitor import GradientMonitor
+from manualgrad.monitor import monitor as monitor_module
 from manualgrad.monitor import tensorboard as tb
 
 from .test_monitor import LINEARS, batch, read, scalar, small_mlp
@@ -144,6 +145,7 @@ def test_layer_runs_are_written_out_when_the_monitor_closes(tmp_path, monkeypatc
 
 def test_layer_runs_are_on_disk_during_training_after_the_flush_delay(tmp_path, monkeypatch):
     monkeypatch.setattr(tb._LayerRuns, "max_delay", 0.0)  # every write is past the delay
+    monkeypatch.setattr(monitor_module, "_WRITE_SECS", 0.0)  # and the monitor's burst delay too
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = SummaryWriter(tmp_path, flush_secs=3600)

@@ -275,8 +275,9 @@ def test_first_nonfinite_keeps_the_runs_first_report_when_later_ones_follow(tmp_
 
 
 @pytest.mark.parametrize("activations", [False, True])
-def test_first_module_in_forward_order_is_reported(tmp_path, activations):
-    # NaN weight in `early`: its output, then `late`'s output and both gradients go NaN.
+def test_nan_weight_is_reported_as_a_parameter_of_its_module(tmp_path, activations):
+    # NaN weight in `early`: its output, then `late`'s output and both gradients go NaN; the
+    # origin is the parameter (tests/monitor/test_nan_origin.py has the other kinds)
     model = DefinedOutOfOrder()
     opt = Frozen(model.parameters())
     writer = SummaryWriter(tmp_path)
@@ -287,8 +288,7 @@ def test_first_module_in_forward_order_is_reported(tmp_path, activations):
         with pytest.raises(NonFiniteError, match="early"):
             train(model, opt, 3)
     writer.close()
-    kind = "activation" if activations else "gradient"
-    assert mon.first_nonfinite == ("early", kind, 1)
+    assert mon.first_nonfinite == ("early", "parameter", 1)
 
 
 def test_close_removes_every_hook_and_allows_reattaching(tmp_path):
