@@ -140,6 +140,7 @@ def floor(name, steps, warmup):
                     tb.write_scalars(writer, i, tags, values)
                 if i >= warmup:
                     times[label] += time.process_time() - t0
+        tb.close_layer_runs(writer)  # before the directory goes
         writer.close()
     return {k: v / times["plain"] for k, v in times.items()}, 1e3 * times["plain"] / steps
 
