@@ -247,12 +247,13 @@ _CHUNK_BYTES = 1 << 20
 
 def _bilinear_zeros_2d_backward(dy, x, grid, align_corners, need_dx, need_dgrid):
     """_grid_sample_backward_plain for the commonest case (2-d, bilinear, zeros padding), its fast
-    form (its backward ~8% faster on bench_ops' case): both coordinates of the grid at once in (N, 2, P), the 4 corners as a
-    (2, 2) axis broadcast from the per-dim pairs (y tap, x tap), masks as 0/1 floats (bool
-    tensors cost 4x a float op), and the gather / scatter-add / channel sum run over slices of
-    the batch with one reused temporary (a 16 MB one leaves the cache at every pass). dx and the
-    channel sums s are the plain form's sums in its order; dgrid groups its 4 terms by the taps
-    of the other dim first. The tests compare it to the per-tap reference:
+    form (the backward 1.08x faster on bench_ops' (16, 32, 32, 32) case): both coordinates of the
+    grid at once in (N, 2, P), the 4 corners as a (2, 2) axis broadcast from the per-dim pairs
+    (y tap, x tap), masks as 0/1 floats (a bool tensor op costs 4x a float one), and the gather /
+    scatter-add / channel sum over slices of the batch with one reused temporary (a 16 MB one
+    leaves the cache at every pass). dx and the channel sums s are the plain form's sums in its
+    order; dgrid groups its 4 terms by the taps of the other dim first. The tests compare it to
+    the per-tap reference:
 
         dx[n, c, lin_ab] += w_ab dy[n, c, p]          w_ab = wy_a wx_b, a b = 0, 1 the y, x taps
         s_ab[n, p] = sum_c dy[n, c, p] x[n, c, lin_ab]
