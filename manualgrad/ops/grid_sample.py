@@ -240,9 +240,74 @@ def _grid_sample_backward_plain(dy, x, grid, mode, padding_mode, align_corners, 
     return dx, dgrid
 
 
+# bytes of the (n, C, 4, P) temporary of the 2-d bilinear backward per slice of the batch: the
+# slices' gathers, products and channel sums then stay in the cache (1 MB: 2 samples of bench_ops')
+_CHUNK_BYTES = 1 << 20
+
+
+def _bilinear_zeros_2d_backward(dy, x, grid, align_corners, need_dx, need_dgrid):
+    """_grid_sample_backward_plain for the commonest case (2-d, bilinear, zeros padding), its fast
+    form (the backward 1.08x faster on bench_ops' (16, 32, 32, 32) case): both coordinates of the
+    grid at once in (N, 2, P), the 4 corners as a (2, 2) axis broadcast from the per-dim pairs
+    (y tap, x tap), masks as 0/1 floats (a bool tensor op costs 4x a float one), and the gather /
+    scatter-add / channel sum over slices of the batch with one reused temporary (a 16 MB one
+    leaves the cache at every pass). dx and the channel sums s are the plain form's sums in its
+    order; dgrid groups its 4 terms by the taps of the other dim first. The tests compare it to
+    the per-tap reference:
+
+        dx[n, c, lin_ab] += w_ab dy[n, c, p]          w_ab = wy_a wx_b, a b = 0, 1 the y, x taps
+        s_ab[n, p] = sum_c dy[n, c, p] x[n, c, lin_ab]
+        dgrid_x = sum_ab wy_a dwx_b s_ab,  dgrid_y = sum_ab dwy_a wx_b s_ab     dw = -+ du/dg, 0 outside"""
+    N, C, H, W = x.shape
+    P = grid.numel() // (2 * N)
+    g = grid.reshape(N, P, 2).transpose(1, 2).contiguous()  #             (N, 2, P): x, y
+    L = g.new_tensor([[W], [H]])
+    u, du = unnormalize(g, L, align_corners)  # pixel positions           (N, 2, P)
+    lo = u.floor()
+    f = u - lo
+    # the taps lo, lo + 1 of each dim, clamped into the input; 1 where they were inside already   (N, 2, 2, P)
+    tap = lo[:, :, None] + g.new_tensor([[0.0], [1.0]])
+    clamped = torch.minimum(tap.clamp(min=0), (L - 1)[:, None])
+    inside = torch.eq(clamped, tap, out=torch.empty_like(tap))
+    # per-dim weights 1 - f, f (0 outside)                                (N, 2 dims, 2 taps, P)
+    wp = torch.stack((1 - f, f), 2).mul_(inside)
+    # flat index of corner (a, b) = (y tap, x tap): y W + x              (N, 1, 4 P), the same for every channel
+    ci = clamped.to(torch.int32 if H * W < 2 ** 31 else torch.int64)  # int32: half the bytes to add
+    index = torch.add(ci[:, 0, None], ci[:, 1, :, None], alpha=W).long().view(N, 1, 4 * P).expand(N, C, 4 * P)
+    dy4 = dy.reshape(N, C, 1, P)  #                                     (N, C, 1, P)
+    x_flat = x.reshape(N, C, H * W)  #                                   (N, C, H W)
+    dx = x_flat.new_empty(x_flat.shape) if need_dx else None  # zeroed slice by slice, just before its scatter
+    w = (wp[:, 1, :, None] * wp[:, 0, None, :]).view(N, 1, 4, P) if need_dx else None  # w_ab  (N, 1, 4, P)
+    s = x_flat.new_empty(N, 4, P) if need_dgrid else None
+    step = max(1, _CHUNK_BYTES // (C * 4 * P * x.element_size()))
+    buf = x_flat.new_empty(min(step, N), C, 4, P)
+    for n in range(0, N, step):
+        sl = slice(n, n + step)
+        i, b = index[sl], buf[:min(step, N - n)]
+        if need_dx:
+            # dx[n, c, lin_ab] += w_ab dy[n, c, p]                        (n, C, 4 P) -> (n, C, H W)
+            dx[sl].zero_().scatter_add_(2, i, torch.mul(w[sl], dy4[sl], out=b).view(i.shape))
+        if need_dgrid:
+            # s_ab = sum_c dy[n, c, p] x[n, c, lin_ab]                    (n, 4, P)
+            torch.gather(x_flat[sl], 2, i, out=b.view(i.shape))
+            torch.sum(b.mul_(dy4[sl]), 1, out=s[sl])
+    dgrid = None
+    if need_dgrid:
+        s = s.view(N, 2, 2, P)  #                                        s_ab
+        # dw/du per dim and tap: -1, +1 times du/dg, 0 outside            (N, 2, 2, P)
+        dwp = inside.mul_(g.new_tensor([-1.0, 1.0])[:, None] * du[:, None])
+        # sum_a wy_a s_ab (for x), sum_b wx_b s_ab (for y)                (N, 2, 2, P)
+        rows = torch.stack(((wp[:, 1, :, None] * s).sum(1), (wp[:, 0, None, :] * s).sum(2)), 1)
+        # dgrid_j = sum over the taps of dim j: dw/dg rows                (N, 2, P) -> (N, *So, 2)
+        dgrid = rows.mul_(dwp).sum(2).transpose(1, 2).reshape(grid.shape)
+    return (dx.view(x.shape) if need_dx else None), dgrid
+
+
 def grid_sample_backward(dy, x, grid, mode, padding_mode, align_corners, need_dx=True, need_dgrid=True):
     """dx (N, C, *S) and dgrid (N, *So, d) for y = grid_sample(x, grid): dy (N, C, *So)."""
     if mode != "bicubic" and x.numel() and grid.numel() and can_write_inplace(dy, x, grid):
+        if mode == "bilinear" and padding_mode == "zeros" and x.dim() == 4:
+            return _bilinear_zeros_2d_backward(dy, x, grid, align_corners, need_dx, need_dgrid)
         return _grid_sample_backward_plain(dy, x, grid, mode, padding_mode, align_corners, need_dx, need_dgrid)
     N, C, S = x.shape[0], x.shape[1], tuple(x.shape[2:])
     d = len(S)

@@ -89,6 +89,33 @@ def test_grid_sample_plain_backward_matches_the_per_tap_graph_path(mode, padding
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_grid_sample_bilinear_zeros_fast_backward_in_batch_slices_matches_the_per_tap_graph_path(
+        monkeypatch, align_corners):
+    # the 2-d bilinear zeros-padding fast form gathers and scatters over slices of the batch:
+    # slices of 2 of 5 samples here (the last one short), each gradient alone and both, against
+    # the per-tap loop in float64 (the same sums in another order)
+    import manualgrad.ops.grid_sample as gs
+    N, C, S, So = 5, 3, (5, 7), (4, 3)
+    monkeypatch.setattr(gs, "_CHUNK_BYTES", 2 * C * 4 * 12 * 8)  # 2 samples: C x 4 corners x 12 points x 8 bytes
+    calls = []
+    fast = gs._bilinear_zeros_2d_backward
+    monkeypatch.setattr(gs, "_bilinear_zeros_2d_backward", lambda *a: calls.append(1) or fast(*a))
+    x, grid = torch.randn((N, C) + S, dtype=torch.float64), points(N, So, 2, torch.float64).detach()
+    dy = torch.randn((N, C) + So, dtype=torch.float64)
+    with torch.enable_grad():  # a graph being recorded: the per-tap path
+        expected = gs.grid_sample_backward(dy, x, grid, "bilinear", "zeros", align_corners)
+    for need in [(True, True), (True, False), (False, True)]:
+        with torch.no_grad():  # as in a plain backward: the fast form
+            got = gs.grid_sample_backward(dy, x, grid, "bilinear", "zeros", align_corners, *need)
+        for a, e, n in zip(got, expected, need):
+            if n:
+                torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+            else:
+                assert a is None
+    assert len(calls) == 3
+
+
 def test_grid_sample_bilinear_matches_a_value_worked_out_by_hand():
     # 2x2 input [[0, 1], [2, 3]], align_corners=True: g = (0, 0) is the center, u = (0.5, 0.5),
     # y = (0 + 1 + 2 + 3) / 4 = 1.5; dy/dg_x = (W - 1) / 2 * ((1 - 0) + (3 - 2)) / 2 = 0.5
