@@ -32,14 +32,11 @@ Columns:
 
     python benchmarks/bench_lean.py [--models gpt resnet] [--steps 5] [--warmup 1] [--budget-gib 1]
 
-Measured here (2 shared cores, 5 steps: times are noisy, the merger re-runs them):
-    GPT     torch 266.4 MiB saved / 266.4 resident, 1595 ms; SAC 394.5 resident, 1643 ms;
-            SAC-mm 186.3 resident, 1665 ms; manualgrad 266.2 / 266.2, 1701 ms;
-            lean 166.2 / 166.1, 1708 ms: lean/torch bytes 0.624, time 1.07; max batch 49 vs
-            torch's 30, SAC's 20, SAC-mm's 43.
-    ResNet  torch 17.9 / 17.6 MiB, 19.0 ms; SAC 19.1, 24.0 ms; SAC-mm 17.1, 26.1 ms;
-            manualgrad 17.9 / 17.6, 22.2 ms; lean 12.4 / 12.1, 25.0 ms: bytes 0.69, time 1.32
-            (manualgrad alone 1.17; lean adds three batch_norm forwards and the hooks' Python).
+Measured here (session 5, 7 steps, after the blocked causal attention backward; the README
+has the tables):
+    GPT     lean / torch: saved 0.624, time 1.021; lean / torch+SAC: resident 0.421, time 0.998;
+            lean / torch+SAC-mm: resident 0.891, time 0.997; max batch 49 vs torch's 30.
+    ResNet  lean / torch: saved 0.692, time 1.319 (manualgrad alone 1.168).
 """
 import argparse
 import functools
