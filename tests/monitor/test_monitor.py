@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils.tensorboard import SummaryWriter
 
 import manualgrad.monitor
@@ -327,27 +328,28 @@ def test_include_exclude_select_modules(tmp_path):
     writer.close()
 
 
-def test_no_host_transfer_except_one_per_logging_step(tmp_path):
-    from torch.overrides import TorchFunctionMode
+class HostReads(TorchFunctionMode):
+    """Counts the calls that read a tensor's values on the host (``calls``: their names). On a
+    CPU-only machine ``.cpu()`` stands in for the device-to-host copy: every value read on the
+    host must come out of a tensor that went through it, and reads of such tensors are free."""
 
-    syncing = {torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
+    SYNCING = {torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
                torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.numpy}
 
-    class Count(TorchFunctionMode):
-        # On a CPU-only machine .cpu() is the stand-in for the device-to-host copy: every
-        # value read on the host must come out of a tensor that went through it.
-        def __init__(self):
-            super().__init__()
-            self.calls, self.on_host = [], []
+    def __init__(self):
+        super().__init__()
+        self.calls, self.on_host = [], []
 
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in syncing and not any(args[0] is t for t in self.on_host):
-                self.calls.append(func.__name__)
-            if func is torch.Tensor.cpu:
-                self.on_host.append(out)
-            return out
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.SYNCING and not any(args[0] is t for t in self.on_host):
+            self.calls.append(func.__name__)
+        if func is torch.Tensor.cpu:
+            self.on_host.append(out)
+        return out
 
+
+def test_no_host_transfer_except_one_per_logging_step(tmp_path):
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = SummaryWriter(tmp_path)
@@ -359,7 +361,7 @@ def test_no_host_transfer_except_one_per_logging_step(tmp_path):
             opt.zero_grad()
             loss.backward()
             clip_grad_norm_(model.parameters(), 1.0)
-            with Count() as c:
+            with HostReads() as c:
                 opt.step()
             per_step.append(c.calls)
     writer.close()

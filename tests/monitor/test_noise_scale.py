@@ -14,7 +14,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from manualgrad.monitor import GradientMonitor, noise
-from tests.monitor.test_monitor import read, scalar
+from tests.monitor.test_monitor import HostReads, read, scalar
 
 D, S = 4, 1.0  # features, noise std
 DELTA = torch.tensor([0.5, -0.5, 0.5, -0.5], dtype=torch.float64)  # |delta| = 1
@@ -202,25 +202,6 @@ def test_cosine_with_the_previous_logged_gradient_equals_a_hand_computation(tmp_
 
 
 def test_noise_scale_and_cosine_read_nothing_on_the_host_but_the_one_transfer(tmp_path):
-    from torch.overrides import TorchFunctionMode
-
-    syncing = {torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
-               torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.numpy}
-
-    class Count(TorchFunctionMode):
-        # .cpu() stands in for the device-to-host copy; values read from its output are free
-        def __init__(self):
-            super().__init__()
-            self.calls, self.on_host = [], []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in syncing and not any(args[0] is t for t in self.on_host):
-                self.calls.append(func.__name__)
-            if func is torch.Tensor.cpu:
-                self.on_host.append(out)
-            return out
-
     gen = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(D, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -228,7 +209,7 @@ def test_noise_scale_and_cosine_read_nothing_on_the_host_but_the_one_transfer(tm
     per_step = []
     with GradientMonitor(model, writer, optimizer=opt, every=3):
         for _ in range(7):
-            with Count() as c:  # the whole step: forwards, backwards (the hooks), the update
+            with HostReads() as c:  # the whole step: forwards, backwards (the hooks), the update
                 opt.zero_grad()
                 for _ in range(2):
                     x, y = regression_batch(4, gen)
