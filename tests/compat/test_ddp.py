@@ -14,7 +14,6 @@ normalises with its own half's statistics).
 """
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import manualgrad
 import manualgrad.functional as MF
 from tests.compat._models import cnn, mlp
+from tests.ports import free_port
 
 pytestmark = [
     pytest.mark.trajectory,  # follows a trajectory: run again under other CPUs' kernels
@@ -90,12 +90,6 @@ def _worker(rank, port, states, batches, outdir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """(initial states, batches, [rank 0 record, rank 1 record]) of one 2-process run."""
@@ -107,7 +101,7 @@ def ddp_run(tmp_path_factory):
     states["cnn_bn_torch"] = states["cnn_bn_ours"]  # the same network, torch's and ours
     batches["cnn_bn_torch"] = batches["cnn_bn_ours"]
     outdir = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(_free_port(), states, batches, outdir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), states, batches, outdir), nprocs=WORLD, join=True)
     ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
     return states, batches, ranks
 

@@ -22,7 +22,6 @@ unit roundoff) relative to the largest magnitude involved covers it.
 """
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -37,6 +36,7 @@ import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from tests.compat._models import cnn
 from tests.conftest import exact_dy
+from tests.ports import free_port
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -164,12 +164,6 @@ def _worker(rank, port, states, batches, outdir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sync_run(tmp_path_factory):
     """(initial states, batches, [rank 0 results, rank 1 results]) of one 2-process run."""
@@ -181,7 +175,7 @@ def sync_run(tmp_path_factory):
     states["ddp_cnn"] = cnn().state_dict()
     batches["ddp_cnn"] = (torch.randn(8, 2, 6, 6), torch.randint(0, 3, (8,)))
     outdir = str(tmp_path_factory.mktemp("syncbn"))
-    mp.spawn(_worker, args=(_free_port(), states, batches, outdir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), states, batches, outdir), nprocs=WORLD, join=True)
     ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
     return states, batches, ranks
 

@@ -20,7 +20,6 @@ the closed form. Under FSDP2 with ``set_requires_gradient_sync(False)`` nothing 
 import contextlib
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ from manualgrad.utils import clip_grad_norm_
 from tests.monitor.test_monitor import read, scalar
 from tests.monitor.test_noise_scale import (B_SIMPLE, G_SQ, TR_SIGMA, delta_method_sd, ema, hand_estimates,
                                             micro_gradient, regression_batch, regression_model)
+from tests.ports import free_port
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch built without the gloo backend")
@@ -202,17 +202,11 @@ def _worker(rank, port, outdir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(the run's directory, [what rank 0 saved, what rank 1 saved])."""
     outdir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
     return outdir, [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
 
 

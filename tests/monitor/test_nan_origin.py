@@ -9,6 +9,7 @@ import torch
 import manualgrad.nn as mnn
 from manualgrad.monitor import GradientMonitor, NonFiniteError
 from tests.monitor.test_monitor import HostReads
+from tests.ports import free_port
 
 
 class NullWriter:
@@ -345,14 +346,10 @@ def _ddp_worker(rank, port, outdir):
                     reason="torch built without the gloo backend")
 def test_nan_born_on_one_ddp_rank_is_named_on_every_rank(tmp_path):
     import os
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         results = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
         for nn in ("torch.nn", "manualgrad.nn"):

@@ -2,7 +2,6 @@
 global ones in the run, each layer's in a run of its own (its own colour and legend entry), and
 the custom-scalars charts find every layer's line."""
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import manualgrad.monitor
 from manualgrad.monitor.tensorboard import MODULE_STATS
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def test_tensorboard_server_serves_the_run_scalar_tags(tmp_path):
