@@ -1,5 +1,8 @@
-"""A free TCP port on localhost, for the tests that start a server or a process group."""
+"""For the tests that start a server or a process group: a free port, and 2-process gloo runs."""
+import os
 import socket
+import sys
+import warnings
 
 
 def free_port():
@@ -7,3 +10,35 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn(worker, args, nprocs=2):
+    """mp.spawn(worker, (port,) + args) on a fresh port, every worker ending in `leave()`.
+
+    One retry, with a warning, when a worker process died by a signal: once in a CI run a gloo
+    worker of test_nan_origin aborted in C++ ('terminate called without an active exception',
+    SIGABRT: a std::thread destroyed unjoined, not a Python error), and 150 runs here did not
+    bring it back. A failed assertion, a Python exception or a second death fails as usual."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    try:
+        mp.spawn(worker, args=(free_port(),) + tuple(args), nprocs=nprocs, join=True)
+    except ProcessExitedException as e:
+        if e.signal_name is None:  # (exited with a code: not the torch teardown abort)
+            raise
+        warnings.warn(f"a gloo worker died by {e.signal_name}; running the processes again")
+        mp.spawn(worker, args=(free_port(),) + tuple(args), nprocs=nprocs, join=True)
+
+
+def leave():
+    """The end of a spawned worker, after it saved its results: wait for every rank, destroy the
+    process group, and exit without the interpreter's finalization (gloo's threads outliving it
+    are a known way for a finished worker to abort; see torch PR 179291)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

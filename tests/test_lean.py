@@ -19,6 +19,7 @@ import manualgrad.nn as mnn
 from benchmarks.models import gpt_small, resnet_small
 from manualgrad import memory
 from manualgrad.testing import saved_bytes, saved_bytes_by_op
+from tests.ports import leave, spawn
 from train.models import seed_mlp
 
 F32 = 4  # bytes per float32 element
@@ -422,8 +423,7 @@ def _ddp_worker(rank, port, state, x, outdir):
         loss.backward()  # DDP's all-reduce hooks run as the recomputed tensors come back
         grads.append([p.grad.clone() for p in model.parameters()])
     torch.save(grads, f"{outdir}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def _ln_gelu_mlp():
@@ -433,16 +433,9 @@ def _ln_gelu_mlp():
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch built without the gloo backend")
 def test_ddp_gives_the_same_gradients(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
     torch.manual_seed(0)
     state, x = _ln_gelu_mlp().state_dict(), torch.randn(8, 6)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, state, x, str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_worker, (state, x, str(tmp_path)))
     for rank in range(2):
         plain, lean = torch.load(tmp_path / f"rank{rank}.pt")
         _assert_equal(lean, plain)

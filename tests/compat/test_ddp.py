@@ -18,13 +18,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import manualgrad
 import manualgrad.functional as MF
 from tests.compat._models import cnn, mlp
-from tests.ports import free_port
+from tests.ports import leave, spawn
 
 pytestmark = [
     pytest.mark.trajectory,  # follows a trajectory: run again under other CPUs' kernels
@@ -86,8 +85,7 @@ def _worker(rank, port, states, batches, outdir):
         results[name].append(dict(buffers=_clone(model.named_buffers())))
         results[name + ":classes"] = sorted({type(m).__module__.split(".")[0] for m in model.modules() if not list(m.children())})
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +99,7 @@ def ddp_run(tmp_path_factory):
     states["cnn_bn_torch"] = states["cnn_bn_ours"]  # the same network, torch's and ours
     batches["cnn_bn_torch"] = batches["cnn_bn_ours"]
     outdir = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(free_port(), states, batches, outdir), nprocs=WORLD, join=True)
+    spawn(_worker, (states, batches, outdir), nprocs=WORLD)
     ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
     return states, batches, ranks
 

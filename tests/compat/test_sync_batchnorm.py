@@ -27,7 +27,6 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -36,7 +35,7 @@ import manualgrad.functional as MF
 import manualgrad.nn as mnn
 from tests.compat._models import cnn
 from tests.conftest import exact_dy
-from tests.ports import free_port
+from tests.ports import leave, spawn
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -160,8 +159,7 @@ def _worker(rank, port, states, batches, outdir):
     except NotImplementedError as e:
         results["jvp"] = str(e)
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +173,7 @@ def sync_run(tmp_path_factory):
     states["ddp_cnn"] = cnn().state_dict()
     batches["ddp_cnn"] = (torch.randn(8, 2, 6, 6), torch.randint(0, 3, (8,)))
     outdir = str(tmp_path_factory.mktemp("syncbn"))
-    mp.spawn(_worker, args=(free_port(), states, batches, outdir), nprocs=WORLD, join=True)
+    spawn(_worker, (states, batches, outdir), nprocs=WORLD)
     ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
     return states, batches, ranks
 

@@ -24,7 +24,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 
@@ -33,7 +32,7 @@ from manualgrad.utils import clip_grad_norm_
 from tests.monitor.test_monitor import read, scalar
 from tests.monitor.test_noise_scale import (B_SIMPLE, G_SQ, TR_SIGMA, delta_method_sd, ema, hand_estimates,
                                             micro_gradient, regression_batch, regression_model)
-from tests.ports import free_port
+from tests.ports import leave, spawn
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch built without the gloo backend")
@@ -198,15 +197,14 @@ def _worker(rank, port, outdir):
         if w:
             w.close()
     torch.save(saved, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(the run's directory, [what rank 0 saved, what rank 1 saved])."""
     outdir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
+    spawn(_worker, (outdir,), nprocs=WORLD)
     return outdir, [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
 
 

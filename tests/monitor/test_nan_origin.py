@@ -9,7 +9,7 @@ import torch
 import manualgrad.nn as mnn
 from manualgrad.monitor import GradientMonitor, NonFiniteError
 from tests.monitor.test_monitor import HostReads
-from tests.ports import free_port
+from tests.ports import leave, spawn
 
 
 class NullWriter:
@@ -338,8 +338,7 @@ def _ddp_worker(rank, port, outdir):
             results[nn.__name__] = (tuple(o), o.rank, str(e))
         mon.close()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -347,9 +346,7 @@ def _ddp_worker(rank, port, outdir):
 def test_nan_born_on_one_ddp_rank_is_named_on_every_rank(tmp_path):
     import os
 
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_worker, (str(tmp_path),), nprocs=2)
     for rank in (0, 1):
         results = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
         for nn in ("torch.nn", "manualgrad.nn"):
