@@ -18,16 +18,19 @@ def spawn(worker, args, nprocs=2):
     One retry, with a warning, when a worker process died by a signal: once in a CI run a gloo
     worker of test_nan_origin aborted in C++ ('terminate called without an active exception',
     SIGABRT: a std::thread destroyed unjoined, not a Python error), and 150 runs here did not
-    bring it back. A failed assertion, a Python exception or a second death fails as usual."""
+    bring it back. Also one retry when the port was taken between free_port() and the bind. A failed
+    assertion, any other Python exception or a second failure fails as usual."""
     import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessExitedException
+    from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
     try:
         mp.spawn(worker, args=(free_port(),) + tuple(args), nprocs=nprocs, join=True)
-    except ProcessExitedException as e:
-        if e.signal_name is None:  # (exited with a code: not the torch teardown abort)
+    except (ProcessExitedException, ProcessRaisedException) as e:
+        died = getattr(e, "signal_name", None)  # (exited with a code: not the gloo abort)
+        taken = "address already in use" in str(e).lower()  # the port was taken since free_port
+        if not (died or taken):
             raise
-        warnings.warn(f"a gloo worker died by {e.signal_name}; running the processes again")
+        warnings.warn(f"{'a gloo worker died by ' + died if died else 'the port was taken'}; running the processes again")
         mp.spawn(worker, args=(free_port(),) + tuple(args), nprocs=nprocs, join=True)
 
 
