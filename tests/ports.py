@@ -17,7 +17,7 @@ def spawn(worker, args, nprocs=2):
 
     One retry, with a warning, when a worker process died by a signal: once in a CI run a gloo
     worker of test_nan_origin aborted in C++ ('terminate called without an active exception',
-    SIGABRT: a std::thread destroyed unjoined, not a Python error), and 150 runs here did not
+    SIGABRT: a std::thread destroyed unjoined, not a Python error), and 200 runs here did not
     bring it back. Also one retry when the port was taken between free_port() and the bind. A failed
     assertion, any other Python exception or a second failure fails as usual."""
     import torch.multiprocessing as mp
