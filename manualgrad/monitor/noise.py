@@ -87,6 +87,8 @@ def _reduces_gradients(model):
 
 
 def _first_batch_size(args, kwargs):
+    if args and type(args[0]) is torch.Tensor and args[0].dim() > 0:  # the common case, without pytree
+        return args[0].shape[0]
     for a in torch.utils._pytree.tree_leaves((args, kwargs)):  # tensors inside dicts and tuples too
         if isinstance(a, torch.Tensor) and a.dim() > 0:
             return a.shape[0]
@@ -106,12 +108,21 @@ class NoiseScale:
         self._handles = []  # the parameters' hooks, during a logging step
         self._armed = False
         self._warned = False
-        # Module hooks stay registered (under torch.compile, adding and removing them at every
-        # logging step would recompile) and do nothing unless armed or while compiling: under
+        # Module hooks are not added and removed at every logging step (under torch.compile that
+        # would recompile each time); they do nothing unless armed or while compiling: under
         # torch.compile the forward is not seen, so pass ``batch_size`` (and, with sharded
-        # parameters, no increments are measured).
+        # parameters, no increments are measured). The batch-size hook (none when ``batch_size``
+        # is given) is needed only when a step can have two batch sizes: always under
+        # torch.distributed, on one process only with gradient accumulation. On one process it
+        # goes at the first logging step with one backward (any hook on the model costs ~4 us of
+        # Python per forward), and comes back for good at a logging step with several, which
+        # then has no noise scale (its batch size was not seen).
         model = mon.model
-        self._module_handles = [model.register_forward_pre_hook(self._size_hook, with_kwargs=True)]
+        self._module_handles = []
+        self._size_handle = None
+        self._size_for_good = mon.world > 1
+        if batch_size is None:
+            self._size_handle = model.register_forward_pre_hook(self._size_hook, with_kwargs=True)
         if not per_rank:
             self._module_handles.append(model.register_forward_hook(self._output_hook))
         self._ema_g = self._ema_tr = None  # device 0-dim moving averages
@@ -147,6 +158,9 @@ class NoiseScale:
 
     def close(self):
         self.disarm()
+        if self._size_handle is not None:
+            self._size_handle.remove()
+            self._size_handle = None
         for h in self._module_handles:
             h.remove()
         self._module_handles.clear()
@@ -220,6 +234,14 @@ class NoiseScale:
     def sums(self):
         """Per-rank sums to add up across ranks: [Σ |G_small|^2 per module, |G_big|^2 per module]."""
         self.disarm()
+        if self.batch_size is None and not self._size_for_good and self._backwards:
+            if self._backwards > 1 and self._size_handle is None:  # accumulation: the hook comes back
+                self._size_for_good = True
+                self._size_handle = self.mon.model.register_forward_pre_hook(self._size_hook, with_kwargs=True)
+                return []
+            if self._backwards == 1 and self._size_handle is not None:
+                self._size_handle.remove()
+                self._size_handle = None
         if self._measured() is None:
             if self._sizes == [] and self.batch_size is None and self._backwards * self.mon.world > 1 and not self._warned:
                 self._warned = True

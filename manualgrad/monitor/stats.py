@@ -162,3 +162,14 @@ def rank_weight(t, rank, world, sharded):
         coord = mesh.get_coordinate()
         return float(all(c == 0 for c, pl in zip(coord, t.placements) if isinstance(pl, Replicate)))
     return 1.0 if sharded or rank == 0 else 0.0
+
+
+
+def check_sums(tensors):
+    """The every-step check: one float32 sum per tensor (0-dim each). NaN/Inf make a sum
+    non-finite; a sum of finite values overflows only past ~3.4e38 (an L2 norm would past
+    ~1.8e19: an exploding run would read as non-finite early). One kernel per tensor: copying
+    the small tensors into one buffer summed by row (one foreach copy, one sum) took 8.5 us
+    instead of 16 on the small benchmark model's 12 tensors alone, but no less within its
+    training step (~11 us for its 6 gradients either way: the kernels run cold there)."""
+    return [t.sum(dtype=torch.float32) for t in tensors]

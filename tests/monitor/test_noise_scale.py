@@ -245,3 +245,25 @@ def test_under_compile_the_noise_scale_needs_batch_size_and_then_equals_eager(tm
     with pytest.warns(RuntimeWarning, match="pass batch_size="):
         ea = run(True, None, tmp_path / "hidden")
     assert not any(t.startswith("noise/") for t in ea.Tags()["scalars"])
+
+
+def test_batch_size_hook_leaves_a_one_backward_run_and_returns_with_accumulation(tmp_path):
+    # one process: the model's batch-size hook goes at the first logging step with one backward
+    # (no noise scale possible there), comes back at the first logging step with two backwards
+    # (that step has no batch size, so no noise scale) and stays; from the next logging step on
+    # the noise scale is logged
+    model = regression_model()
+    writer = SummaryWriter(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    hooked = []
+    with GradientMonitor(model, writer, every=2) as mon:
+        for step in range(8):
+            hooked.append(bool(model._forward_pre_hooks))
+            for _ in range(1 if step < 4 else 2):
+                x, y = regression_batch(4, gen)
+                (model(x).squeeze(1) - y).square().mean().backward()
+            mon.step()
+            model.zero_grad()
+    writer.close()
+    assert hooked == [True, False, False, False, False, True, True, True]
+    assert sorted(scalar(read(tmp_path), "noise/B_simple")) == [6]
