@@ -206,15 +206,19 @@ class GradientMonitor:
         M = len(chosen)
         self._M = M
         self._group = torch.tensor(group, device=dev)
-        # (2P, M+1) one-hot: column group[i] for gradient i and for parameter i
-        self._to_module = torch.zeros(2 * len(group), M + 1, device=dev)
-        self._to_module[torch.arange(2 * len(group)), torch.tensor(group + group)] = 1
+        # the every-step check of the P gradients (stats.FiniteCheck: E entries), then the P
+        # parameters' sums; (E + P, M+1) one-hot: column group[i] for each entry of gradient i
+        # and for parameter i
+        self._check = stats.FiniteCheck([stats.local(p.detach()) for p in self._params], dev)
+        owner = self._check.owner + list(range(len(group)))
+        self._to_module = torch.zeros(len(owner), M + 1, device=dev)
+        self._to_module[torch.arange(len(owner)), torch.tensor([group[i] for i in owner], dtype=torch.long)] = 1
         self._versions = None  # each parameter's version counter after the last optimizer step
         self._group_list = group
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
-        # NaN origin. One row per step since the last log: Σ of every gradient (P), of every
-        # parameter (P, when checked: see _before_update), then, with origin='trace', of every
-        # traced tensor; and the step's number and trace (host side)
+        # NaN origin. One row per step since the last log: the check of the gradients (E
+        # entries), Σ of every parameter (P, when checked: see _before_update), then, with
+        # origin='trace', of every traced tensor; and the step's number and trace (host side)
         owner = {id(p): n for n, p in model.named_parameters()}
         self._param_names = [tuple(owner[id(p)].rpartition(".")[::2]) for p in self._params]
         self._param_names = [(m or "model", n) for m, n in self._param_names]
@@ -253,7 +257,6 @@ class GradientMonitor:
             _ATTACHED.add(optimizer)
         _ATTACHED.add(model)
         self._before = None  # parameters before the step being logged (a buffer kept for reuse)
-        self._scratch = {}  # (dtype, device) -> buffer for θ_before - θ_after
         self._have_before = False
         self._pending = None
         self._writes, self._written_at = [], time.monotonic()  # logging steps not yet handed to the writer
@@ -340,16 +343,16 @@ class GradientMonitor:
         if self.origin == "trace":  # a traced step: every traced tensor too
             tensors, meta = self._tracer.stop()
             self._held = (self._n, tensors) if self._log_now else None
-        # Every step: Σx of every gradient in float32 (stats.check_sums: NaN/Inf make it
-        # non-finite). Σx of the parameters, the same way, on logging steps, traced steps and
+        # Every step: is every gradient finite (stats.FiniteCheck: float32 sums, NaN/Inf make
+        # them non-finite; two kernel calls, one row). Σx of the parameters, the same way, on logging steps, traced steps and
         # under FSDP2; on other steps only of those changed since the last optimizer step (their
         # version counter moved: an in-place write under no_grad, a load_state_dict). The
         # optimizer itself makes a parameter non-finite only from a non-finite gradient, checked,
         # or by an overflow, which shows in the next step's gradients; a write through ``.data``
         # bypasses the counter and shows there too. Checking every parameter at every step
         # doubles the check: 12 kernels instead of 6 on the small benchmark model, 1.7% of its
-        # step. The 0-dim sums wait on the device for the next log; a parameter not checked has
-        # no sum (read as finite).                                           (P [+ P [+ T]],)
+        # step. The row waits on the device for the next log; a parameter not checked has no
+        # sum (read as finite).                                              (E [+ P [+ T]],)
         # An empty FSDP shard sums to 0.
         P = len(self._params)
         if self._log_now or meta is not None or self._has_dtensor or self._versions is None:
@@ -357,15 +360,16 @@ class GradientMonitor:
         else:
             versions = [p._version for p in self._params]
             changed = [] if versions == self._versions else [i for i, v in enumerate(versions) if v != self._versions[i]]
-        row = stats.check_sums(grads)  # (no autograd: gradients do not require grad)
+        row = self._check(grads)
         if changed:
             params = self._local_params() if self._has_dtensor else self._params
             zero = torch.zeros((), device=self._device)
             with torch.no_grad():
-                row += [params[i].sum(dtype=torch.float32) if i in changed else zero for i in range(P)] \
+                sums = [params[i].sum(dtype=torch.float32) if i in changed else zero for i in range(P)] \
                     if len(changed) < P else stats.check_sums(params)
                 if meta is not None:
-                    row += stats.check_sums(tensors)
+                    sums += stats.check_sums(tensors)
+                row = torch.cat([row, torch.stack(sums).to(row.device)])
         self._rows.append(row); self._row_steps.append(self._n); self._row_meta.append(meta)
         if self._act_mods:  # this step's Σ of each activation (the forward hooks'), then reset  (A,)
             self._a_rows.append(self._a_sum.clone()); self._a_sum.zero_()
@@ -421,20 +425,15 @@ class GradientMonitor:
         per_param = [P["gp_norm"]]
         if self._have_before:
             with torch.no_grad():
-                # ||θ_before - θ_after|| per parameter, the difference made in a scratch buffer
-                # the size of the largest parameter (θ_before stays, for the offending indices
-                # of a non-finite parameter; a temporary the size of the model would cost an
-                # allocation per logging step). Under FSDP2 of this rank's shards.
+                # ||θ_before - θ_after|| per parameter (θ_before stays, for the offending indices
+                # of a non-finite parameter): two foreach calls; the differences are a temporary
+                # the size of the model at logging steps (one subtraction and norm per parameter
+                # into a scratch buffer took ~25 us of Python more per logging step on the small
+                # benchmark model). Under FSDP2 of this rank's shards.
                 params = self._local_params() if self._has_dtensor else self._params
-                norms = []
-                for b, p in zip(self._before, params):
-                    key = (b.dtype, b.device)
-                    if key not in self._scratch:
-                        size = max(q.numel() for q in params if (q.dtype, q.device) == key)
-                        self._scratch[key] = torch.empty(size, dtype=b.dtype, device=b.device)
-                    diff = self._scratch[key][: b.numel()].view_as(b)
-                    norms.append(torch.linalg.vector_norm(torch.sub(b, p, out=diff), dtype=torch.float32))
-                per_param.append(torch.stack(norms))
+                diffs = torch._foreach_sub(self._before, params)
+                per_param.append(torch.stack(torch._foreach_norm(diffs, 2.0, dtype=torch.float32)))
+                del diffs
         # Σ ||·||² per module of the gradients, parameters (and updates): one index_add. Each
         # ||·||² weighted by w_p first (``_across``), so that the sum over ranks counts every
         # shard once and every replica once                        (2 or 3, P) -> (2 or 3, M+1)
@@ -453,9 +452,9 @@ class GradientMonitor:
         # non-finite bookkeeping from the rows of sums: per step and module, was a parameter
         # or its gradient NaN/Inf (rows, M+1); per step, was anything NaN/Inf (rows,)
         rows = len(self._row_steps)
-        ring = torch.nn.utils.rnn.pad_sequence([torch.stack(r) for r in self._rows], batch_first=True)  # (rows, W)
+        ring = torch.nn.utils.rnn.pad_sequence(self._rows, batch_first=True)  # (rows, W)
         bad = torch.isfinite(ring).logical_not_()
-        g_bad = (bad[:, : 2 * n_par].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
+        g_bad = (bad[:, : len(self._to_module)].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
         row_bad = bad.any(1)
         a_bad = None
         if A:  # per step and hooked activation, was it NaN/Inf                        (rows, A)
@@ -497,27 +496,29 @@ class GradientMonitor:
         tags, parts = [], []
 
         def put(stat, names, t):
+            # t: one value per name; per module also (M+1,), the last one ("rest") not logged:
+            # dropped on the host (a slice per statistic is a kernel call each)
             if names is None:
                 tags.append(stat)
             else:
-                key = (stat, id(names))
+                key = (stat, id(names), t.shape[0])
                 if key not in self._tags:
-                    self._tags[key] = [tb.tag(stat, x) for x in names]
+                    self._tags[key] = [tb.tag(stat, x) for x in names] + [None] * (t.shape[0] - len(names))
                 tags.extend(self._tags[key])
             parts.append(t)
 
         names = self.names
         g_norm = P["g_sq"].sqrt()
         p_norm = P["p_sq"].sqrt()
-        put("grad/norm", names, g_norm[:M])
-        put("grad/max_abs", names, P["g_max"][:M])
-        put("param/norm", names, p_norm[:M])
+        put("grad/norm", names, g_norm)
+        put("grad/max_abs", names, P["g_max"])
+        put("param/norm", names, p_norm)
         if d_sq is not None:
             ratio, log10 = stats.update_ratio(d_sq.sqrt(), p_norm)
-            put("update/ratio", names, ratio[:M])
-            put("update/log10_ratio", names, log10[:M])
+            put("update/ratio", names, ratio)
+            put("update/log10_ratio", names, log10)
         put("global/grad_norm", None, P["g_sq"].sum().sqrt())
-        put("nonfinite", names, g_bad_all.sum(0)[:M])
+        put("nonfinite", names, g_bad_all.sum(0))
         self._put_stats(put, P["g_sq"], extra)  # B: noise/*, grad/cosine_prev/*
         host = {}  # scalars already on the host (float learning rates)
         if self.optimizer is not None:
@@ -545,7 +546,7 @@ class GradientMonitor:
             for a, h in enumerate(self._a_hist):
                 if h is not None:
                     hist_tags.append(f"hist/act/{self.act_names[a]}"); parts.append(h)
-        values = torch.cat([t.reshape(-1) for t in parts]).float().cpu().tolist()  # the one transfer
+        values = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in parts]).float().cpu().tolist()  # the one transfer
 
         # reset the accumulators (in place, on the device)
         steps, metas = self._row_steps, self._row_meta
@@ -555,6 +556,9 @@ class GradientMonitor:
         self._pending = None
 
         scalars, rest = values[:n_scalars], values[n_scalars:]
+        if None in tags:  # the modules' "rest" entries
+            scalars = [v for t, v in zip(tags, scalars) if t is not None]
+            tags = [t for t in tags if t is not None]
         k = rows * (M + 1)
         gb = [rest[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
         rb, anywhere, rest = rest[k : k + rows], rest[k + rows], rest[k + rows + 1 :]
@@ -582,7 +586,10 @@ class GradientMonitor:
         if first is not None:
             # read that row back (a second transfer, only when something went bad). Not
             # traced, it still names a parameter that is non-finite.
-            found = origin_.decode(ring[first].tolist(), metas[first] or ([], {}), self._param_names)
+            values = ring[first].tolist()
+            E = len(self._check.owner)  # [grads (P), params (P), traced (T)]
+            values = self._check.per_tensor(values[:E]) + values[E:]
+            found = origin_.decode(values, metas[first] or ([], {}), self._param_names)
             if found is not None and (metas[first] is not None or found[0] == "parameter"):
                 mine = self._origin(found, steps[first])
         if self.world > 1:  # the earliest birth over all ranks, named on every rank
@@ -710,7 +717,6 @@ class GradientMonitor:
         if self.optimizer is not None:
             _ATTACHED.discard(self.optimizer)
         self._before = None
-        self._scratch = {}
         self._tracer.close()
         self._held = None
         if self._noise is not None:

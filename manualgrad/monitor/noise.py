@@ -206,6 +206,10 @@ class NoiseScale:
     def _after_backward(self):
         self._queued = False
         self._backwards += 1
+        if self.per_rank and self.mon.world == 1 and self._backwards == 1:
+            # one process: G_big is needed from the step's last backward only if it is not the
+            # first (one backward on one process has no noise scale)
+            return
         grads = self.mon._grads()
         norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
         self._big = self.mon._across(norms * norms)
@@ -298,11 +302,15 @@ class Direction:
         if self._prev is not None:
             # <g_t, g_s> per parameter (0 where a .grad appeared or vanished in between)
             dots = [
-                torch.dot(g.reshape(-1).float(), q.reshape(-1).float()) if g.shape == q.shape else self.mon._zero
+                torch.dot(g.view(-1), q.view(-1)) if g.shape == q.shape and g.dtype == torch.float32 and g.is_contiguous()
+                else torch.dot(g.reshape(-1).float(), q.reshape(-1).float()) if g.shape == q.shape else self.mon._zero
                 for g, q in zip(grads, self._prev)
             ]
             self._dot = self.mon._across(torch.stack(dots))
-        self._prev = [g.clone() for g in grads]
+        if self._prev is not None and all(g.shape == q.shape and g.dtype == q.dtype for g, q in zip(grads, self._prev)):
+            torch._foreach_copy_(self._prev, grads)  # into the copies kept from the previous log: no allocation
+        else:
+            self._prev = [g.clone(memory_format=torch.contiguous_format) for g in grads]
 
     def sums(self):
         return [] if self._dot is None else [self._dot]
