@@ -449,19 +449,17 @@ class GradientMonitor:
                            for s in self._a_stats]) if A else None
         agn = torch.stack([g.reshape(()) if g is not None else torch.full((), math.nan, device=self._device)
                            for g in self._a_gnorm]) if A else None
-        # non-finite bookkeeping from the rows of sums: per step and module, was a parameter
-        # or its gradient NaN/Inf (rows, M+1); per step, was anything NaN/Inf (rows,)
+        # non-finite bookkeeping from the rows of sums (``_bad``). On one process only their
+        # total rides along with the statistics: finite (nearly always), nothing was NaN/Inf
+        # and the counts are 0; else they are worked out and read back in a second transfer
+        # (each kernel of a logging step runs cold: ~20-30 us each on the small benchmark model)
         rows = len(self._row_steps)
         ring = torch.nn.utils.rnn.pad_sequence(self._rows, batch_first=True)  # (rows, W)
-        bad = torch.isfinite(ring).logical_not_()
-        g_bad = (bad[:, : len(self._to_module)].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
-        row_bad = bad.any(1)
-        a_bad = None
-        if A:  # per step and hooked activation, was it NaN/Inf                        (rows, A)
-            a_bad = torch.isfinite(torch.stack(self._a_rows)).logical_not_()
-            row_bad |= a_bad.any(1)
-            a_bad = a_bad.float()
-        row_bad = row_bad.float()
+        a_ring = torch.stack(self._a_rows) if A else None  # (rows, A)
+        if self.world > 1:
+            g_bad, row_bad, a_bad = self._bad(ring, a_ring)
+        else:
+            total = ring.sum().reshape(1) if not A else torch.stack([ring.sum(), a_ring.sum()])
 
         # Cross-rank reduction (logging steps only): sums and maxima in two collectives.
         # Sums of squares are already weighted per parameter (w_p): replicas count once.
@@ -489,8 +487,6 @@ class GradientMonitor:
             k = rows * (M + 1)
             g_bad_all, P["g_max"], any_bad = mx[:k].reshape(rows, M + 1), mx[k : k + M + 1], mx[k + M + 1 : k + M + 2]
             a_bad = mx[k + M + 2 :].reshape(rows, A) if A else None
-        else:
-            g_bad_all, any_bad = g_bad, row_bad.amax(0, keepdim=True)
 
         # One vector of everything, one transfer.
         tags, parts = [], []
@@ -518,7 +514,6 @@ class GradientMonitor:
             put("update/ratio", names, ratio)
             put("update/log10_ratio", names, log10)
         put("global/grad_norm", None, P["g_sq"].sum().sqrt())
-        put("nonfinite", names, g_bad_all.sum(0))
         self._put_stats(put, P["g_sq"], extra)  # B: noise/*, grad/cosine_prev/*
         host = {}  # scalars already on the host (float learning rates)
         if self.optimizer is not None:
@@ -538,7 +533,7 @@ class GradientMonitor:
             put("act/grad_norm", self.act_names, agn)
         n_scalars = len(tags)
         # non-finite bookkeeping rides along
-        parts += [g_bad_all, row_bad, any_bad] + ([a_bad] if A else [])
+        parts += [g_bad_all, row_bad, any_bad] + ([a_bad] if A else []) if self.world > 1 else [total]
         hists = P.get("hist", [])
         hist_tags = [f"hist/{kind}/{names[k]}" for kind, k, _ in hists]
         parts += [h for _, _, h in hists]
@@ -559,13 +554,28 @@ class GradientMonitor:
         if None in tags:  # the modules' "rest" entries
             scalars = [v for t, v in zip(tags, scalars) if t is not None]
             tags = [t for t in tags if t is not None]
+        if self.world > 1:
+            bookkeeping, rest = rest[: rows * (M + 2) + 1 + rows * A], rest[rows * (M + 2) + 1 + rows * A :]
+        else:
+            if all(map(math.isfinite, rest[: 1 + bool(A)])):  # nothing non-finite: the counts are 0
+                bookkeeping = [0.0] * (rows * (M + 2) + 1 + rows * A)
+            else:  # the second transfer
+                g_bad, row_bad, a_bad = self._bad(ring, a_ring)
+                bookkeeping = torch.cat([g_bad.reshape(-1), row_bad, row_bad.amax(0, keepdim=True)] + (
+                    [a_bad.reshape(-1)] if A else [])).cpu().tolist()
+            rest = rest[1 + bool(A) :]
         k = rows * (M + 1)
-        gb = [rest[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
-        rb, anywhere, rest = rest[k : k + rows], rest[k + rows], rest[k + rows + 1 :]
-        ab = [rest[r * A : (r + 1) * A] for r in range(rows)]  # per step, per hooked activation
-        rest = rest[rows * A :]
+        gb = [bookkeeping[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
+        rb, anywhere = bookkeeping[k : k + rows], bookkeeping[k + rows]
+        ab = [bookkeeping[k + rows + 1 + r * A : k + rows + 1 + (r + 1) * A] for r in range(rows)]  # per hooked activation
         nonfinite = sum(map(sum, gb)) + sum(map(sum, ab))
         if self.rank == 0:
+            # nonfinite/<name>: steps with a non-finite parameter or gradient, per module
+            key = ("nonfinite", id(names), M)
+            if key not in self._tags:
+                self._tags[key] = [tb.tag("nonfinite", x) for x in names]
+            tags += self._tags[key]
+            scalars += [sum(col) for col in zip(*gb)][:M] if rows else [0.0] * M
             host["global/nonfinite"] = nonfinite
             self._writes.append((n, tags + list(host), scalars + list(host.values())))
             width = 5 + stats.HIST_BINS
@@ -578,6 +588,20 @@ class GradientMonitor:
         self._have_before = False
         if report is not None:
             self._report(report)
+
+    def _bad(self, ring, a_ring):
+        """From the rows of sums: per step and module, was a parameter or its gradient NaN/Inf
+        (rows, M+1); per step, was anything NaN/Inf (rows,); per step and hooked activation
+        (rows, A) or None. Floats, 0 or 1."""
+        bad = torch.isfinite(ring).logical_not_()
+        g_bad = (bad[:, : len(self._to_module)].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
+        row_bad = bad.any(1)
+        a_bad = None
+        if a_ring is not None:
+            a_bad = torch.isfinite(a_ring).logical_not_()
+            row_bad |= a_bad.any(1)
+            a_bad = a_bad.float()
+        return g_bad, row_bad.float(), a_bad
 
     def _nonfinite(self, ring, steps, metas, gb, rb, ab):
         """The origin to report: where the first non-finite value since the last log was born."""
