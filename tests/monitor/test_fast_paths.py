@@ -55,3 +55,37 @@ def test_finite_check_of_gradients_that_require_grad_records_no_graph():
     g = torch.ones(3, requires_grad=True) * 2  # a create_graph gradient
     out = check([g])
     assert not out.requires_grad and torch.is_grad_enabled()
+
+
+# -- the event file format (tensorboard.py) ------------------------------------------------------
+
+
+def test_crc32c_and_records_equal_tensorboards_on_random_data():
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from manualgrad.monitor import tensorboard as tb
+
+    g = torch.Generator().manual_seed(0)
+    assert tb.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    for n in list(range(0, 20)) + [255, 256, 1001, 4099]:
+        data = bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist())
+        assert tb.masked_crc32c(data) == masked_crc32c(data), n
+        chunks = []
+        RecordWriter(type("F", (), {"write": staticmethod(chunks.append)})).write(data)
+        assert tb.record(data) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("step", [0, 1, 127, 128, 300, 2**40])
+def test_scalar_event_bytes_equal_protobufs(step):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    from manualgrad.monitor import tensorboard as tb
+
+    pairs = [("grad/norm", 0.5), ("update/log10_ratio", -3.25), ("nonfinite", 0.0), ("é/ü", math.nan),
+             ("x" * 200, math.inf), ("y", -math.inf), ("big", 1e39), ("neg big", -1e300), ("tiny", 1e-46),
+             ("rounds", 0.1)]
+    for chosen in (pairs, pairs[:1], []):
+        expected = event_pb2.Event(wall_time=1765000000.123456, step=step, summary=summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in chosen])).SerializeToString()
+        assert tb.scalar_event(1765000000.123456, step, chosen) == expected
