@@ -271,6 +271,7 @@ class GradientMonitor:
         self._init_distributed_stats(noise_scale, batch_size, noise_ema, cosine)  # B: noise.py, stats.py
 
         if self.rank == 0:
+            tb.crc32c(b"")  # its tables (~9 ms) built now rather than at the first write of a training run
             present = {"grad/norm", "grad/max_abs", "param/norm", "global/grad_norm", "global/lr",
                        "global/clip_coef", "global/clip_fraction", "global/nonfinite", "nonfinite"}
             if optimizer is not None:
@@ -363,10 +364,12 @@ class GradientMonitor:
         row = self._check(grads)
         if changed:
             params = self._local_params() if self._has_dtensor else self._params
-            zero = torch.zeros((), device=self._device)
             with torch.no_grad():
-                sums = [params[i].sum(dtype=torch.float32) if i in changed else zero for i in range(P)] \
-                    if len(changed) < P else stats.check_sums(params)
+                if len(changed) == P:
+                    sums = stats.check_sums(params)
+                else:
+                    zero = torch.zeros((), device=self._device)
+                    sums = [params[i].sum(dtype=torch.float32) if i in changed else zero for i in range(P)]
                 if meta is not None:
                     sums += stats.check_sums(tensors)
                 row = torch.cat([row, torch.stack(sums).to(row.device)])
@@ -376,14 +379,18 @@ class GradientMonitor:
         if not self._log_now:
             return
         # logging step: ||g||_2 and ||θ||_2 per parameter in float32 (one foreach kernel; on
-        # CPU ~30x faster than the max-abs norm) and max |g| = max(max g, -min g) (one aminmax
-        # pass per gradient, no |g| temporary; 0 for an empty FSDP shard, where aminmax
-        # raises), and a copy of the parameters for the update
+        # CPU ~30x faster than the max-abs norm) and max |g| (foreach: |g| then its max; with an
+        # empty FSDP shard, where max raises, max(max g, -min g) by one aminmax per gradient, 0
+        # for the empty one), and a copy of the parameters for the update
         with torch.no_grad():
-            params = self._local_params()
+            params = self._local_params() if self._has_dtensor else self._params
             gp_norm = torch.stack(torch._foreach_norm(grads + params, 2.0, dtype=torch.float32))  # (2P,)
-            lo, hi = zip(*[torch.aminmax(g) if g.numel() else (self._zero, self._zero) for g in grads])
-            gmax = self._module_max(torch.maximum(torch.stack(hi), -torch.stack(lo)).float())  # (M+1,)
+            if all(g.numel() for g in grads):  # |g| a temporary the size of the gradients: 3 calls
+                gabs = torch.stack(torch._foreach_max(torch._foreach_abs(grads)))
+            else:
+                lo, hi = zip(*[torch.aminmax(g) if g.numel() else (self._zero, self._zero) for g in grads])
+                gabs = torch.maximum(torch.stack(hi), -torch.stack(lo))
+            gmax = self._module_max(gabs.float())  # (M+1,)
             if self.optimizer is not None:
                 # one buffer, allocated at the first logging step and reused: no allocation
                 # proportional to the model afterwards
@@ -395,11 +402,12 @@ class GradientMonitor:
         self._pending = dict(gp_norm=gp_norm, g_max=gmax)
         self._stats_before_update(grads)  # B
         if self._hist_now:
-            self._pending["hist"] = [
-                (kind, k, stats.histogram(torch.cat([t[i].flatten() for i in idx])))
-                for k, idx in enumerate(self._module_param_indices())
-                for kind, t in (("grad", grads), ("weight", params))
-            ]
+            with torch.no_grad():
+                self._pending["hist"] = [
+                    (kind, k, stats.histogram(torch.cat([t[i].flatten() for i in idx])))
+                    for k, idx in enumerate(self._module_param_indices())
+                    for kind, t in (("grad", grads), ("weight", params))
+                ]
 
     def _module_param_indices(self):
         out = [[] for _ in range(self._M)]

@@ -301,11 +301,14 @@ class Direction:
     def before_update(self, grads):
         if self._prev is not None:
             # <g_t, g_s> per parameter (0 where a .grad appeared or vanished in between)
-            dots = [
-                torch.dot(g.view(-1), q.view(-1)) if g.shape == q.shape and g.dtype == torch.float32 and g.is_contiguous()
-                else torch.dot(g.reshape(-1).float(), q.reshape(-1).float()) if g.shape == q.shape else self.mon._zero
-                for g, q in zip(grads, self._prev)
-            ]
+            if all(g.shape == q.shape and g.dtype == torch.float32 for g, q in zip(grads, self._prev)):
+                # float32: g * q for all in one foreach call, then a sum each
+                dots = [t.sum() for t in torch._foreach_mul(grads, self._prev)]
+            else:
+                dots = [
+                    torch.dot(g.reshape(-1).float(), q.reshape(-1).float()) if g.shape == q.shape else self.mon._zero
+                    for g, q in zip(grads, self._prev)
+                ]
             self._dot = self.mon._across(torch.stack(dots))
         if self._prev is not None and all(g.shape == q.shape and g.dtype == q.dtype for g, q in zip(grads, self._prev)):
             torch._foreach_copy_(self._prev, grads)  # into the copies kept from the previous log: no allocation
