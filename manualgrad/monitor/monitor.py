@@ -1,9 +1,12 @@
 """GradientMonitor: hooks that gather per-module gradient statistics and log them to TensorBoard.
 
-Cost model. Every step (logged or not) the monitor sums every gradient and every parameter
-(one small kernel each, float32: NaN/Inf make a sum non-finite; a sum of finite values
-overflows only past ~3.4e38, where an L2 norm would past ~1.8e19) and never waits for the
-device: the 0-dim sums wait there until the next logging step. With ``activations=True`` each
+Cost model. Every step (logged or not) the monitor sums every gradient (float32: NaN/Inf make a
+sum non-finite; a sum of finite values overflows only past ~3.4e38, where an L2 norm would past
+~1.8e19; the small gradients copied into one buffer summed by row, ``stats.FiniteCheck``: two
+kernel calls and one row per step) and the parameters where they can have changed since the
+last optimizer step (all of them on logging steps, traced steps and under FSDP2; otherwise
+those whose version counter moved), and never waits for the device: the rows wait there until
+the next logging step. With ``activations=True`` each
 hooked activation's forward hook adds the activation's sum into a per-step device buffer (two
 small kernels per call, two per step), so an activation that goes NaN/Inf is reported even
 when every gradient stays finite. With ``origin='trace'`` it also traces every module and
@@ -14,8 +17,9 @@ gradient, plus a few microseconds of Python per module and Function: on a model 
 activations and little compute per activation (a small MLP on CPU) that is the bulk of the
 monitor's cost; ``origin='parameters'`` (the default) leaves it out. On a logging step it also
 computes norms, the update and (every ``hist_every``) 64-bin histograms, stacks everything
-into one tensor and moves it to the host once (twice when something went non-finite: the step
-it was first seen in is read back to name where it was born, see ``origin.py``); with the
+into one tensor and moves it to the host once, the rows' total with it (twice when that total
+is not finite: the per-step non-finite counts, and the step something was first seen in, read
+back to name where it was born, see ``origin.py``); with the
 noise scale and cosine (below) a few more small kernels. Under torch.distributed a logging step
 adds two all-reduces (sums, maxima), and one all_gather_object when something went
 non-finite. The scalars of a logging step make one event per TensorBoard run (the writer's
@@ -128,8 +132,13 @@ class GradientMonitor:
             ``nonfinite/<name>`` counts the steps with a non-finite parameter or gradient per
             module, ``global/nonfinite`` the module-steps (and activation-steps) of any kind.
         origin ('parameters' | 'trace'): how a non-finite value's birth is found. Both check
-            every parameter and gradient (and, with ``activations=True``, hooked activation)
-            at every step, and name a parameter that is non-finite; otherwise 'parameters'
+            every gradient (and, with ``activations=True``, hooked activation) at every step,
+            and the parameters at every logging step and at any step after a write outside the
+            optimizer (under no_grad, load_state_dict: the version counter; 'trace' checks all
+            at every step), and name a parameter that is non-finite (with 'parameters', one
+            that the optimizer's own update makes non-finite between logging steps, by an
+            overflow, or that is written through ``.data``, shows in the next step's
+            gradients instead). Otherwise 'parameters'
             names the step and the activations that went non-finite (kind 'forward'), else the
             modules whose gradients did (kind 'gradient'). 'trace' also traces every module
             and manualgrad Function call (inputs, outputs and their gradients) and names where
@@ -345,15 +354,15 @@ class GradientMonitor:
             tensors, meta = self._tracer.stop()
             self._held = (self._n, tensors) if self._log_now else None
         # Every step: is every gradient finite (stats.FiniteCheck: float32 sums, NaN/Inf make
-        # them non-finite; two kernel calls, one row). Σx of the parameters, the same way, on logging steps, traced steps and
-        # under FSDP2; on other steps only of those changed since the last optimizer step (their
-        # version counter moved: an in-place write under no_grad, a load_state_dict). The
-        # optimizer itself makes a parameter non-finite only from a non-finite gradient, checked,
-        # or by an overflow, which shows in the next step's gradients; a write through ``.data``
-        # bypasses the counter and shows there too. Checking every parameter at every step
-        # doubles the check: 12 kernels instead of 6 on the small benchmark model, 1.7% of its
-        # step. The row waits on the device for the next log; a parameter not checked has no
-        # sum (read as finite).                                              (E [+ P [+ T]],)
+        # them non-finite; two kernel calls, one row). Σx of the parameters, the same way, on
+        # logging steps, traced steps and under FSDP2; on other steps only of those changed
+        # since the last optimizer step (their version counter moved: an in-place write under
+        # no_grad, a load_state_dict). The optimizer itself makes a parameter non-finite only
+        # from a non-finite gradient, checked, or by an overflow, which shows in the next
+        # step's gradients; a write through ``.data`` bypasses the counter and shows there too.
+        # Summing every parameter at every step as well took ~10 us more of the small
+        # benchmark model's ~650 us step. The row waits on the device for the next log; a
+        # parameter not checked has no sum (read as finite).                 (E [+ P [+ T]],)
         # An empty FSDP shard sums to 0.
         P = len(self._params)
         if self._log_now or meta is not None or self._has_dtensor or self._versions is None:
