@@ -116,11 +116,14 @@ class NoiseScale:
         # torch.distributed, on one process only with gradient accumulation. On one process it
         # goes at the first logging step with one backward (any hook on the model costs ~4 us of
         # Python per forward), and comes back for good at a logging step with several, which
-        # then has no noise scale (its batch size was not seen).
+        # then has no noise scale (its batch size was not seen). Likewise the parameters'
+        # hooks: after a logging step with one backward, one hook (on the first parameter)
+        # only counts the backward passes of the next logging steps, until one has several.
         model = mon.model
         self._module_handles = []
         self._size_handle = None
-        self._size_for_good = mon.world > 1
+        self._for_good = mon.world > 1  # hooks settled: several batch sizes seen, or several ranks
+        self._count_only = False  # one parameter hook, counting backward passes
         if batch_size is None:
             self._size_handle = model.register_forward_pre_hook(self._size_hook, with_kwargs=True)
         if not per_rank:
@@ -146,7 +149,9 @@ class NoiseScale:
             return
         self._reset()
         self._armed = True
-        if self.per_rank:
+        if self.per_rank and self._count_only:
+            self._handles.append(self.mon._params[0].register_hook(self._count_hook))
+        elif self.per_rank:
             for i, p in enumerate(self.mon._params):
                 self._handles.append(p.register_hook(self._grad_hook(i)))
 
@@ -172,6 +177,11 @@ class NoiseScale:
             b = _first_batch_size(args, kwargs)
             if b is not None:
                 self._sizes.append(b)
+
+    def _count_hook(self, grad):
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._queue_end)
 
     def _grad_hook(self, i):
         def hook(grad):
@@ -238,14 +248,20 @@ class NoiseScale:
     def sums(self):
         """Per-rank sums to add up across ranks: [Σ |G_small|^2 per module, |G_big|^2 per module]."""
         self.disarm()
-        if self.batch_size is None and not self._size_for_good and self._backwards:
-            if self._backwards > 1 and self._size_handle is None:  # accumulation: the hook comes back
-                self._size_for_good = True
-                self._size_handle = self.mon.model.register_forward_pre_hook(self._size_hook, with_kwargs=True)
-                return []
-            if self._backwards == 1 and self._size_handle is not None:
-                self._size_handle.remove()
-                self._size_handle = None
+        if self.per_rank and not self._for_good and self._backwards:  # one process
+            if self._backwards > 1:  # accumulation: every hook back, for good
+                self._for_good = True
+                missing = self._count_only or (self.batch_size is None and self._size_handle is None)
+                self._count_only = False
+                if self.batch_size is None and self._size_handle is None:
+                    self._size_handle = self.mon.model.register_forward_pre_hook(self._size_hook, with_kwargs=True)
+                if missing:  # this step's micro-batch norms or batch size were not seen
+                    return []
+            else:
+                self._count_only = True
+                if self._size_handle is not None:
+                    self._size_handle.remove()
+                    self._size_handle = None
         if self._measured() is None:
             if self._sizes == [] and self.batch_size is None and self._backwards * self.mon.world > 1 and not self._warned:
                 self._warned = True
@@ -265,7 +281,7 @@ class NoiseScale:
         """``reduced``: what ``sums`` returned, summed across ranks (``g_sq`` is not needed here)."""
         b, K, R = self._measured(), self._backwards, self.mon.world
         self._reset()
-        if b is None:
+        if b is None or not reduced:  # (not reduced: sums() left this step out)
             return
         small_sum, big = reduced
         # per rank: K R micro-batch gradients of b samples; sharded: K increments of R b samples

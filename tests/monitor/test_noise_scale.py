@@ -267,3 +267,25 @@ def test_batch_size_hook_leaves_a_one_backward_run_and_returns_with_accumulation
     writer.close()
     assert hooked == [True, False, False, False, False, True, True, True]
     assert sorted(scalar(read(tmp_path), "noise/B_simple")) == [6]
+
+
+def test_after_one_backward_one_parameter_hook_counts_backwards_until_accumulation_appears(tmp_path):
+    # batch_size given (no model hook): after the logging step 0 with one backward, logging
+    # steps hook the first parameter only (to count backward passes); step 4 has two: its
+    # micro-batch norms were not taken (no noise scale), every hook is back from step 6 on
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, 1)
+    writer = SummaryWriter(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    hooked = []
+    with GradientMonitor(model, writer, every=2, batch_size=4) as mon:
+        for step in range(8):
+            hooked.append([len(p._backward_hooks or {}) for p in (model.weight, model.bias)])
+            for _ in range(1 if step < 4 else 2):
+                x, y = regression_batch(4, gen)
+                (model(x).squeeze(1) - y).square().mean().backward()
+            mon.step()
+            model.zero_grad()
+    writer.close()
+    assert hooked == [[1, 1], [0, 0], [1, 0], [0, 0], [1, 0], [0, 0], [1, 1], [0, 0]]
+    assert sorted(scalar(read(tmp_path), "noise/B_simple")) == [6]
