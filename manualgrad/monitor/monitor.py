@@ -521,13 +521,15 @@ class GradientMonitor:
             parts.append(t)
 
         names = self.names
-        g_norm = P["g_sq"].sqrt()
-        p_norm = P["p_sq"].sqrt()
+        if self.world == 1:  # the rows of mod_sq: one square root
+            g_norm, p_norm, *d_norm = mod_sq.sqrt().unbind()
+        else:
+            g_norm, p_norm, d_norm = P["g_sq"].sqrt(), P["p_sq"].sqrt(), [] if d_sq is None else [d_sq.sqrt()]
         put("grad/norm", names, g_norm)
         put("grad/max_abs", names, P["g_max"])
         put("param/norm", names, p_norm)
         if d_sq is not None:
-            ratio, log10 = stats.update_ratio(d_sq.sqrt(), p_norm)
+            ratio, log10 = stats.update_ratio(d_norm[0], p_norm)
             put("update/ratio", names, ratio)
             put("update/log10_ratio", names, log10)
         put("global/grad_norm", None, P["g_sq"].sum().sqrt())

@@ -337,9 +337,8 @@ class Direction:
     def put(self, put, g_sq, reduced):
         if reduced:
             (dot,) = reduced
-            M = self.mon._M
-            # cos = <g_t, g_s> / (|g_t| |g_s|)                                      (M,)
-            put("grad/cosine_prev", self.mon.names, (dot / (g_sq * self._prev_sq).sqrt())[:M])
+            # cos = <g_t, g_s> / (|g_t| |g_s|), per module and the rest (not logged)  (M+1,)
+            put("grad/cosine_prev", self.mon.names, dot / (g_sq * self._prev_sq).sqrt())
         self._prev_sq = g_sq.clone()
         self._dot = None
 
