@@ -215,19 +215,20 @@ class GradientMonitor:
         M = len(chosen)
         self._M = M
         self._group = torch.tensor(group, device=dev)
-        # the every-step check of the P gradients (stats.FiniteCheck: E entries), then the P
-        # parameters' sums; (E + P, M+1) one-hot: column group[i] for each entry of gradient i
-        # and for parameter i
-        self._check = stats.FiniteCheck([stats.local(p.detach()) for p in self._params], dev)
-        owner = self._check.owner + list(range(len(group)))
+        # the every-step check of the P gradients (stats.FiniteCheck: E entries), then of the P
+        # parameters (E' entries); (E + E', M+1) one-hot: column group[i] for each entry of
+        # gradient i and of parameter i
+        local = [stats.local(p.detach()) for p in self._params]
+        self._check, self._pcheck = stats.FiniteCheck(local, dev), stats.FiniteCheck(local, dev)
+        owner = self._check.owner + self._pcheck.owner
         self._to_module = torch.zeros(len(owner), M + 1, device=dev)
         self._to_module[torch.arange(len(owner)), torch.tensor([group[i] for i in owner], dtype=torch.long)] = 1
         self._versions = None  # each parameter's version counter after the last optimizer step
         self._group_list = group
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
         # NaN origin. One row per step since the last log: the check of the gradients (E
-        # entries), Σ of every parameter (P, when checked: see _before_update), then, with
-        # origin='trace', of every traced tensor; and the step's number and trace (host side)
+        # entries), of the parameters (E', when checked: see _before_update), then, with
+        # origin='trace', Σ of every traced tensor; and the step's number and trace (host side)
         owner = {id(p): n for n, p in model.named_parameters()}
         self._param_names = [tuple(owner[id(p)].rpartition(".")[::2]) for p in self._params]
         self._param_names = [(m or "model", n) for m, n in self._param_names]
@@ -354,34 +355,27 @@ class GradientMonitor:
             tensors, meta = self._tracer.stop()
             self._held = (self._n, tensors) if self._log_now else None
         # Every step: is every gradient finite (stats.FiniteCheck: float32 sums, NaN/Inf make
-        # them non-finite; two kernel calls, one row). Σx of the parameters, the same way, on
-        # logging steps, traced steps and under FSDP2; on other steps only of those changed
-        # since the last optimizer step (their version counter moved: an in-place write under
-        # no_grad, a load_state_dict). The optimizer itself makes a parameter non-finite only
-        # from a non-finite gradient, checked, or by an overflow, which shows in the next
-        # step's gradients; a write through ``.data`` bypasses the counter and shows there too.
-        # Summing every parameter at every step as well took ~10 us more of the small
-        # benchmark model's ~650 us step. The row waits on the device for the next log; a
-        # parameter not checked has no sum (read as finite).                 (E [+ P [+ T]],)
+        # them non-finite; two kernel calls, one row). The parameters, the same way (a second
+        # FiniteCheck), on logging steps, traced steps and under FSDP2, and on other steps when
+        # one changed since the last optimizer step (its version counter moved: an in-place
+        # write under no_grad, a load_state_dict). The optimizer itself makes a parameter
+        # non-finite only from a non-finite gradient, checked, or by an overflow, which shows
+        # in the next step's gradients; a write through ``.data`` bypasses the counter and
+        # shows there too. Checking every parameter at every step as well took ~10 us more of
+        # the small benchmark model's ~650 us step. The row waits on the device for the next
+        # log; the parameters' entries missing from a row read as 0 (finite).  (E [+ E' [+ T]],)
         # An empty FSDP shard sums to 0.
-        P = len(self._params)
         if self._log_now or meta is not None or self._has_dtensor or self._versions is None:
-            changed = range(P)
+            changed = True
         else:
-            versions = [p._version for p in self._params]
-            changed = [] if versions == self._versions else [i for i, v in enumerate(versions) if v != self._versions[i]]
+            changed = [p._version for p in self._params] != self._versions
         row = self._check(grads)
-        if changed:
-            params = self._local_params() if self._has_dtensor else self._params
-            with torch.no_grad():
-                if len(changed) == P:
-                    sums = stats.check_sums(params)
-                else:
-                    zero = torch.zeros((), device=self._device)
-                    sums = [params[i].sum(dtype=torch.float32) if i in changed else zero for i in range(P)]
-                if meta is not None:
-                    sums += stats.check_sums(tensors)
-                row = torch.cat([row, torch.stack(sums).to(row.device)])
+        if changed:  # (all of them: as cheap as a few)
+            parts = [row, self._pcheck(self._local_params() if self._has_dtensor else self._params)]
+            if meta is not None and tensors:
+                with torch.no_grad():
+                    parts.append(torch.stack(stats.check_sums(tensors)).to(row.device))
+            row = torch.cat(parts)
         self._rows.append(row); self._row_steps.append(self._n); self._row_meta.append(meta)
         if self._act_mods:  # this step's Σ of each activation (the forward hooks'), then reset  (A,)
             self._a_rows.append(self._a_sum.clone()); self._a_sum.zero_()
@@ -629,9 +623,9 @@ class GradientMonitor:
         if first is not None:
             # read that row back (a second transfer, only when something went bad). Not
             # traced, it still names a parameter that is non-finite.
-            values = ring[first].tolist()
-            E = len(self._check.owner)  # [grads (P), params (P), traced (T)]
-            values = self._check.per_tensor(values[:E]) + values[E:]
+            values = ring[first].tolist()  # [grads (E), params (E'), traced (T)]
+            E, E2 = len(self._check.owner), len(self._check.owner) + len(self._pcheck.owner)
+            values = self._check.per_tensor(values[:E]) + self._pcheck.per_tensor(values[E:E2]) + values[E2:]
             found = origin_.decode(values, metas[first] or ([], {}), self._param_names)
             if found is not None and (metas[first] is not None or found[0] == "parameter"):
                 mine = self._origin(found, steps[first])
