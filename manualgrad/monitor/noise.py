@@ -313,10 +313,16 @@ class Direction:
     def __init__(self, mon):
         self.mon = mon
         self._prev = None  # the gradients at the previous logging step (this rank's pieces)
+        self._prev_buf = None  # ... the small ones as the monitor's check buffer held them
         self._prev_sq = None  # their squared norms per module, summed across ranks
         self._dot = None
 
     def before_update(self, grads):
+        check = self.mon._check
+        if check.filled and len(check.row_owner):
+            return self._from_buffer(grads, check)
+        if self._prev_buf is not None:  # the last log kept the buffer and the large ones only
+            self._prev = self._prev_buf = None
         if self._prev is not None:
             # <g_t, g_s> per parameter (0 where a .grad appeared or vanished in between)
             if all(g.shape == q.shape and g.dtype == torch.float32 for g, q in zip(grads, self._prev)):
@@ -333,6 +339,25 @@ class Direction:
         else:
             self._prev = [g.clone(memory_format=torch.contiguous_format) for g in grads]
 
+    def _from_buffer(self, grads, check):
+        """``before_update`` when the monitor's gradient check (stats.FiniteCheck) holds this
+        step's small gradients in its buffer, one row or more each (zeros after them): the dots
+        of those are the rows' dots with the buffer kept from the previous logging step, summed
+        per parameter, in four calls whatever their number; the large ones as above."""
+        buf, alone = check._buf, check._alone
+        if self._prev_buf is not None:
+            # <g_t, g_s> per row, then per parameter                            (rows,) -> (P,)
+            dots = torch.zeros(len(grads), device=buf.device).index_add_(0, check.row_owner, (buf * self._prev_buf).sum(1))
+            if alone:
+                dots[alone] = torch.stack([
+                    torch.dot(grads[i].reshape(-1).float(), q.reshape(-1).float()) if grads[i].shape == q.shape
+                    else self.mon._zero for i, q in zip(alone, self._prev)]).to(dots.device)
+            self._dot = self.mon._across(dots.to(self.mon._device))
+            self._prev_buf.copy_(buf)
+        else:
+            self._prev_buf = buf.clone()
+        self._prev = [grads[i].clone(memory_format=torch.contiguous_format) for i in alone]
+
     def sums(self):
         return [] if self._dot is None else [self._dot]
 
@@ -345,4 +370,4 @@ class Direction:
         self._dot = None
 
     def close(self):
-        self._prev = None
+        self._prev = self._prev_buf = None

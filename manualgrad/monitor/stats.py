@@ -211,7 +211,9 @@ class FiniteCheck:
         self._alone = [i for i in range(len(like)) if i not in in_buf]
         # entry -> tensor index: the buffer's rows, then the tensors summed alone
         self.owner = [i for i, r in zip(flat, rows) for _ in range(r)] + self._alone
+        self.row_owner = torch.tensor(self.owner[: len(self._buf)], dtype=torch.long, device=device)
         self.n = len(like)
+        self.filled = False  # the buffer holds the last call's tensors (the small ones)
 
     def __call__(self, tensors):
         """(entries,) float32 on the device; no host sync."""
@@ -224,9 +226,11 @@ class FiniteCheck:
             try:
                 torch._foreach_copy_(self._views, tensors if self._all_flat else [tensors[i] for i in self._flat])
             except RuntimeError:  # an unexpected gradient (sparse, another shape): the plain form
+                self.filled = False
                 return self._fallback(tensors)
             finally:
                 torch._C._set_grad_enabled(grad_mode)
+            self.filled = True
             parts.append(self._buf.sum(1))
         if self._alone:
             with torch.no_grad():

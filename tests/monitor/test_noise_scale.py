@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from manualgrad.monitor import GradientMonitor, noise
+from manualgrad.monitor import GradientMonitor, noise, stats
 from tests.monitor.test_monitor import HostReads, read, scalar
 
 D, S = 4, 1.0  # features, noise std
@@ -176,7 +176,12 @@ def test_unbiased_estimators_recover_known_norms():
     assert g_sq.item() == pytest.approx(2.0) and tr.item() == pytest.approx(9.0)
 
 
-def test_cosine_with_the_previous_logged_gradient_equals_a_hand_computation(tmp_path):
+@pytest.mark.parametrize("flat_max", [None, 4, 0], ids=["all-in-buffer", "mixed", "none-in-buffer"])
+def test_cosine_with_the_previous_logged_gradient_equals_a_hand_computation(tmp_path, monkeypatch, flat_max):
+    # the dots come from the gradient check's buffer (stats.FiniteCheck) for tensors of up to
+    # FLAT_MAX elements, one by one for the others: here all, the biases (4 and 3) only, none
+    if flat_max is not None:
+        monkeypatch.setattr(stats.FiniteCheck, "FLAT_MAX", flat_max)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
