@@ -186,6 +186,7 @@ class FiniteCheck:
     saves, are summed on their own. ``__call__`` returns one float32 value per *entry* (a row of
     the buffer, or a tensor summed alone): tensor i is non-finite iff one of its entries is
     (``per_tensor``; the sum of finite entries could overflow, their finiteness cannot).
+    Memory: a float32 copy of the small tensors, each padded to whole rows.
     """
 
     FLAT_MAX = 1 << 14  # elements: the copy costs about what the kernel it saves does here
