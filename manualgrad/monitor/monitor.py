@@ -1,9 +1,12 @@
 """GradientMonitor: hooks that gather per-module gradient statistics and log them to TensorBoard.
 
-Cost model. Every step (logged or not) the monitor sums every gradient and every parameter
-(one small kernel each, float32: NaN/Inf make a sum non-finite; a sum of finite values
-overflows only past ~3.4e38, where an L2 norm would past ~1.8e19) and never waits for the
-device: the 0-dim sums wait there until the next logging step. With ``activations=True`` each
+Cost model. Every step (logged or not) the monitor sums every gradient (float32: NaN/Inf make a
+sum non-finite; a sum of finite values overflows only past ~3.4e38, where an L2 norm would past
+~1.8e19; the small gradients copied into one buffer summed by row, ``stats.FiniteCheck``: two
+kernel calls and one row per step) and the parameters where they can have changed since the
+last optimizer step (all of them on logging steps, traced steps and under FSDP2; otherwise
+those whose version counter moved), and never waits for the device: the rows wait there until
+the next logging step. With ``activations=True`` each
 hooked activation's forward hook adds the activation's sum into a per-step device buffer (two
 small kernels per call, two per step), so an activation that goes NaN/Inf is reported even
 when every gradient stays finite. With ``origin='trace'`` it also traces every module and
@@ -14,8 +17,9 @@ gradient, plus a few microseconds of Python per module and Function: on a model 
 activations and little compute per activation (a small MLP on CPU) that is the bulk of the
 monitor's cost; ``origin='parameters'`` (the default) leaves it out. On a logging step it also
 computes norms, the update and (every ``hist_every``) 64-bin histograms, stacks everything
-into one tensor and moves it to the host once (twice when something went non-finite: the step
-it was first seen in is read back to name where it was born, see ``origin.py``); with the
+into one tensor and moves it to the host once, the rows' total with it (twice when that total
+is not finite: the per-step non-finite counts, and the step something was first seen in, read
+back to name where it was born, see ``origin.py``); with the
 noise scale and cosine (below) a few more small kernels. Under torch.distributed a logging step
 adds two all-reduces (sums, maxima), and one all_gather_object when something went
 non-finite. The scalars of a logging step make one event per TensorBoard run (the writer's
@@ -128,8 +132,13 @@ class GradientMonitor:
             ``nonfinite/<name>`` counts the steps with a non-finite parameter or gradient per
             module, ``global/nonfinite`` the module-steps (and activation-steps) of any kind.
         origin ('parameters' | 'trace'): how a non-finite value's birth is found. Both check
-            every parameter and gradient (and, with ``activations=True``, hooked activation)
-            at every step, and name a parameter that is non-finite; otherwise 'parameters'
+            every gradient (and, with ``activations=True``, hooked activation) at every step,
+            and the parameters at every logging step and at any step after a write outside the
+            optimizer (under no_grad, load_state_dict: the version counter; 'trace' checks all
+            at every step), and name a parameter that is non-finite (with 'parameters', one
+            that the optimizer's own update makes non-finite between logging steps, by an
+            overflow, or that is written through ``.data``, shows in the next step's
+            gradients instead). Otherwise 'parameters'
             names the step and the activations that went non-finite (kind 'forward'), else the
             modules whose gradients did (kind 'gradient'). 'trace' also traces every module
             and manualgrad Function call (inputs, outputs and their gradients) and names where
@@ -206,14 +215,20 @@ class GradientMonitor:
         M = len(chosen)
         self._M = M
         self._group = torch.tensor(group, device=dev)
-        # (2P, M+1) one-hot: column group[i] for gradient i and for parameter i
-        self._to_module = torch.zeros(2 * len(group), M + 1, device=dev)
-        self._to_module[torch.arange(2 * len(group)), torch.tensor(group + group)] = 1
+        # the every-step check of the P gradients (stats.FiniteCheck: E entries), then of the P
+        # parameters (E' entries); (E + E', M+1) one-hot: column group[i] for each entry of
+        # gradient i and of parameter i
+        local = [stats.local(p.detach()) for p in self._params]
+        self._check, self._pcheck = stats.FiniteCheck(local, dev), stats.FiniteCheck(local, dev)
+        owner = self._check.owner + self._pcheck.owner
+        self._to_module = torch.zeros(len(owner), M + 1, device=dev)
+        self._to_module[torch.arange(len(owner)), torch.tensor([group[i] for i in owner], dtype=torch.long)] = 1
+        self._versions = None  # each parameter's version counter after the last optimizer step
         self._group_list = group
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
-        # NaN origin. One row per step since the last log: Σ of every gradient (P), of every
-        # parameter (P), then, with origin='trace', of every traced tensor; and the step's
-        # number and trace (host side)
+        # NaN origin. One row per step since the last log: the check of the gradients (E
+        # entries), of the parameters (E', when checked: see _before_update), then, with
+        # origin='trace', Σ of every traced tensor; and the step's number and trace (host side)
         owner = {id(p): n for n, p in model.named_parameters()}
         self._param_names = [tuple(owner[id(p)].rpartition(".")[::2]) for p in self._params]
         self._param_names = [(m or "model", n) for m, n in self._param_names]
@@ -252,7 +267,6 @@ class GradientMonitor:
             _ATTACHED.add(optimizer)
         _ATTACHED.add(model)
         self._before = None  # parameters before the step being logged (a buffer kept for reuse)
-        self._scratch = {}  # (dtype, device) -> buffer for θ_before - θ_after
         self._have_before = False
         self._pending = None
         self._writes, self._written_at = [], time.monotonic()  # logging steps not yet handed to the writer
@@ -267,6 +281,7 @@ class GradientMonitor:
         self._init_distributed_stats(noise_scale, batch_size, noise_ema, cosine)  # B: noise.py, stats.py
 
         if self.rank == 0:
+            tb.crc32c(b"")  # its tables (~9 ms) built now rather than at the first write of a training run
             present = {"grad/norm", "grad/max_abs", "param/norm", "global/grad_norm", "global/lr",
                        "global/clip_coef", "global/clip_fraction", "global/nonfinite", "nonfinite"}
             if optimizer is not None:
@@ -335,35 +350,50 @@ class GradientMonitor:
 
     def _before_update(self):
         grads = self._grads()
-        # the parameters as they are (FSDP2: this rank's shards; no detach, summed under no_grad)
-        checked = grads + (self._local_params() if self._has_dtensor else self._params)
         meta = None
         if self.origin == "trace":  # a traced step: every traced tensor too
             tensors, meta = self._tracer.stop()
-            checked += tensors
             self._held = (self._n, tensors) if self._log_now else None
-        # every step: Σx of every gradient and parameter (and traced tensor), in float32: a
-        # NaN/Inf makes it non-finite, and a sum of finite values overflows only past ~3.4e38
-        # (an L2 norm would overflow past ~1.8e19: an exploding run would read as non-finite
-        # early). One kernel per tensor (no foreach sum; on CPU as fast as the foreach L2 norm
-        # over these sizes); the 0-dim results wait on the device for the next log.  (2P + T,)
+        # Every step: is every gradient finite (stats.FiniteCheck: float32 sums, NaN/Inf make
+        # them non-finite; two kernel calls, one row). The parameters, the same way (a second
+        # FiniteCheck), on logging steps, traced steps and under FSDP2, and on other steps when
+        # one changed since the last optimizer step (its version counter moved: an in-place
+        # write under no_grad, a load_state_dict). The optimizer itself makes a parameter
+        # non-finite only from a non-finite gradient, checked, or by an overflow, which shows
+        # in the next step's gradients; a write through ``.data`` bypasses the counter and
+        # shows there too. Checking every parameter at every step as well took ~10 us more of
+        # the small benchmark model's ~650 us step. The row waits on the device for the next
+        # log; the parameters' entries missing from a row read as 0 (finite).  (E [+ E' [+ T]],)
         # An empty FSDP shard sums to 0.
-        with torch.no_grad():
-            sums = [t.sum(dtype=torch.float32) for t in checked]
-        self._rows.append(sums); self._row_steps.append(self._n); self._row_meta.append(meta)
+        if self._log_now or meta is not None or self._has_dtensor or self._versions is None:
+            changed = True
+        else:
+            changed = [p._version for p in self._params] != self._versions
+        row = self._check(grads)
+        if changed:  # (all of them: as cheap as a few)
+            parts = [row, self._pcheck(self._local_params() if self._has_dtensor else self._params)]
+            if meta is not None and tensors:
+                with torch.no_grad():
+                    parts.append(torch.stack(stats.check_sums(tensors)).to(row.device))
+            row = torch.cat(parts)
+        self._rows.append(row); self._row_steps.append(self._n); self._row_meta.append(meta)
         if self._act_mods:  # this step's Σ of each activation (the forward hooks'), then reset  (A,)
             self._a_rows.append(self._a_sum.clone()); self._a_sum.zero_()
         if not self._log_now:
             return
         # logging step: ||g||_2 and ||θ||_2 per parameter in float32 (one foreach kernel; on
-        # CPU ~30x faster than the max-abs norm) and max |g| = max(max g, -min g) (one aminmax
-        # pass per gradient, no |g| temporary; 0 for an empty FSDP shard, where aminmax
-        # raises), and a copy of the parameters for the update
+        # CPU ~30x faster than the max-abs norm) and max |g| (foreach: |g| then its max; with an
+        # empty FSDP shard, where max raises, max(max g, -min g) by one aminmax per gradient, 0
+        # for the empty one), and a copy of the parameters for the update
         with torch.no_grad():
-            params = self._local_params()
+            params = self._local_params() if self._has_dtensor else self._params
             gp_norm = torch.stack(torch._foreach_norm(grads + params, 2.0, dtype=torch.float32))  # (2P,)
-            lo, hi = zip(*[torch.aminmax(g) if g.numel() else (self._zero, self._zero) for g in grads])
-            gmax = self._module_max(torch.maximum(torch.stack(hi), -torch.stack(lo)).float())  # (M+1,)
+            if all(g.numel() for g in grads):  # |g| a temporary the size of the gradients: 3 calls
+                gabs = torch.stack(torch._foreach_max(torch._foreach_abs(grads)))
+            else:
+                lo, hi = zip(*[torch.aminmax(g) if g.numel() else (self._zero, self._zero) for g in grads])
+                gabs = torch.maximum(torch.stack(hi), -torch.stack(lo))
+            gmax = self._module_max(gabs.float())  # (M+1,)
             if self.optimizer is not None:
                 # one buffer, allocated at the first logging step and reused: no allocation
                 # proportional to the model afterwards
@@ -375,11 +405,12 @@ class GradientMonitor:
         self._pending = dict(gp_norm=gp_norm, g_max=gmax)
         self._stats_before_update(grads)  # B
         if self._hist_now:
-            self._pending["hist"] = [
-                (kind, k, stats.histogram(torch.cat([t[i].flatten() for i in idx])))
-                for k, idx in enumerate(self._module_param_indices())
-                for kind, t in (("grad", grads), ("weight", params))
-            ]
+            with torch.no_grad():
+                self._pending["hist"] = [
+                    (kind, k, stats.histogram(torch.cat([t[i].flatten() for i in idx])))
+                    for k, idx in enumerate(self._module_param_indices())
+                    for kind, t in (("grad", grads), ("weight", params))
+                ]
 
     def _module_param_indices(self):
         out = [[] for _ in range(self._M)]
@@ -391,6 +422,7 @@ class GradientMonitor:
     def _after_update(self):
         n = self._n
         self._n += 1
+        self._versions = [p._version for p in self._params]
         if self._log_now:
             self._log(n)
         self._log_now = self._n % self.every == 0
@@ -404,20 +436,15 @@ class GradientMonitor:
         per_param = [P["gp_norm"]]
         if self._have_before:
             with torch.no_grad():
-                # ||θ_before - θ_after|| per parameter, the difference made in a scratch buffer
-                # the size of the largest parameter (θ_before stays, for the offending indices
-                # of a non-finite parameter; a temporary the size of the model would cost an
-                # allocation per logging step). Under FSDP2 of this rank's shards.
+                # ||θ_before - θ_after|| per parameter (θ_before stays, for the offending indices
+                # of a non-finite parameter): two foreach calls; the differences are a temporary
+                # the size of the model at logging steps (one subtraction and norm per parameter
+                # into a scratch buffer took ~25 us of Python more per logging step on the small
+                # benchmark model). Under FSDP2 of this rank's shards.
                 params = self._local_params() if self._has_dtensor else self._params
-                norms = []
-                for b, p in zip(self._before, params):
-                    key = (b.dtype, b.device)
-                    if key not in self._scratch:
-                        size = max(q.numel() for q in params if (q.dtype, q.device) == key)
-                        self._scratch[key] = torch.empty(size, dtype=b.dtype, device=b.device)
-                    diff = self._scratch[key][: b.numel()].view_as(b)
-                    norms.append(torch.linalg.vector_norm(torch.sub(b, p, out=diff), dtype=torch.float32))
-                per_param.append(torch.stack(norms))
+                diffs = torch._foreach_sub(self._before, params)
+                per_param.append(torch.stack(torch._foreach_norm(diffs, 2.0, dtype=torch.float32)))
+                del diffs
         # Σ ||·||² per module of the gradients, parameters (and updates): one index_add. Each
         # ||·||² weighted by w_p first (``_across``), so that the sum over ranks counts every
         # shard once and every replica once                        (2 or 3, P) -> (2 or 3, M+1)
@@ -433,19 +460,17 @@ class GradientMonitor:
                            for s in self._a_stats]) if A else None
         agn = torch.stack([g.reshape(()) if g is not None else torch.full((), math.nan, device=self._device)
                            for g in self._a_gnorm]) if A else None
-        # non-finite bookkeeping from the rows of sums: per step and module, was a parameter
-        # or its gradient NaN/Inf (rows, M+1); per step, was anything NaN/Inf (rows,)
+        # non-finite bookkeeping from the rows of sums (``_bad``). On one process only their
+        # total rides along with the statistics: finite (nearly always), nothing was NaN/Inf
+        # and the counts are 0; else they are worked out and read back in a second transfer
+        # (each kernel of a logging step runs cold: ~20-30 us each on the small benchmark model)
         rows = len(self._row_steps)
-        ring = torch.nn.utils.rnn.pad_sequence([torch.stack(r) for r in self._rows], batch_first=True)  # (rows, W)
-        bad = torch.isfinite(ring).logical_not_()
-        g_bad = (bad[:, : 2 * n_par].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
-        row_bad = bad.any(1)
-        a_bad = None
-        if A:  # per step and hooked activation, was it NaN/Inf                        (rows, A)
-            a_bad = torch.isfinite(torch.stack(self._a_rows)).logical_not_()
-            row_bad |= a_bad.any(1)
-            a_bad = a_bad.float()
-        row_bad = row_bad.float()
+        ring = torch.nn.utils.rnn.pad_sequence(self._rows, batch_first=True)  # (rows, W)
+        a_ring = torch.stack(self._a_rows) if A else None  # (rows, A)
+        if self.world > 1:
+            g_bad, row_bad, a_bad = self._bad(ring, a_ring)
+        else:
+            total = ring.sum().reshape(1) if not A else torch.stack([ring.sum(), a_ring.sum()])
 
         # Cross-rank reduction (logging steps only): sums and maxima in two collectives.
         # Sums of squares are already weighted per parameter (w_p): replicas count once.
@@ -473,34 +498,35 @@ class GradientMonitor:
             k = rows * (M + 1)
             g_bad_all, P["g_max"], any_bad = mx[:k].reshape(rows, M + 1), mx[k : k + M + 1], mx[k + M + 1 : k + M + 2]
             a_bad = mx[k + M + 2 :].reshape(rows, A) if A else None
-        else:
-            g_bad_all, any_bad = g_bad, row_bad.amax(0, keepdim=True)
 
         # One vector of everything, one transfer.
         tags, parts = [], []
 
         def put(stat, names, t):
+            # t: one value per name; per module also (M+1,), the last one ("rest") not logged:
+            # dropped on the host (a slice per statistic is a kernel call each)
             if names is None:
                 tags.append(stat)
             else:
-                key = (stat, id(names))
+                key = (stat, id(names), t.shape[0])
                 if key not in self._tags:
-                    self._tags[key] = [tb.tag(stat, x) for x in names]
+                    self._tags[key] = [tb.tag(stat, x) for x in names] + [None] * (t.shape[0] - len(names))
                 tags.extend(self._tags[key])
             parts.append(t)
 
         names = self.names
-        g_norm = P["g_sq"].sqrt()
-        p_norm = P["p_sq"].sqrt()
-        put("grad/norm", names, g_norm[:M])
-        put("grad/max_abs", names, P["g_max"][:M])
-        put("param/norm", names, p_norm[:M])
+        if self.world == 1:  # the rows of mod_sq: one square root
+            g_norm, p_norm, *d_norm = mod_sq.sqrt().unbind()
+        else:
+            g_norm, p_norm, d_norm = P["g_sq"].sqrt(), P["p_sq"].sqrt(), [] if d_sq is None else [d_sq.sqrt()]
+        put("grad/norm", names, g_norm)
+        put("grad/max_abs", names, P["g_max"])
+        put("param/norm", names, p_norm)
         if d_sq is not None:
-            ratio, log10 = stats.update_ratio(d_sq.sqrt(), p_norm)
-            put("update/ratio", names, ratio[:M])
-            put("update/log10_ratio", names, log10[:M])
+            ratio, log10 = stats.update_ratio(d_norm[0], p_norm)
+            put("update/ratio", names, ratio)
+            put("update/log10_ratio", names, log10)
         put("global/grad_norm", None, P["g_sq"].sum().sqrt())
-        put("nonfinite", names, g_bad_all.sum(0)[:M])
         self._put_stats(put, P["g_sq"], extra)  # B: noise/*, grad/cosine_prev/*
         host = {}  # scalars already on the host (float learning rates)
         if self.optimizer is not None:
@@ -520,7 +546,7 @@ class GradientMonitor:
             put("act/grad_norm", self.act_names, agn)
         n_scalars = len(tags)
         # non-finite bookkeeping rides along
-        parts += [g_bad_all, row_bad, any_bad] + ([a_bad] if A else [])
+        parts += [g_bad_all, row_bad, any_bad] + ([a_bad] if A else []) if self.world > 1 else [total]
         hists = P.get("hist", [])
         hist_tags = [f"hist/{kind}/{names[k]}" for kind, k, _ in hists]
         parts += [h for _, _, h in hists]
@@ -528,7 +554,7 @@ class GradientMonitor:
             for a, h in enumerate(self._a_hist):
                 if h is not None:
                     hist_tags.append(f"hist/act/{self.act_names[a]}"); parts.append(h)
-        values = torch.cat([t.reshape(-1) for t in parts]).float().cpu().tolist()  # the one transfer
+        values = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in parts]).float().cpu().tolist()  # the one transfer
 
         # reset the accumulators (in place, on the device)
         steps, metas = self._row_steps, self._row_meta
@@ -538,13 +564,31 @@ class GradientMonitor:
         self._pending = None
 
         scalars, rest = values[:n_scalars], values[n_scalars:]
+        if None in tags:  # the modules' "rest" entries
+            scalars = [v for t, v in zip(tags, scalars) if t is not None]
+            tags = [t for t in tags if t is not None]
+        if self.world > 1:
+            bookkeeping, rest = rest[: rows * (M + 2) + 1 + rows * A], rest[rows * (M + 2) + 1 + rows * A :]
+        else:
+            if all(map(math.isfinite, rest[: 1 + bool(A)])):  # nothing non-finite: the counts are 0
+                bookkeeping = [0.0] * (rows * (M + 2) + 1 + rows * A)
+            else:  # the second transfer
+                g_bad, row_bad, a_bad = self._bad(ring, a_ring)
+                bookkeeping = torch.cat([g_bad.reshape(-1), row_bad, row_bad.amax(0, keepdim=True)] + (
+                    [a_bad.reshape(-1)] if A else [])).cpu().tolist()
+            rest = rest[1 + bool(A) :]
         k = rows * (M + 1)
-        gb = [rest[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
-        rb, anywhere, rest = rest[k : k + rows], rest[k + rows], rest[k + rows + 1 :]
-        ab = [rest[r * A : (r + 1) * A] for r in range(rows)]  # per step, per hooked activation
-        rest = rest[rows * A :]
+        gb = [bookkeeping[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
+        rb, anywhere = bookkeeping[k : k + rows], bookkeeping[k + rows]
+        ab = [bookkeeping[k + rows + 1 + r * A : k + rows + 1 + (r + 1) * A] for r in range(rows)]  # per hooked activation
         nonfinite = sum(map(sum, gb)) + sum(map(sum, ab))
         if self.rank == 0:
+            # nonfinite/<name>: steps with a non-finite parameter or gradient, per module
+            key = ("nonfinite", id(names), M)
+            if key not in self._tags:
+                self._tags[key] = [tb.tag("nonfinite", x) for x in names]
+            tags += self._tags[key]
+            scalars += [sum(col) for col in zip(*gb)][:M] if rows else [0.0] * M
             host["global/nonfinite"] = nonfinite
             self._writes.append((n, tags + list(host), scalars + list(host.values())))
             width = 5 + stats.HIST_BINS
@@ -558,6 +602,20 @@ class GradientMonitor:
         if report is not None:
             self._report(report)
 
+    def _bad(self, ring, a_ring):
+        """From the rows of sums: per step and module, was a parameter or its gradient NaN/Inf
+        (rows, M+1); per step, was anything NaN/Inf (rows,); per step and hooked activation
+        (rows, A) or None. Floats, 0 or 1."""
+        bad = torch.isfinite(ring).logical_not_()
+        g_bad = (bad[:, : len(self._to_module)].float() @ self._to_module).clamp_max_(1)  # (rows, M+1)
+        row_bad = bad.any(1)
+        a_bad = None
+        if a_ring is not None:
+            a_bad = torch.isfinite(a_ring).logical_not_()
+            row_bad |= a_bad.any(1)
+            a_bad = a_bad.float()
+        return g_bad, row_bad.float(), a_bad
+
     def _nonfinite(self, ring, steps, metas, gb, rb, ab):
         """The origin to report: where the first non-finite value since the last log was born."""
         first = next((r for r in range(len(steps)) if rb[r]), None)  # this rank's first bad step
@@ -565,7 +623,10 @@ class GradientMonitor:
         if first is not None:
             # read that row back (a second transfer, only when something went bad). Not
             # traced, it still names a parameter that is non-finite.
-            found = origin_.decode(ring[first].tolist(), metas[first] or ([], {}), self._param_names)
+            values = ring[first].tolist()  # [grads (E), params (E'), traced (T)]
+            E, E2 = len(self._check.owner), len(self._check.owner) + len(self._pcheck.owner)
+            values = self._check.per_tensor(values[:E]) + self._pcheck.per_tensor(values[E:E2]) + values[E2:]
+            found = origin_.decode(values, metas[first] or ([], {}), self._param_names)
             if found is not None and (metas[first] is not None or found[0] == "parameter"):
                 mine = self._origin(found, steps[first])
         if self.world > 1:  # the earliest birth over all ranks, named on every rank
@@ -693,7 +754,6 @@ class GradientMonitor:
         if self.optimizer is not None:
             _ATTACHED.discard(self.optimizer)
         self._before = None
-        self._scratch = {}
         self._tracer.close()
         self._held = None
         if self._noise is not None:

@@ -41,11 +41,13 @@ b is dim 0 of the first tensor in the arguments of the model's forward (the mean
 micro-batches, which are assumed of equal size), or ``batch_size``; under torch.compile the
 forward is hidden and ``batch_size`` is needed (a warning says so).
 
-Cost: on other steps, one forward pre-hook on the model that returns at once (under 1 us);
-the parameters' hooks exist only during logging steps. On a logging step, one squared norm per
-parameter and micro-batch, one foreach norm of ``.grad`` per backward, and a few scalars in
-the monitor's one all-reduce and one transfer; with sharded parameters, a copy of the shard's
-gradients during the logging step. No host sync.
+Cost: on other steps, one forward pre-hook on the model that returns at once (~4 us of Python
+per forward on CPU; none on one process without gradient accumulation, see ``NoiseScale``);
+the parameters' hooks exist only during logging steps (one, counting backward passes, on one
+process without accumulation). On a logging step, one squared norm per parameter and
+micro-batch, one foreach norm of ``.grad`` per backward (after the first on one process), and a
+few scalars in the monitor's one all-reduce and one transfer; with sharded parameters, a copy
+of the shard's gradients during the logging step. No host sync.
 
 Direction stability (``grad/cosine_prev/<name>``): per module, cos(g_t, g_s) between the final
 gradient at this logging step t and at the previous logging step s. It keeps one copy of the
@@ -87,6 +89,8 @@ def _reduces_gradients(model):
 
 
 def _first_batch_size(args, kwargs):
+    if args and type(args[0]) is torch.Tensor and args[0].dim() > 0:  # the common case, without pytree
+        return args[0].shape[0]
     for a in torch.utils._pytree.tree_leaves((args, kwargs)):  # tensors inside dicts and tuples too
         if isinstance(a, torch.Tensor) and a.dim() > 0:
             return a.shape[0]
@@ -106,12 +110,24 @@ class NoiseScale:
         self._handles = []  # the parameters' hooks, during a logging step
         self._armed = False
         self._warned = False
-        # Module hooks stay registered (under torch.compile, adding and removing them at every
-        # logging step would recompile) and do nothing unless armed or while compiling: under
+        # Module hooks are not added and removed at every logging step (under torch.compile that
+        # would recompile each time); they do nothing unless armed or while compiling: under
         # torch.compile the forward is not seen, so pass ``batch_size`` (and, with sharded
-        # parameters, no increments are measured).
+        # parameters, no increments are measured). The batch-size hook (none when ``batch_size``
+        # is given) is needed only when a step can have two batch sizes: always under
+        # torch.distributed, on one process only with gradient accumulation. On one process it
+        # goes at the first logging step with one backward (any hook on the model costs ~4 us of
+        # Python per forward), and comes back for good at a logging step with several, which
+        # then has no noise scale (its batch size was not seen). Likewise the parameters'
+        # hooks: after a logging step with one backward, one hook (on the first parameter)
+        # only counts the backward passes of the next logging steps, until one has several.
         model = mon.model
-        self._module_handles = [model.register_forward_pre_hook(self._size_hook, with_kwargs=True)]
+        self._module_handles = []
+        self._size_handle = None
+        self._for_good = mon.world > 1  # hooks settled: several batch sizes seen, or several ranks
+        self._count_only = False  # one parameter hook, counting backward passes
+        if batch_size is None:
+            self._size_handle = model.register_forward_pre_hook(self._size_hook, with_kwargs=True)
         if not per_rank:
             self._module_handles.append(model.register_forward_hook(self._output_hook))
         self._ema_g = self._ema_tr = None  # device 0-dim moving averages
@@ -135,7 +151,9 @@ class NoiseScale:
             return
         self._reset()
         self._armed = True
-        if self.per_rank:
+        if self.per_rank and self._count_only:
+            self._handles.append(self.mon._params[0].register_hook(self._count_hook))
+        elif self.per_rank:
             for i, p in enumerate(self.mon._params):
                 self._handles.append(p.register_hook(self._grad_hook(i)))
 
@@ -147,6 +165,9 @@ class NoiseScale:
 
     def close(self):
         self.disarm()
+        if self._size_handle is not None:
+            self._size_handle.remove()
+            self._size_handle = None
         for h in self._module_handles:
             h.remove()
         self._module_handles.clear()
@@ -158,6 +179,11 @@ class NoiseScale:
             b = _first_batch_size(args, kwargs)
             if b is not None:
                 self._sizes.append(b)
+
+    def _count_hook(self, grad):
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._queue_end)
 
     def _grad_hook(self, i):
         def hook(grad):
@@ -192,6 +218,10 @@ class NoiseScale:
     def _after_backward(self):
         self._queued = False
         self._backwards += 1
+        if self.per_rank and self.mon.world == 1 and self._backwards == 1:
+            # one process: G_big is needed from the step's last backward only if it is not the
+            # first (one backward on one process has no noise scale)
+            return
         grads = self.mon._grads()
         norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
         self._big = self.mon._across(norms * norms)
@@ -220,6 +250,20 @@ class NoiseScale:
     def sums(self):
         """Per-rank sums to add up across ranks: [Σ |G_small|^2 per module, |G_big|^2 per module]."""
         self.disarm()
+        if self.per_rank and not self._for_good and self._backwards:  # one process
+            if self._backwards > 1:  # accumulation: every hook back, for good
+                self._for_good = True
+                missing = self._count_only or (self.batch_size is None and self._size_handle is None)
+                self._count_only = False
+                if self.batch_size is None and self._size_handle is None:
+                    self._size_handle = self.mon.model.register_forward_pre_hook(self._size_hook, with_kwargs=True)
+                if missing:  # this step's micro-batch norms or batch size were not seen
+                    return []
+            else:
+                self._count_only = True
+                if self._size_handle is not None:
+                    self._size_handle.remove()
+                    self._size_handle = None
         if self._measured() is None:
             if self._sizes == [] and self.batch_size is None and self._backwards * self.mon.world > 1 and not self._warned:
                 self._warned = True
@@ -239,7 +283,7 @@ class NoiseScale:
         """``reduced``: what ``sums`` returned, summed across ranks (``g_sq`` is not needed here)."""
         b, K, R = self._measured(), self._backwards, self.mon.world
         self._reset()
-        if b is None:
+        if b is None or not reduced:  # (not reduced: sums() left this step out)
             return
         small_sum, big = reduced
         # per rank: K R micro-batch gradients of b samples; sharded: K increments of R b samples
@@ -269,18 +313,50 @@ class Direction:
     def __init__(self, mon):
         self.mon = mon
         self._prev = None  # the gradients at the previous logging step (this rank's pieces)
+        self._prev_buf = None  # ... the small ones as the monitor's check buffer held them
         self._prev_sq = None  # their squared norms per module, summed across ranks
         self._dot = None
 
     def before_update(self, grads):
+        check = self.mon._check
+        if check.filled and len(check.row_owner):
+            return self._from_buffer(grads, check)
+        if self._prev_buf is not None:  # the last log kept the buffer and the large ones only
+            self._prev = self._prev_buf = None
         if self._prev is not None:
             # <g_t, g_s> per parameter (0 where a .grad appeared or vanished in between)
-            dots = [
-                torch.dot(g.reshape(-1).float(), q.reshape(-1).float()) if g.shape == q.shape else self.mon._zero
-                for g, q in zip(grads, self._prev)
-            ]
+            if all(g.shape == q.shape and g.dtype == torch.float32 for g, q in zip(grads, self._prev)):
+                # float32: g * q for all in one foreach call, then a sum each
+                dots = [t.sum() for t in torch._foreach_mul(grads, self._prev)]
+            else:
+                dots = [
+                    torch.dot(g.reshape(-1).float(), q.reshape(-1).float()) if g.shape == q.shape else self.mon._zero
+                    for g, q in zip(grads, self._prev)
+                ]
             self._dot = self.mon._across(torch.stack(dots))
-        self._prev = [g.clone() for g in grads]
+        if self._prev is not None and all(g.shape == q.shape and g.dtype == q.dtype for g, q in zip(grads, self._prev)):
+            torch._foreach_copy_(self._prev, grads)  # into the copies kept from the previous log: no allocation
+        else:
+            self._prev = [g.clone(memory_format=torch.contiguous_format) for g in grads]
+
+    def _from_buffer(self, grads, check):
+        """``before_update`` when the monitor's gradient check (stats.FiniteCheck) holds this
+        step's small gradients in its buffer, one row or more each (zeros after them): the dots
+        of those are the rows' dots with the buffer kept from the previous logging step, summed
+        per parameter, in four calls whatever their number; the large ones as above."""
+        buf, alone = check._buf, check._alone
+        if self._prev_buf is not None:
+            # <g_t, g_s> per row, then per parameter                            (rows,) -> (P,)
+            dots = torch.zeros(len(grads), device=buf.device).index_add_(0, check.row_owner, (buf * self._prev_buf).sum(1))
+            if alone:
+                dots[alone] = torch.stack([
+                    torch.dot(grads[i].reshape(-1).float(), q.reshape(-1).float()) if grads[i].shape == q.shape
+                    else self.mon._zero for i, q in zip(alone, self._prev)]).to(dots.device)
+            self._dot = self.mon._across(dots.to(self.mon._device))
+            self._prev_buf.copy_(buf)
+        else:
+            self._prev_buf = buf.clone()
+        self._prev = [grads[i].clone(memory_format=torch.contiguous_format) for i in alone]
 
     def sums(self):
         return [] if self._dot is None else [self._dot]
@@ -288,11 +364,10 @@ class Direction:
     def put(self, put, g_sq, reduced):
         if reduced:
             (dot,) = reduced
-            M = self.mon._M
-            # cos = <g_t, g_s> / (|g_t| |g_s|)                                      (M,)
-            put("grad/cosine_prev", self.mon.names, (dot / (g_sq * self._prev_sq).sqrt())[:M])
+            # cos = <g_t, g_s> / (|g_t| |g_s|), per module and the rest (not logged)  (M+1,)
+            put("grad/cosine_prev", self.mon.names, dot / (g_sq * self._prev_sq).sqrt())
         self._prev_sq = g_sq.clone()
         self._dot = None
 
     def close(self):
-        self._prev = None
+        self._prev = self._prev_buf = None

@@ -445,3 +445,34 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="on_nonfinite"):
         GradientMonitor(small_mlp(), _NullWriter(), on_nonfinite="ignore")
     assert manualgrad.monitor.GradientMonitor is GradientMonitor
+
+
+def test_finite_sums_whose_total_overflows_report_nothing(tmp_path):
+    # two gradients with one element of 2e38 each (finite; so is each one's sum): the total
+    # read along with the statistics overflows, the per-step check then finds nothing non-finite
+    model = small_mlp()
+    opt = Frozen(model.parameters())
+
+    def big(g):
+        g = torch.zeros_like(g)
+        g.view(-1)[0] = 2e38
+        return g
+
+    model[0].weight.register_hook(big)
+    model[2].weight.register_hook(big)
+    writer = SummaryWriter(tmp_path)
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no report
+        with GradientMonitor(model, writer, optimizer=opt, every=1, cosine=False) as mon:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            with HostReads() as c:
+                opt.step()
+    writer.close()
+    assert c.calls == ["cpu", "cpu"]  # the total overflowed: the second transfer ran
+    assert mon.first_nonfinite is None
+    ea = read(tmp_path)
+    assert scalar(ea, "global/nonfinite") == {0: 0.0}
+    assert all(scalar(ea, f"nonfinite/{n}") == {0: 0.0} for n in LINEARS)
+    assert scalar(ea, "grad/max_abs/0") == {0: torch.tensor(2e38).item()}  # (float32)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from manualgrad.monitor import GradientMonitor, noise
+from manualgrad.monitor import GradientMonitor, noise, stats
 from tests.monitor.test_monitor import HostReads, read, scalar
 
 D, S = 4, 1.0  # features, noise std
@@ -176,7 +176,12 @@ def test_unbiased_estimators_recover_known_norms():
     assert g_sq.item() == pytest.approx(2.0) and tr.item() == pytest.approx(9.0)
 
 
-def test_cosine_with_the_previous_logged_gradient_equals_a_hand_computation(tmp_path):
+@pytest.mark.parametrize("flat_max", [None, 4, 0], ids=["all-in-buffer", "mixed", "none-in-buffer"])
+def test_cosine_with_the_previous_logged_gradient_equals_a_hand_computation(tmp_path, monkeypatch, flat_max):
+    # the dots come from the gradient check's buffer (stats.FiniteCheck) for tensors of up to
+    # FLAT_MAX elements, one by one for the others: here all, the biases (4 and 3) only, none
+    if flat_max is not None:
+        monkeypatch.setattr(stats.FiniteCheck, "FLAT_MAX", flat_max)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
@@ -245,3 +250,47 @@ def test_under_compile_the_noise_scale_needs_batch_size_and_then_equals_eager(tm
     with pytest.warns(RuntimeWarning, match="pass batch_size="):
         ea = run(True, None, tmp_path / "hidden")
     assert not any(t.startswith("noise/") for t in ea.Tags()["scalars"])
+
+
+def test_batch_size_hook_leaves_a_one_backward_run_and_returns_with_accumulation(tmp_path):
+    # one process: the model's batch-size hook goes at the first logging step with one backward
+    # (no noise scale possible there), comes back at the first logging step with two backwards
+    # (that step has no batch size, so no noise scale) and stays; from the next logging step on
+    # the noise scale is logged
+    model = regression_model()
+    writer = SummaryWriter(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    hooked = []
+    with GradientMonitor(model, writer, every=2) as mon:
+        for step in range(8):
+            hooked.append(bool(model._forward_pre_hooks))
+            for _ in range(1 if step < 4 else 2):
+                x, y = regression_batch(4, gen)
+                (model(x).squeeze(1) - y).square().mean().backward()
+            mon.step()
+            model.zero_grad()
+    writer.close()
+    assert hooked == [True, False, False, False, False, True, True, True]
+    assert sorted(scalar(read(tmp_path), "noise/B_simple")) == [6]
+
+
+def test_after_one_backward_one_parameter_hook_counts_backwards_until_accumulation_appears(tmp_path):
+    # batch_size given (no model hook): after the logging step 0 with one backward, logging
+    # steps hook the first parameter only (to count backward passes); step 4 has two: its
+    # micro-batch norms were not taken (no noise scale), every hook is back from step 6 on
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, 1)
+    writer = SummaryWriter(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    hooked = []
+    with GradientMonitor(model, writer, every=2, batch_size=4) as mon:
+        for step in range(8):
+            hooked.append([len(p._backward_hooks or {}) for p in (model.weight, model.bias)])
+            for _ in range(1 if step < 4 else 2):
+                x, y = regression_batch(4, gen)
+                (model(x).squeeze(1) - y).square().mean().backward()
+            mon.step()
+            model.zero_grad()
+    writer.close()
+    assert hooked == [[1, 1], [0, 0], [1, 0], [0, 0], [1, 0], [0, 0], [1, 1], [0, 0]]
+    assert sorted(scalar(read(tmp_path), "noise/B_simple")) == [6]

@@ -1,0 +1,91 @@
+"""The monitor's fast forms against their plain references (the readable forms they replace)."""
+import math
+
+import pytest
+import torch
+
+from manualgrad.monitor import stats
+
+
+def planted(shapes, dtypes, bad, seed):
+    """Random tensors with the values of ``bad`` ({tensor index: value}) planted at a random place."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+        t = torch.randn(shape, generator=g).to(dtype)
+        if i in bad and t.numel():
+            t.view(-1)[torch.randint(t.numel(), (1,), generator=g)] = bad[i]
+        out.append(t)
+    return out
+
+
+FLAT_MAX = stats.FiniteCheck.FLAT_MAX
+SHAPES = [(13, 11), (11,), (0,), (), (129, 127), (FLAT_MAX,), (FLAT_MAX + 1,), (3, 300)]
+DTYPES = [torch.float32, torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float32,
+          torch.float64]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_finite_check_names_the_same_tensors_as_one_sum_per_tensor(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    bad = {i: [math.nan, math.inf, -math.inf][int(torch.randint(3, (), generator=g))]
+           for i in range(len(SHAPES)) if torch.rand((), generator=g) < 0.4}
+    check = stats.FiniteCheck(planted(SHAPES, DTYPES, {}, 0), torch.device("cpu"))
+    assert len(check.owner) > len(SHAPES)  # several rows for some tensors, one entry for the largest
+    tensors = planted(SHAPES, DTYPES, bad, seed)
+    expected = [math.isfinite(s.item()) for s in stats.check_sums(tensors)]
+    assert expected == [not (i in bad and tensors[i].numel()) for i in range(len(SHAPES))]  # planted
+    assert [math.isfinite(v) for v in check.per_tensor(check(tensors).tolist())] == expected
+    # the next call sees only the new values (rows overwritten, padding still 0)
+    clean = planted(SHAPES, DTYPES, {}, seed)
+    assert all(math.isfinite(v) for v in check.per_tensor(check(clean).tolist()))
+
+
+def test_finite_check_takes_a_zero_for_a_missing_gradient_and_falls_back_on_a_sparse_one():
+    check = stats.FiniteCheck([torch.zeros(4, 5), torch.zeros(5)], torch.device("cpu"))
+    out = check.per_tensor(check([torch.zeros(()), torch.tensor([1.0, 2, math.inf, 0, 0])]).tolist())
+    assert out[0] == 0.0 and math.isnan(out[1])
+    sparse = torch.tensor([[0.0, math.nan, 0, 0, 0]] + [[0.0] * 5] * 3).to_sparse()
+    out = check.per_tensor(check([sparse, torch.ones(5)]).tolist())
+    assert math.isnan(out[0]) and out[1] == 0.0
+
+
+def test_finite_check_of_gradients_that_require_grad_records_no_graph():
+    check = stats.FiniteCheck([torch.zeros(3)], torch.device("cpu"))
+    g = torch.ones(3, requires_grad=True) * 2  # a create_graph gradient
+    out = check([g])
+    assert not out.requires_grad and torch.is_grad_enabled()
+
+
+# -- the event file format (tensorboard.py) ------------------------------------------------------
+
+
+def test_crc32c_and_records_equal_tensorboards_on_random_data():
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from manualgrad.monitor import tensorboard as tb
+
+    g = torch.Generator().manual_seed(0)
+    assert tb.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    for n in list(range(0, 20)) + [255, 256, 1001, 4099]:
+        data = bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist())
+        assert tb.masked_crc32c(data) == masked_crc32c(data), n
+        chunks = []
+        RecordWriter(type("F", (), {"write": staticmethod(chunks.append)})).write(data)
+        assert tb.record(data) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("step", [0, 1, 127, 128, 300, 2**40])
+def test_scalar_event_bytes_equal_protobufs(step):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    from manualgrad.monitor import tensorboard as tb
+
+    pairs = [("grad/norm", 0.5), ("update/log10_ratio", -3.25), ("nonfinite", 0.0), ("é/ü", math.nan),
+             ("x" * 200, math.inf), ("y", -math.inf), ("big", 1e39), ("neg big", -1e300), ("tiny", 1e-46),
+             ("rounds", 0.1)]
+    for chosen in (pairs, pairs[:1], []):
+        expected = event_pb2.Event(wall_time=1765000000.123456, step=step, summary=summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in chosen])).SerializeToString()
+        assert tb.scalar_event(1765000000.123456, step, chosen) == expected
