@@ -3,9 +3,7 @@
 Cost model. Every step (logged or not) the monitor sums every gradient (float32: NaN/Inf make a
 sum non-finite; a sum of finite values overflows only past ~3.4e38, where an L2 norm would past
 ~1.8e19; the small gradients copied into one buffer summed by row, ``stats.FiniteCheck``: two
-kernel calls and one row per step) and the parameters where they can have changed since the
-last optimizer step (all of them on logging steps, traced steps and under FSDP2; otherwise
-those whose version counter moved), and never waits for the device: the rows wait there until
+kernel calls and one row per step) and every parameter the same way, and never waits for the device: the rows wait there until
 the next logging step. With ``activations=True`` each
 hooked activation's forward hook adds the activation's sum into a per-step device buffer (two
 small kernels per call, two per step), so an activation that goes NaN/Inf is reported even
@@ -132,13 +130,8 @@ class GradientMonitor:
             ``nonfinite/<name>`` counts the steps with a non-finite parameter or gradient per
             module, ``global/nonfinite`` the module-steps (and activation-steps) of any kind.
         origin ('parameters' | 'trace'): how a non-finite value's birth is found. Both check
-            every gradient (and, with ``activations=True``, hooked activation) at every step,
-            and the parameters at every logging step and at any step after a write outside the
-            optimizer (under no_grad, load_state_dict: the version counter; 'trace' checks all
-            at every step), and name a parameter that is non-finite (with 'parameters', one
-            that the optimizer's own update makes non-finite between logging steps, by an
-            overflow, or that is written through ``.data``, shows in the next step's
-            gradients instead). Otherwise 'parameters'
+            every parameter and gradient (and, with ``activations=True``, hooked activation)
+            at every step, and name a parameter that is non-finite. Otherwise 'parameters'
             names the step and the activations that went non-finite (kind 'forward'), else the
             modules whose gradients did (kind 'gradient'). 'trace' also traces every module
             and manualgrad Function call (inputs, outputs and their gradients) and names where
@@ -223,7 +216,6 @@ class GradientMonitor:
         owner = self._check.owner + self._pcheck.owner
         self._to_module = torch.zeros(len(owner), M + 1, device=dev)
         self._to_module[torch.arange(len(owner)), torch.tensor([group[i] for i in owner], dtype=torch.long)] = 1
-        self._versions = None  # each parameter's version counter after the last optimizer step
         self._group_list = group
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
         # NaN origin. One row per step since the last log: the check of the gradients (E
@@ -354,28 +346,17 @@ class GradientMonitor:
         if self.origin == "trace":  # a traced step: every traced tensor too
             tensors, meta = self._tracer.stop()
             self._held = (self._n, tensors) if self._log_now else None
-        # Every step: is every gradient finite (stats.FiniteCheck: float32 sums, NaN/Inf make
-        # them non-finite; two kernel calls, one row). The parameters, the same way (a second
-        # FiniteCheck), on logging steps, traced steps and under FSDP2, and on other steps when
-        # one changed since the last optimizer step (its version counter moved: an in-place
-        # write under no_grad, a load_state_dict). The optimizer itself makes a parameter
-        # non-finite only from a non-finite gradient, checked, or by an overflow, which shows
-        # in the next step's gradients; a write through ``.data`` bypasses the counter and
-        # shows there too. Checking every parameter at every step as well took ~10 us more of
-        # the small benchmark model's ~650 us step. The row waits on the device for the next
-        # log; the parameters' entries missing from a row read as 0 (finite).  (E [+ E' [+ T]],)
-        # An empty FSDP shard sums to 0.
-        if self._log_now or meta is not None or self._has_dtensor or self._versions is None:
-            changed = True
-        else:
-            changed = [p._version for p in self._params] != self._versions
-        row = self._check(grads)
-        if changed:  # (all of them: as cheap as a few)
-            parts = [row, self._pcheck(self._local_params() if self._has_dtensor else self._params)]
-            if meta is not None and tensors:
-                with torch.no_grad():
-                    parts.append(torch.stack(stats.check_sums(tensors)).to(row.device))
-            row = torch.cat(parts)
+        # Every step: is every gradient and every parameter finite (stats.FiniteCheck: float32
+        # sums, NaN/Inf make them non-finite; two kernel calls each, one row). Parameters every
+        # step too: a weight made non-finite by the optimizer's own update (an overflow) or
+        # written through ``.data`` is named at the step whose forward first used it (~10 us of
+        # the small benchmark model's ~650 us step; a version-counter shortcut misses both).
+        # The row waits on the device for the next log.  (E + E' [+ T],)  An empty FSDP shard sums to 0.
+        parts = [self._check(grads), self._pcheck(self._local_params() if self._has_dtensor else self._params)]
+        if meta is not None and tensors:
+            with torch.no_grad():
+                parts.append(torch.stack(stats.check_sums(tensors)).to(parts[0].device))
+        row = torch.cat(parts)
         self._rows.append(row); self._row_steps.append(self._n); self._row_meta.append(meta)
         if self._act_mods:  # this step's Σ of each activation (the forward hooks'), then reset  (A,)
             self._a_rows.append(self._a_sum.clone()); self._a_sum.zero_()
@@ -422,7 +403,6 @@ class GradientMonitor:
     def _after_update(self):
         n = self._n
         self._n += 1
-        self._versions = [p._version for p in self._params]
         if self._log_now:
             self._log(n)
         self._log_now = self._n % self.every == 0

@@ -263,6 +263,44 @@ def test_parameters_mode_names_a_parameter_and_otherwise_the_step_and_modules(nn
     assert "modules '0', '2', '5'" in str(err) and "origin='trace' names where" in str(err)
 
 
+@NNS
+def test_parameters_mode_names_a_parameter_made_non_finite_between_logging_steps(nn):
+    # logging every 5 steps; a weight goes non-finite in two ways a parameters' version counter
+    # does not see: a write through .data before step 2, and the optimizer's own update at step 1
+    # overflowing (finite gradients up to ~9, times lr 1e38 > 3.4e38). Either is a parameter
+    # origin at step 2, whose forward first uses it, not "a gradient non-finite while every
+    # parameter was finite".
+    def through_data(step, model, x):
+        if step == 2:
+            model[4].weight.data[3, 1] = math.nan
+
+    mon, err = run(issue_mlp(nn), 6, every=5, before_step=through_data, origin="parameters")
+    assert mon.first_nonfinite == ("4", "parameter", 2) and "parameter in module '4'" in str(err), str(err)
+
+    model = issue_mlp(nn)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def overflow_at_1(step, model, x):
+        opt.param_groups[0]["lr"] = 1e38 if step == 1 else 0.1
+        return x * 100 if step == 1 else x  # the weights' gradients 3.7-8.8 there: finite
+
+    replica = issue_mlp(torch.nn)
+    replica.load_state_dict(model.state_dict())
+    mon, err = run(model, 6, every=5, before_step=overflow_at_1, opt=opt, origin="parameters")
+    assert tuple(mon.first_nonfinite)[1:] == ("parameter", 2) and "non-finite parameter in module" in str(err), str(err)
+    # the replica, by hand: finite gradients at step 1, non-finite weights after its update
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    for step, (scale, lr) in enumerate([(1, 0.1), (100, 1e38)]):
+        replica.zero_grad()
+        torch.nn.functional.cross_entropy(replica(x * scale), y).backward()
+        assert all(torch.isfinite(p.grad).all() for p in replica.parameters())
+        with torch.no_grad():
+            for p in replica.parameters():
+                p.add_(p.grad, alpha=-lr)
+    assert not torch.isfinite(replica[4].weight).all()
+
+
 class NanToNum(torch.nn.Module):
     def forward(self, x):
         return torch.nan_to_num(x)
