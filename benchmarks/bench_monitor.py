@@ -5,8 +5,7 @@ Two models: ``small`` (64-128-128-10 MLP with ReLU, SGD, batch 256: a step of ab
 one CPU thread, where the monitor's fixed per-step cost shows) and ``seed`` (the seed MLP
 784-1024-1024-1024-10, Adam, batch 128). Two cadences: the default (every=50, hist_every=1000:
 target <= 1.03x) and scalars every step (every=1, no histograms: target <= 1.25x). Two NaN-origin
-modes: ``parameters`` (the default: every gradient checked every step, the parameters at logging
-steps and when written outside the optimizer) and ``trace`` (every module and manualgrad Function call traced too). The ratio is the monitored
+modes: ``parameters`` (the default: every gradient and parameter checked every step) and ``trace`` (every module and manualgrad Function call traced too). The ratio is the monitored
 run's CPU time (the process's, so the SummaryWriter's thread counts) over the plain run's, over
 all timed steps: the logging steps are amortised as in a run, and CPU time rather than wall
 time keeps the ratio usable on a machine shared with other work. ``--floor`` also times what
