@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from manualgrad.monitor import GradientMonitor
 from manualgrad.utils import clip_grad_norm_
 from tests.monitor.test_monitor import read, scalar
-from tests.monitor.test_noise_scale import (B_SIMPLE, G_SQ, TR_SIGMA, delta_method_sd, ema, hand_estimates,
+from tests.monitor.test_noise_scale import (assert_logged_b_simple_near_the_closed_form, ema, hand_estimates,
                                             micro_gradient, regression_batch, regression_model)
 from tests.ports import leave, spawn
 
@@ -305,13 +305,8 @@ def test_noise_scale_under_ddp_lands_on_the_closed_form(run, K):
     ea = read(os.path.join(outdir, f"noise_K{K}"))
     micro = [torch.cat([saved[r][f"noise_K{K}"][t] for r in range(WORLD)]) for t in range(NOISE_STEPS)]
     per_step = hand_estimates(micro, NOISE_B)
-    # within 4 sd of the closed form (sd of the ratio of moving averages by the delta method,
-    # from the spread of the per-step estimates; the seeds are fixed, so the run is too)
-    weights = NOISE_BETA ** torch.arange(NOISE_STEPS - 1, -1, -1, dtype=torch.float64)
-    sd = delta_method_sd(per_step, weights, G_SQ, TR_SIGMA)
-    logged = scalar(ea, "noise/B_simple")[NOISE_STEPS - 1]
-    assert sd < 0.15 * B_SIMPLE
-    assert abs(logged - B_SIMPLE) < 4 * sd, (logged, B_SIMPLE, sd)
+    # (the seeds are fixed, so the run is too)
+    assert_logged_b_simple_near_the_closed_form(ea, per_step, NOISE_BETA)
 
 
 def test_noise_scale_under_fsdp_equals_a_hand_computation_from_the_increments(run):
@@ -326,11 +321,7 @@ def test_noise_scale_under_fsdp_equals_a_hand_computation_from_the_increments(ru
         logged = scalar(ea, tag)
         assert len(logged) == FSDP_STEPS
         assert [logged[t] for t in checked] == pytest.approx(expected[checked, col].tolist(), rel=1e-4, abs=1e-5)
-    weights = NOISE_BETA ** torch.arange(FSDP_STEPS - 1, -1, -1, dtype=torch.float64)
-    sd = delta_method_sd(per_step, weights, G_SQ, TR_SIGMA)
-    logged = scalar(ea, "noise/B_simple")[FSDP_STEPS - 1]
-    assert sd < 0.15 * B_SIMPLE
-    assert abs(logged - B_SIMPLE) < 4 * sd, (logged, B_SIMPLE, sd)
+    assert_logged_b_simple_near_the_closed_form(ea, per_step, NOISE_BETA)
 
 
 def test_no_noise_scale_under_fsdp_when_micro_batches_are_not_reduced(run):

@@ -70,12 +70,7 @@ NNS = pytest.mark.parametrize("nn", [torch.nn, mnn], ids=["torch", "manualgrad"]
 @NNS
 def test_nan_weight_of_module_2_is_named_as_a_parameter_origin(nn):
     # the issue's first example: the weight of module '2' set to NaN before step 3
-    def poison(step, model, x):
-        if step == 3:
-            with torch.no_grad():
-                model[2].weight[1, 5] = math.nan
-
-    mon, err = run(issue_mlp(nn), 5, before_step=poison)
+    mon, err = run(issue_mlp(nn), 5, before_step=write_at(3, 2, "weight", (1, 5), math.nan))
     assert err is not None
     origin = mon.first_nonfinite
     assert origin[:3] == ("2", "parameter", 3)
@@ -134,11 +129,14 @@ class RootAbsModule(torch.nn.Module):
         return RootAbs.apply(x)
 
 
-def nan_bias_of_2_at(k):
+def write_at(k, module, param, index, value, through_data=False):
+    """before_step: model[module].<param>[index] = value before step k (under no_grad, or
+    through ``.data``)."""
     def before(step, model, x):
         if step == k:
+            t = getattr(model[module], param)
             with torch.no_grad():
-                model[2].bias[7] = math.nan
+                (t.data if through_data else t)[index] = value
     return before
 
 
@@ -174,7 +172,7 @@ def log_softmax_by_hand(scale_at):
 # Every expectation is worked out by hand in the comment next to it.
 SCENARIOS = {
     # a weight set to NaN before step 2: the parameter of '2' (not its output, not '0')
-    "nan_bias": (lambda nn: issue_mlp(nn), lambda: dict(steps=4, before_step=nan_bias_of_2_at(2)), ("2", "parameter", 2), None),
+    "nan_bias": (lambda nn: issue_mlp(nn), lambda: dict(steps=4, before_step=write_at(2, 2, "bias", 7, math.nan)), ("2", "parameter", 2), None),
     # inputs x1e3 at step 1: Linear '2' outputs ~1e3, finite; exp(1e3) = inf: born in '4'
     "exp_overflow": (lambda nn: issue_mlp(nn, extra=Exp()), lambda: dict(steps=3, before_step=scale_input_at(1, 1e3)),
                      ("4", "forward", 1), None),
@@ -251,12 +249,7 @@ def test_learning_rate_explosion_is_traced_to_the_first_overflowing_module(nn):
 
 @NNS
 def test_parameters_mode_names_a_parameter_and_otherwise_the_step_and_modules(nn):
-    def poison(step, model, x):
-        if step == 2:
-            with torch.no_grad():
-                model[4].weight[3, 1] = math.inf
-
-    mon, err = run(issue_mlp(nn), 4, before_step=poison, origin="parameters")
+    mon, err = run(issue_mlp(nn), 4, before_step=write_at(2, 4, "weight", (3, 1), math.inf), origin="parameters")
     assert mon.first_nonfinite == ("4", "parameter", 2) and "weight[3, 1] = inf" in str(err)
     mon, err = run(issue_mlp(nn, extra=Exp()), 3, before_step=scale_input_at(1, 1e3), origin="parameters")
     assert mon.first_nonfinite == ("0', '2', '5", "gradient", 1), str(err)
@@ -270,11 +263,8 @@ def test_parameters_mode_names_a_parameter_made_non_finite_between_logging_steps
     # overflowing (finite gradients up to ~9, times lr 1e38 > 3.4e38). Either is a parameter
     # origin at step 2, whose forward first uses it, not "a gradient non-finite while every
     # parameter was finite".
-    def through_data(step, model, x):
-        if step == 2:
-            model[4].weight.data[3, 1] = math.nan
-
-    mon, err = run(issue_mlp(nn), 6, every=5, before_step=through_data, origin="parameters")
+    poison = write_at(2, 4, "weight", (3, 1), math.nan, through_data=True)
+    mon, err = run(issue_mlp(nn), 6, every=5, before_step=poison, origin="parameters")
     assert mon.first_nonfinite == ("4", "parameter", 2) and "parameter in module '4'" in str(err), str(err)
 
     model = issue_mlp(nn)

@@ -130,6 +130,18 @@ def delta_method_sd(per_step, weights, g_true, tr_true):
     return math.sqrt(w2 * (grad @ cov @ grad))
 
 
+def assert_logged_b_simple_near_the_closed_form(ea, per_step, beta):
+    """The last logged B_simple, a ratio of moving averages (decay beta) of the per-step
+    estimates: within 4 sd of the closed form (delta method, sd from the per-step spread), with
+    the sd small enough to tell 9 from, say, the 4 of a missing factor."""
+    steps = len(per_step)
+    weights = beta ** torch.arange(steps - 1, -1, -1, dtype=torch.float64)
+    sd = delta_method_sd(per_step, weights, G_SQ, TR_SIGMA)
+    logged = scalar(ea, "noise/B_simple")[steps - 1]
+    assert sd < 0.15 * B_SIMPLE
+    assert abs(logged - B_SIMPLE) < 4 * sd, (logged, B_SIMPLE, sd)
+
+
 def test_noise_scale_from_gradient_accumulation_lands_on_the_closed_form(tmp_path):
     K, b, beta, steps = 4, 8, 0.99, 600
     ea, micro = run_accumulation(tmp_path, steps, K, b, beta)
@@ -137,12 +149,7 @@ def test_noise_scale_from_gradient_accumulation_lands_on_the_closed_form(tmp_pat
     # the per-step estimators are unbiased: their means are within 4 standard errors of the truth
     mean, se = per_step.mean(0), per_step.std(0) / math.sqrt(steps)
     assert abs(mean[0] - G_SQ) < 4 * se[0] and abs(mean[1] - TR_SIGMA) < 4 * se[1], (mean, se)
-    # the logged ratio of moving averages: within 4 sd (delta method, sd from the per-step spread)
-    weights = beta ** torch.arange(steps - 1, -1, -1, dtype=torch.float64)
-    sd = delta_method_sd(per_step, weights, G_SQ, TR_SIGMA)
-    logged = scalar(ea, "noise/B_simple")[steps - 1]
-    assert sd < 0.15 * B_SIMPLE  # the test can tell 9 from, say, the 4 of a missing factor
-    assert abs(logged - B_SIMPLE) < 4 * sd, (logged, B_SIMPLE, sd)
+    assert_logged_b_simple_near_the_closed_form(ea, per_step, beta)
 
 
 def test_one_micro_batch_on_one_rank_logs_no_noise_scale(tmp_path):
