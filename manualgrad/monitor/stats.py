@@ -164,8 +164,6 @@ def rank_weight(t, rank, world, sharded):
     return 1.0 if sharded or rank == 0 else 0.0
 
 
-
-
 def check_sums(tensors):
     """The plain form of ``FiniteCheck``: one float32 sum per tensor (0-dim each). NaN/Inf make
     a sum non-finite; a sum of finite values overflows only past ~3.4e38 (an L2 norm would past
