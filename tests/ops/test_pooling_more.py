@@ -412,7 +412,7 @@ def _indices(shape, high, dtype=torch.int64):
     (F.max_unpool2d, TF.max_unpool2d, (1, 2, 3, 3), _indices((1, 2, 1, 3), 36), (2,)),  # shape unlike x's
     (F.max_unpool1d, TF.max_unpool1d, (1, 2, 3), _indices((1, 2, 3), 6), (2, None, 0, (9,))),  # size out of range
     (F.max_unpool3d, TF.max_unpool3d, (1, 2, 3, 3, 3), _indices((1, 2, 3, 3, 3), 216), (2, None, 0, (6, 6))),
-    (F.max_unpool3d, TF.max_unpool3d, (1, 2, 3, 3, 3), _indices((1, 2, 3, 3, 3), 216) - 5, (2,)),  # negative
+    (F.max_unpool3d, TF.max_unpool3d, (1, 2, 3, 3, 3), _indices((1, 2, 3, 3, 3), 216) - 216, (2,)),  # negative (every one)
     (F.max_unpool3d, TF.max_unpool3d, (2, 3, 3), _indices((2, 3, 3), 36), (2,)),  # too few dims
 ])
 def test_max_unpool_bad_input_raises_like_torch(fn, th, x, idx, args):
