@@ -4,14 +4,15 @@ process, alternating step by step. The monitor logs to a SummaryWriter in a temp
 Two models: ``small`` (64-128-128-10 MLP with ReLU, SGD, batch 256: a step of about 0.7 ms on
 one CPU thread, where the monitor's fixed per-step cost shows) and ``seed`` (the seed MLP
 784-1024-1024-1024-10, Adam, batch 128). Two cadences: the default (every=50, hist_every=1000:
-target <= 1.03x) and scalars every step (every=1, no histograms: target <= 1.25x). Two NaN-origin
-modes: ``parameters`` (the default: every gradient and parameter checked every step) and ``trace`` (every module and manualgrad Function call traced too). The ratio is the monitored
+target <= 1.03x) and scalars every step (every=1, no histograms: target <= 1.25x). Two
+NaN-origin modes: ``parameters`` (the default: every gradient and parameter checked every step) and
+``trace`` (every module and manualgrad Function call traced too). The ratio is the monitored
 run's CPU time (the process's, so the SummaryWriter's thread counts) over the plain run's, over
-all timed steps: the logging steps are amortised as in a run, and CPU time rather than wall
-time keeps the ratio usable on a machine shared with other work. ``--floor`` also times what
-the monitor cannot go below without it: the per-step sums of parameters and gradients, the
-gradients' check alone in optimizer hooks, hooks on every module (with and without summing the
-activations), one logging step's events (the writer's and the layer runs').
+all timed steps: the logging steps are amortised as in a run, and CPU time rather than wall time
+keeps the ratio usable on a machine shared with other work. ``--floor`` also times what the
+monitor cannot go below without it: the per-step sums of parameters and gradients, the monitor's
+check of gradients and parameters alone in optimizer hooks, hooks on every module (with and
+without summing the activations), one logging step's events (the writer's and the layer runs').
 
     python benchmarks/bench_monitor.py [--models small seed] [--steps 1000] [--floor] [--activations]
 """
@@ -83,9 +84,9 @@ def run(name, cadence, steps, warmup, activations, origin="trace"):
 
 def floor(name, steps, warmup):
     """Floors, without the monitor: (0) one float32 sum per parameter and per gradient (what
-    every step checked before session 6); (0') the gradients' check of a non-logging step
-    (stats.FiniteCheck in an optimizer step pre-hook, the step's rows kept and stacked every 50
-    steps, with a post-hook doing nothing); (a) a forward hook on every module and a tensor hook on
+    every step checked before session 6); (0') the check of a non-logging step, gradients and
+    parameters (one stats.FiniteCheck in an optimizer step pre-hook, the step's rows kept and
+    stacked every 50 steps, with a post-hook doing nothing); (a) a forward hook on every module and a tensor hook on
     every activation, doing nothing; (b) the same hooks keeping references, then one float32
     sum per activation and activation gradient (what origin='trace' reads); (c) one event of
     the scalars logged per step handed to a SummaryWriter (its thread computes the record's
@@ -110,19 +111,19 @@ def floor(name, steps, warmup):
     from manualgrad.monitor import tensorboard as tb
 
     runs = {}
-    for label, hook in (("plain", None), ("parameter + gradient sums", None), ("gradient check", None), ("hooks only", noop_hook),
-                        ("hooks + sums", keep_hook), ("one writer event", None)):
+    for label, hook in (("plain", None), ("parameter + gradient sums", None), ("gradient + parameter check", None),
+                        ("hooks only", noop_hook), ("hooks + sums", keep_hook), ("one writer event", None)):
         model, opt = build(name, 0)
         if hook is not None:
             for m in model.modules():
                 m.register_forward_hook(hook)
         runs[label] = (model, opt)
-        if label == "gradient check":
+        if label == "gradient + parameter check":
             params, rows = list(model.parameters()), []
-            check = FiniteCheck([p.detach() for p in params], x.device)
+            check = FiniteCheck([p.detach() for p in params] * 2, x.device)
 
             def pre(opt, args, kwargs, params=params, rows=rows, check=check):
-                rows.append(check([p.grad for p in params]))
+                rows.append(check([p.grad for p in params] + params))
                 if len(rows) == 50:
                     torch.stack(rows); rows.clear()
 

@@ -1,10 +1,10 @@
 """GradientMonitor: hooks that gather per-module gradient statistics and log them to TensorBoard.
 
-Cost model. Every step (logged or not) the monitor sums every gradient (float32: NaN/Inf make a
-sum non-finite; a sum of finite values overflows only past ~3.4e38, where an L2 norm would past
-~1.8e19; the small gradients copied into one buffer summed by row, ``stats.FiniteCheck``: two
-kernel calls and one row per step) and every parameter the same way, and never waits for the device: the rows wait there until
-the next logging step. With ``activations=True`` each
+Cost model. Every step (logged or not) the monitor sums every gradient and every parameter
+(float32: NaN/Inf make a sum non-finite; a sum of finite values overflows only past ~3.4e38,
+where an L2 norm would past ~1.8e19; the small ones copied into one buffer summed by row,
+``stats.FiniteCheck``: two kernel calls and one row per step), and never waits for the device:
+the rows wait there until the next logging step. With ``activations=True`` each
 hooked activation's forward hook adds the activation's sum into a per-step device buffer (two
 small kernels per call, two per step), so an activation that goes NaN/Inf is reported even
 when every gradient stays finite. With ``origin='trace'`` it also traces every module and
@@ -208,14 +208,15 @@ class GradientMonitor:
         M = len(chosen)
         self._M = M
         self._group = torch.tensor(group, device=dev)
-        # the every-step check of the P gradients (stats.FiniteCheck: E entries), then of the P
-        # parameters (E' entries); (E + E', M+1) one-hot: column group[i] for each entry of
-        # gradient i and of parameter i
+        # the every-step check of the P gradients and the P parameters, in one (stats.FiniteCheck
+        # of the 2P tensors: E entries); (E, M+1) one-hot: column group[i] for each entry of
+        # gradient i and of parameter i (tensor P + i)
         local = [stats.local(p.detach()) for p in self._params]
-        self._check, self._pcheck = stats.FiniteCheck(local, dev), stats.FiniteCheck(local, dev)
-        owner = self._check.owner + self._pcheck.owner
+        self._check = stats.FiniteCheck(local + local, dev)
+        owner = self._check.owner
+        P = len(self._params)
         self._to_module = torch.zeros(len(owner), M + 1, device=dev)
-        self._to_module[torch.arange(len(owner)), torch.tensor([group[i] for i in owner], dtype=torch.long)] = 1
+        self._to_module[torch.arange(len(owner)), torch.tensor([group[i % P] for i in owner], dtype=torch.long)] = 1
         self._group_list = group
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
         # NaN origin. One row per step since the last log: the check of the gradients (E
@@ -347,12 +348,13 @@ class GradientMonitor:
             tensors, meta = self._tracer.stop()
             self._held = (self._n, tensors) if self._log_now else None
         # Every step: is every gradient and every parameter finite (stats.FiniteCheck: float32
-        # sums, NaN/Inf make them non-finite; two kernel calls each, one row). Parameters every
-        # step too: a weight made non-finite by the optimizer's own update (an overflow) or
-        # written through ``.data`` is named at the step whose forward first used it (~10 us of
-        # the small benchmark model's ~650 us step; a version-counter shortcut misses both).
-        # The row waits on the device for the next log.  (E + E' [+ T],)  An empty FSDP shard sums to 0.
-        parts = [self._check(grads), self._pcheck(self._local_params() if self._has_dtensor else self._params)]
+        # sums, NaN/Inf make them non-finite; two kernel calls for both, one row). Parameters
+        # every step too: a weight made non-finite by the optimizer's own update (an overflow) or
+        # written through ``.data`` is named at the step whose forward first used it (the check
+        # is ~3.4% of the small benchmark model's ~670 us step, parameters included; a
+        # version-counter shortcut misses both). The row waits on the device for the next log.
+        # (E [+ T],)  An empty FSDP shard sums to 0.
+        parts = [self._check(grads + (self._local_params() if self._has_dtensor else self._params))]
         if meta is not None and tensors:
             with torch.no_grad():
                 parts.append(torch.stack(stats.check_sums(tensors)).to(parts[0].device))
@@ -603,9 +605,9 @@ class GradientMonitor:
         if first is not None:
             # read that row back (a second transfer, only when something went bad). Not
             # traced, it still names a parameter that is non-finite.
-            values = ring[first].tolist()  # [grads (E), params (E'), traced (T)]
-            E, E2 = len(self._check.owner), len(self._check.owner) + len(self._pcheck.owner)
-            values = self._check.per_tensor(values[:E]) + self._pcheck.per_tensor(values[E:E2]) + values[E2:]
+            values = ring[first].tolist()  # [grads and params (E), traced (T)]
+            E = len(self._check.owner)
+            values = self._check.per_tensor(values[:E]) + values[E:]  # P grads, P params, T traced
             found = origin_.decode(values, metas[first] or ([], {}), self._param_names)
             if found is not None and (metas[first] is not None or found[0] == "parameter"):
                 mine = self._origin(found, steps[first])

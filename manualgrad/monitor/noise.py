@@ -319,7 +319,7 @@ class Direction:
 
     def before_update(self, grads):
         check = self.mon._check
-        if check.filled and len(check.row_owner):
+        if check.filled and len(check.first(len(grads))[1]):
             return self._from_buffer(grads, check)
         if self._prev_buf is not None:  # the last log kept the buffer and the large ones only
             self._prev = self._prev_buf = None
@@ -340,14 +340,15 @@ class Direction:
             self._prev = [g.clone(memory_format=torch.contiguous_format) for g in grads]
 
     def _from_buffer(self, grads, check):
-        """``before_update`` when the monitor's gradient check (stats.FiniteCheck) holds this
-        step's small gradients in its buffer, one row or more each (zeros after them): the dots
-        of those are the rows' dots with the buffer kept from the previous logging step, summed
-        per parameter, in four calls whatever their number; the large ones as above."""
-        buf, alone = check._buf, check._alone
+        """``before_update`` when the monitor's check (stats.FiniteCheck of the gradients, then
+        the parameters) holds this step's small gradients in its buffer, one row or more each
+        (zeros after them): the dots of those are the rows' dots with the rows kept from the
+        previous logging step, summed per parameter, in four calls whatever their number; the
+        large ones as above."""
+        buf, row_owner, alone = check.first(len(grads))  # the gradients' rows
         if self._prev_buf is not None:
             # <g_t, g_s> per row, then per parameter                            (rows,) -> (P,)
-            dots = torch.zeros(len(grads), device=buf.device).index_add_(0, check.row_owner, (buf * self._prev_buf).sum(1))
+            dots = torch.zeros(len(grads), device=buf.device).index_add_(0, row_owner, (buf * self._prev_buf).sum(1))
             if alone:
                 dots[alone] = torch.stack([
                     torch.dot(grads[i].reshape(-1).float(), q.reshape(-1).float()) if grads[i].shape == q.shape

@@ -213,6 +213,17 @@ class FiniteCheck:
         self.row_owner = torch.tensor(self.owner[: len(self._buf)], dtype=torch.long, device=device)
         self.n = len(like)
         self.filled = False  # the buffer holds the last call's tensors (the small ones)
+        self._first = {}  # k -> (rows, alone) of the first k tensors
+
+    def first(self, k):
+        """Where the first ``k`` tensors are: (their rows of the buffer (R, C), the owner of each
+        of those rows (R,), the indices among them of the tensors summed alone). The small ones
+        are laid out in order, so their rows come first."""
+        if k not in self._first:
+            R = sum(1 for i in self.owner[: len(self._buf)] if i < k)
+            self._first[k] = (R, [i for i in self._alone if i < k])
+        R, alone = self._first[k]
+        return self._buf[:R], self.row_owner[:R], alone
 
     def __call__(self, tensors):
         """(entries,) float32 on the device; no host sync."""
