@@ -27,8 +27,11 @@ monitor never closed is collected or the interpreter exits): each event wakes th
 SummaryWriter's thread, which on a busy CPU costs more than a small model's step.
 
 Hook points. With ``optimizer=`` a step pre-hook reads the final ``.grad`` (after gradient
-accumulation, unscaling and clipping; before the update) and, on logging steps only, keeps a
-copy of the parameters; the step post-hook measures the update ||θ_after - θ_before||. Without
+accumulation, unscaling and clipping; before the update) and, on logging steps only, keeps
+the parameters as they were (the check's copy of the small ones, a copy of the others); the
+step post-hook measures the update ||θ_after - θ_before||. A logging step reads the norms of
+the small tensors from the check's copy too, by rows (``_gp_fast``; ``_gp_plain`` is the
+per-tensor form, the tests run both). Without
 an optimizer the user calls ``mon.step()`` after backward; there is then no update ratio.
 Activations use forward hooks, and their gradients ``output.register_hook`` from inside the
 forward hook on logging steps: no full backward hooks, which break on in-place ops.
@@ -218,6 +221,14 @@ class GradientMonitor:
         self._to_module = torch.zeros(len(owner), M + 1, device=dev)
         self._to_module[torch.arange(len(owner)), torch.tensor([group[i % P] for i in owner], dtype=torch.long)] = 1
         self._group_list = group
+        # a logging step's fast form (``_gp_fast``, ``_update_sq``): the cell of each entry's Σx²
+        # in (gradients, parameters) x (M+1 modules), the module of each gradient entry (max |g|)
+        # and of each parameter entry (the update)
+        own = self._check.owners
+        self._cells_gp = torch.tensor([group[i % P] + (M + 1) * (i // P) for i in own(0, 2 * P)], dtype=torch.long, device=dev)
+        self._cells_g = torch.tensor([group[i] for i in own(0, P)], dtype=torch.long, device=dev)
+        self._cells_update = torch.tensor([group[i - P] for i in own(P, 2 * P)], dtype=torch.long, device=dev)
+        self._after = None  # θ_after laid out like the check's parameter rows (``_update_sq``)
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
         # NaN origin. One row per step since the last log: the check of the gradients (E
         # entries), of the parameters (E', when checked: see _before_update), then, with
@@ -341,6 +352,97 @@ class GradientMonitor:
     def _module_max(self, per_param):
         return torch.zeros(self._M + 1, device=self._device).scatter_reduce_(0, self._group, per_param, "amax")
 
+    # -- a logging step's norms: the plain form per tensor, the fast form from the check's buffer
+
+    def _max_abs(self, tensors):
+        """max |t| per tensor (n,): |t| then its max (3 foreach calls); with an empty one (an
+        empty FSDP shard), where max raises, max(max t, -min t) by one aminmax each, 0 for it."""
+        if all(t.numel() for t in tensors):
+            return torch.stack(torch._foreach_max(torch._foreach_abs(tensors))).float()
+        lo, hi = zip(*[torch.aminmax(t) if t.numel() else (self._zero, self._zero) for t in tensors])
+        return torch.maximum(torch.stack(hi), -torch.stack(lo)).float()
+
+    def _sq(self, tensors):
+        """||t||² per tensor, in float32 (one foreach norm; on CPU ~30x faster than max |t|)  (n,)"""
+        return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32)).square()
+
+    def _gp_plain(self, grads, params):
+        """Σ||g||² and Σ||θ||² per module (2, M+1), each weighted by w_p (``_across``), and max
+        |g| per module (M+1,): per parameter, then summed by module."""
+        sq = self._sq(grads + params).view(2, -1)  #                        (2, P)
+        if self._w is not None:
+            sq = sq * self._w
+        gp_sq = torch.zeros(2, self._M + 1, device=self._device).index_add_(1, self._group, sq)
+        return gp_sq, self._module_max(self._max_abs(grads))
+
+    def _gp_fast(self, grads, params):
+        """``_gp_plain`` from the check's copy of this step's small gradients and parameters:
+        Σx² and max |x| of every row at once (a kernel or two for all), summed (maxed) by
+        module; the tensors summed alone per tensor. (Rows are zero-padded: no change to either.)"""
+        rows, _, alone = self._check.span(0, 2 * len(grads))  # all of them, in the check's order
+        sq = torch.linalg.vecdot(rows, rows)  # Σx² per row                   (R,)
+        grows, _, galone = self._check.span(0, len(grads))  # the gradients'
+        gabs = grows.abs().amax(1)  # max |g| per row                         (Rg,)
+        if alone:
+            both = grads + params
+            sq = torch.cat([sq, self._sq([both[i] for i in alone]).to(sq.device)])
+        if galone:
+            gabs = torch.cat([gabs, self._max_abs([grads[i] for i in galone]).to(gabs.device)])
+        if self._w_entries is not None:
+            sq = sq * self._w_entries
+        # each entry's cell of (grads, params) x (M+1 modules); its module for max |g|
+        gp_sq = torch.zeros(2 * (self._M + 1), device=self._device).index_add_(0, self._cells_gp, sq)
+        gmax = torch.zeros(self._M + 1, device=self._device).scatter_reduce_(0, self._cells_g, gabs, "amax")
+        return gp_sq.view(2, self._M + 1), gmax
+
+    def _keep_before(self, params, fast):
+        """θ before the update, for ||θ_after - θ_before||: the small parameters are in the
+        check's buffer already (fast form; until the next step's check), the others copied into
+        buffers kept from one logging step to the next (no allocation after the first)."""
+        P = len(params)
+        keep = [i - P for i in self._check.span(P, 2 * P)[2]] if fast else range(P)
+        if self._before is None or list(self._before) != list(keep):
+            self._before = {i: params[i].clone() for i in keep}
+        elif keep:
+            torch._foreach_copy_(list(self._before.values()), [params[i] for i in keep])
+        self._have_before = True
+
+    def _before_of(self, i):
+        """Parameter i as it was before this step's update (fast form: the check's copy)."""
+        if i in self._before:
+            return self._before[i]
+        return self._check.view(len(self._params) + i)
+
+    def _update_sq(self, params, fast):
+        """Σ||θ_after - θ_before||² per module, weighted by w_p  (M+1,). Plain: a difference and
+        a norm per parameter. Fast: θ_after copied into a buffer laid out like the check's
+        parameter rows (one foreach copy), the difference and Σx² by rows, the others alone."""
+        P = len(params)
+        sq = []
+        if fast:
+            rows, _, alone = self._check.span(P, 2 * P)
+            if self._after is None:
+                self._after = torch.zeros_like(rows)
+                row0 = self._check.rows_of(P, 2 * P)[0].start
+                flat = [i for i in range(P, 2 * P) if self._check.view(i) is not None]
+                self._after_at = ([self._check.view(i, self._after, row0) for i in flat], [i - P for i in flat])
+            views, idx = self._after_at
+            if idx:
+                torch._foreach_copy_(views, [params[i] for i in idx])
+            d = torch.sub(rows, self._after, out=self._after)  # θ_before - θ_after, by rows
+            sq.append(torch.linalg.vecdot(d, d))  #                              (R_p,)
+            keep = [i - P for i in alone]
+        else:
+            keep = range(P)
+        if keep:
+            sq.append(self._sq(torch._foreach_sub([self._before[i] for i in keep], [params[i] for i in keep])).to(self._device))
+        sq = torch.cat(sq) if len(sq) > 1 else sq[0]
+        if not fast:
+            return self._across(sq)
+        if self._w_update is not None:
+            sq = sq * self._w_update
+        return torch.zeros(self._M + 1, device=self._device).index_add_(0, self._cells_update, sq)
+
     def _before_update(self):
         grads = self._grads()
         meta = None
@@ -364,28 +466,14 @@ class GradientMonitor:
             self._a_rows.append(self._a_sum.clone()); self._a_sum.zero_()
         if not self._log_now:
             return
-        # logging step: ||g||_2 and ||θ||_2 per parameter in float32 (one foreach kernel; on
-        # CPU ~30x faster than the max-abs norm) and max |g| (foreach: |g| then its max; with an
-        # empty FSDP shard, where max raises, max(max g, -min g) by one aminmax per gradient, 0
-        # for the empty one), and a copy of the parameters for the update
+        # logging step: Σ||g||², Σ||θ||² and max |g| per module, and θ before the update
         with torch.no_grad():
             params = self._local_params() if self._has_dtensor else self._params
-            gp_norm = torch.stack(torch._foreach_norm(grads + params, 2.0, dtype=torch.float32))  # (2P,)
-            if all(g.numel() for g in grads):  # |g| a temporary the size of the gradients: 3 calls
-                gabs = torch.stack(torch._foreach_max(torch._foreach_abs(grads)))
-            else:
-                lo, hi = zip(*[torch.aminmax(g) if g.numel() else (self._zero, self._zero) for g in grads])
-                gabs = torch.maximum(torch.stack(hi), -torch.stack(lo))
-            gmax = self._module_max(gabs.float())  # (M+1,)
+            fast = self._check.filled  # its buffer holds this step's small gradients and parameters
+            gp_sq, gmax = self._gp_fast(grads, params) if fast else self._gp_plain(grads, params)
             if self.optimizer is not None:
-                # one buffer, allocated at the first logging step and reused: no allocation
-                # proportional to the model afterwards
-                if self._before is None:
-                    self._before = [p.clone() for p in params]
-                else:
-                    torch._foreach_copy_(self._before, params)
-                self._have_before = True
-        self._pending = dict(gp_norm=gp_norm, g_max=gmax)
+                self._keep_before(params, fast)
+        self._pending = dict(gp_sq=gp_sq, g_max=gmax, fast=fast)
         self._stats_before_update(grads)  # B
         if self._hist_now:
             with torch.no_grad():
@@ -414,27 +502,17 @@ class GradientMonitor:
     # -- logging -----------------------------------------------------------------------------
 
     def _log(self, n):
-        P, M, n_par = self._pending, self._M, len(self._params)
-        per_param = [P["gp_norm"]]
+        P, M = self._pending, self._M
+        # Σ ||·||² per module of the gradients, parameters (and updates), each weighted by w_p
+        # (``_across``), so that the sum over ranks counts every shard once and every replica
+        # once                                                         (2 or 3, M+1)
+        mod_sq = P["gp_sq"]
         if self._have_before:
             with torch.no_grad():
-                # ||θ_before - θ_after|| per parameter (θ_before stays, for the offending indices
-                # of a non-finite parameter): two foreach calls; the differences are a temporary
-                # the size of the model at logging steps (one subtraction and norm per parameter
-                # into a scratch buffer took ~25 us of Python more per logging step on the small
-                # benchmark model). Under FSDP2 of this rank's shards.
+                # Σ ||θ_before - θ_after||² (θ_before stays, for the offending indices of a
+                # non-finite parameter). Under FSDP2 of this rank's shards.
                 params = self._local_params() if self._has_dtensor else self._params
-                diffs = torch._foreach_sub(self._before, params)
-                per_param.append(torch.stack(torch._foreach_norm(diffs, 2.0, dtype=torch.float32)))
-                del diffs
-        # Σ ||·||² per module of the gradients, parameters (and updates): one index_add. Each
-        # ||·||² weighted by w_p first (``_across``), so that the sum over ranks counts every
-        # shard once and every replica once                        (2 or 3, P) -> (2 or 3, M+1)
-        sq = torch.cat(per_param).square_().view(len(per_param) + 1, n_par) if len(per_param) > 1 \
-            else per_param[0].square().view(2, n_par)
-        if self._w is not None:
-            sq = sq * self._w
-        mod_sq = torch.zeros(len(sq), M + 1, device=self._device).index_add_(1, self._group, sq)
+                mod_sq = torch.cat([mod_sq, self._update_sq(params, P["fast"])[None]])
         P["g_sq"], P["p_sq"] = mod_sq[0], mod_sq[1]
         d_sq = mod_sq[2] if len(mod_sq) > 2 else None
         A = len(self._act_mods)
@@ -639,7 +717,7 @@ class GradientMonitor:
         # the first few offending elements: of the parameter or its .grad as they are now, of
         # a traced tensor when the step is the one being reported
         if what == "param":  # as it was at the step if it was copied then, else as it is now
-            then = self._before[i] if self._have_before and step == self._n - 1 else stats.local(self._params[i])
+            then = self._before_of(i) if self._have_before and step == self._n - 1 else stats.local(self._params[i])
             detail = origin_.offending(then, self._param_names[i][1])
         elif what == "grad":  # (under FSDP2 the indices are of this rank's shard)
             detail = origin_.offending(stats.local(self._params[i].grad), self._param_names[i][1] + ".grad")
@@ -678,6 +756,11 @@ class GradientMonitor:
         # w_p: 1 where this rank's piece of parameter p counts in a cross-rank sum (stats.rank_weight)
         w = [stats.rank_weight(p, self.rank, self.world, self.sharded) for p in self._params]
         self._w = None if all(x == 1.0 for x in w) else torch.tensor(w, device=self._device)
+        self._w_entries = self._w_update = None  # the same per entry of the check (fast form)
+        if self._w is not None:
+            P, own = len(self._params), self._check.owners
+            self._w_entries = torch.tensor([w[i % P] for i in own(0, 2 * P)], device=self._device)
+            self._w_update = torch.tensor([w[i - P] for i in own(P, 2 * P)], device=self._device)
         per_rank = not (self._has_dtensor or (self.sharded and self.world > 1))  # else increments of shards
         self._noise = noise.NoiseScale(self, batch_size, noise_ema, per_rank) if noise_scale else None
         self._direction = noise.Direction(self) if cosine else None

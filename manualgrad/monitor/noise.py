@@ -319,7 +319,7 @@ class Direction:
 
     def before_update(self, grads):
         check = self.mon._check
-        if check.filled and len(check.first(len(grads))[1]):
+        if check.filled and len(check.span(0, len(grads))[1]):
             return self._from_buffer(grads, check)
         if self._prev_buf is not None:  # the last log kept the buffer and the large ones only
             self._prev = self._prev_buf = None
@@ -345,7 +345,7 @@ class Direction:
         (zeros after them): the dots of those are the rows' dots with the rows kept from the
         previous logging step, summed per parameter, in four calls whatever their number; the
         large ones as above."""
-        buf, row_owner, alone = check.first(len(grads))  # the gradients' rows
+        buf, row_owner, alone = check.span(0, len(grads))  # the gradients' rows
         if self._prev_buf is not None:
             # <g_t, g_s> per row, then per parameter                            (rows,) -> (P,)
             dots = torch.zeros(len(grads), device=buf.device).index_add_(0, row_owner, (buf * self._prev_buf).sum(1))

@@ -178,7 +178,8 @@ class FiniteCheck:
     Kept until the next logging step, those are many small tensors to stack and free there (on
     the small benchmark model, 50 steps of 6 gradients: ~0.3 ms, in a cold logging step). Here
     every floating tensor of up to ``FLAT_MAX`` elements on ``device`` is copied into one float32
-    buffer (one foreach copy), each from the start of a row of ``C`` elements (padding zeros
+    buffer (one foreach copy; float32, float16 and bfloat16 ones, which it holds exactly: a
+    logging step reads its norms there), each from the start of a row of ``C`` elements (padding zeros
     after it), and the buffer is summed by row (one kernel): one tensor per step, whatever the
     number of parameters. Larger tensors, where the copy would cost more than the kernel it
     saves, are summed on their own. ``__call__`` returns one float32 value per *entry* (a row of
@@ -188,22 +189,24 @@ class FiniteCheck:
     """
 
     FLAT_MAX = 1 << 14  # elements: the copy costs about what the kernel it saves does here
+    EXACT = (torch.float32, torch.float16, torch.bfloat16)  # copied exactly into float32
     ROWS = 1024  # about this many rows at most (C grows with the buffer)
 
     def __init__(self, like, device):
         """``like``: tensors of the shapes and dtypes the checked ones will have, in order."""
         flat = [i for i, t in enumerate(like)
-                if t.numel() <= self.FLAT_MAX and t.device == device and t.is_floating_point()]
+                if t.numel() <= self.FLAT_MAX and t.device == device and t.dtype in self.EXACT]
         total = sum(like[i].numel() for i in flat)
         C = 256
         while total > C * self.ROWS:
             C *= 2
         rows = [-(-like[i].numel() // C) for i in flat]  # ceil
         self._buf = torch.zeros(sum(rows), C, device=device)
-        views, start = [], 0
+        self._at, start = {}, 0  # tensor i -> (offset, shape) of its copy in the buffer
         for i, r in zip(flat, rows):
-            views.append(self._buf.view(-1)[start * C : start * C + like[i].numel()].view(like[i].shape))
+            self._at[i] = (start * C, like[i].shape)
             start += r
+        views = [self.view(i) for i in flat]
         self._views, self._flat = views, flat
         self._all_flat = len(flat) == len(like)
         in_buf = set(flat)
@@ -213,17 +216,38 @@ class FiniteCheck:
         self.row_owner = torch.tensor(self.owner[: len(self._buf)], dtype=torch.long, device=device)
         self.n = len(like)
         self.filled = False  # the buffer holds the last call's tensors (the small ones)
-        self._first = {}  # k -> (rows, alone) of the first k tensors
+        self._spans = {}  # (lo, hi) -> (rows, alone) of tensors lo <= i < hi
 
-    def first(self, k):
-        """Where the first ``k`` tensors are: (their rows of the buffer (R, C), the owner of each
-        of those rows (R,), the indices among them of the tensors summed alone). The small ones
-        are laid out in order, so their rows come first."""
-        if k not in self._first:
-            R = sum(1 for i in self.owner[: len(self._buf)] if i < k)
-            self._first[k] = (R, [i for i in self._alone if i < k])
-        R, alone = self._first[k]
-        return self._buf[:R], self.row_owner[:R], alone
+    def view(self, i, buf=None, row0=0):
+        """Tensor i's copy in the buffer, or at the same place in ``buf``, the buffer's rows from
+        ``row0`` on; None for a tensor summed alone."""
+        if i not in self._at:
+            return None
+        start, shape = self._at[i]
+        start -= row0 * self._buf.shape[1]
+        return (self._buf if buf is None else buf).view(-1)[start : start + shape.numel()].view(shape)
+
+    def rows_of(self, lo, hi):
+        """The buffer's rows of tensors lo <= i < hi (a slice: the small ones are laid out in
+        order, so their rows are consecutive) and the indices among them of those summed alone.
+        Their entries, in ``__call__``'s order: those rows, then those tensors."""
+        if (lo, hi) not in self._spans:
+            owners = self.owner[: len(self._buf)]
+            r0 = sum(1 for i in owners if i < lo)
+            self._spans[lo, hi] = (slice(r0, r0 + sum(1 for i in owners if lo <= i < hi)),
+                                   [i for i in self._alone if lo <= i < hi])
+        return self._spans[lo, hi]
+
+    def span(self, lo, hi):
+        """The copies of tensors lo <= i < hi as the last call made them: (their rows (R, C), the
+        owner of each row (R,), the indices among them of the tensors summed alone)."""
+        rows, alone = self.rows_of(lo, hi)
+        return self._buf[rows], self.row_owner[rows], alone
+
+    def owners(self, lo, hi):
+        """The owner of each entry of tensors lo <= i < hi (a list, in ``__call__``'s order)."""
+        rows, alone = self.rows_of(lo, hi)
+        return self.owner[rows] + alone
 
     def __call__(self, tensors):
         """(entries,) float32 on the device; no host sync."""

@@ -41,8 +41,14 @@ def scalar(ea, tag):
 LINEARS = ["0", "2", "4"]
 
 
+@pytest.mark.parametrize("layout", [None, 12, 0], ids=["all-in-buffer", "mixed", "none-in-buffer"])
 @pytest.mark.parametrize("nn", [torch.nn, mnn], ids=["torch", "manualgrad"])
-def test_logged_statistics_equal_independent_ones(tmp_path, nn):
+def test_logged_statistics_equal_independent_ones(tmp_path, monkeypatch, nn, layout):
+    # the norms of a logging step come from the check's buffer (stats.FiniteCheck) for tensors
+    # of up to FLAT_MAX elements, per tensor for the others: here all, the biases only (11, 9
+    # and 5 elements), none (the plain form)
+    if layout is not None:
+        monkeypatch.setattr(manualgrad.monitor.stats.FiniteCheck, "FLAT_MAX", layout)
     model = small_mlp(nn)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     writer = SummaryWriter(tmp_path)
