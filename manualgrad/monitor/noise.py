@@ -108,6 +108,7 @@ class NoiseScale:
         self.mon, self.batch_size, self.beta = mon, batch_size, float(ema)
         self.per_rank = per_rank  # False: sharded parameters, increments of .grad
         self._handles = []  # the parameters' hooks, during a logging step
+        self._kind = None  # which: "count" (one, counting backward passes), "each" (every parameter's)
         self._armed = False
         self._warned = False
         # Module hooks are not added and removed at every logging step (under torch.compile that
@@ -151,14 +152,26 @@ class NoiseScale:
             return
         self._reset()
         self._armed = True
-        if self.per_rank and self._count_only:
+        kind = ("count" if self._count_only else "each") if self.per_rank else None
+        if kind == self._kind:  # the hooks of the previous logging step, kept (every=1)
+            return
+        self.disarm()
+        self._armed, self._kind = True, kind
+        if kind == "count":
             self._handles.append(self.mon._params[0].register_hook(self._count_hook))
-        elif self.per_rank:
+        elif kind == "each":
             for i, p in enumerate(self.mon._params):
                 self._handles.append(p.register_hook(self._grad_hook(i)))
 
+    def pause(self):
+        """The logging step is over: its hooks stay until the monitor knows whether the next
+        step logs too (``arm``: kept; ``disarm``: removed; at every=1 that saves registering
+        and removing them every step)."""
+        self._armed = False
+
     def disarm(self):
         self._armed = False
+        self._kind = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -249,7 +262,7 @@ class NoiseScale:
 
     def sums(self):
         """Per-rank sums to add up across ranks: [Σ |G_small|^2 per module, |G_big|^2 per module]."""
-        self.disarm()
+        self.pause()
         if self.per_rank and not self._for_good and self._backwards:  # one process
             if self._backwards > 1:  # accumulation: every hook back, for good
                 self._for_good = True

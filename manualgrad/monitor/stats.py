@@ -217,6 +217,7 @@ class FiniteCheck:
         self.n = len(like)
         self.filled = False  # the buffer holds the last call's tensors (the small ones)
         self._spans = {}  # (lo, hi) -> (rows, alone) of tensors lo <= i < hi
+        self._views_of = {}  # (lo, hi) -> span(lo, hi)
 
     def view(self, i, buf=None, row0=0):
         """Tensor i's copy in the buffer, or at the same place in ``buf``, the buffer's rows from
@@ -240,9 +241,12 @@ class FiniteCheck:
 
     def span(self, lo, hi):
         """The copies of tensors lo <= i < hi as the last call made them: (their rows (R, C), the
-        owner of each row (R,), the indices among them of the tensors summed alone)."""
-        rows, alone = self.rows_of(lo, hi)
-        return self._buf[rows], self.row_owner[rows], alone
+        owner of each row (R,), the indices among them of the tensors summed alone). Views made
+        once (a slice costs ~1.5 us, and a logging step takes several)."""
+        if (lo, hi) not in self._views_of:
+            rows, alone = self.rows_of(lo, hi)
+            self._views_of[lo, hi] = (self._buf[rows], self.row_owner[rows], alone)
+        return self._views_of[lo, hi]
 
     def owners(self, lo, hi):
         """The owner of each entry of tensors lo <= i < hi (a list, in ``__call__``'s order)."""
