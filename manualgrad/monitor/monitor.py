@@ -101,8 +101,7 @@ def _dist_info():
 def _write_out(writer, writes, flush=True):
     """Each buffered logging step ``(step, tags, values)`` to ``writer`` (one event per step and
     run), then ``writes`` is emptied; ``flush``: and on to the disk, layer runs included (at exit)."""
-    for n, tags, values in writes:
-        tb.write_scalars(writer, n, tags, values)
+    tb.write_steps(writer, writes)
     writes.clear()
     if flush:
         writer.flush()

@@ -1,5 +1,6 @@
 """The monitor's fast forms against their plain references (the readable forms they replace)."""
 import math
+import pathlib
 
 import pytest
 import torch
@@ -68,12 +69,19 @@ def test_crc32c_and_records_equal_tensorboards_on_random_data():
 
     g = torch.Generator().manual_seed(0)
     assert tb.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    for n in list(range(0, 20)) + [255, 256, 1001, 4099]:
-        data = bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist())
-        assert tb.masked_crc32c(data) == masked_crc32c(data), n
+    assert tb.crc32c_many([b"123456789"]) == [0xE3069283]
+    lengths = list(range(0, 20)) + [255, 256, 1001, tb._CRC_ROWS, tb._CRC_ROWS + 1, 4099]
+    datas = [bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist()) for n in lengths]
+    expected = []
+    for data in datas:
+        assert tb.masked_crc32c(data) == masked_crc32c(data), len(data)
         chunks = []
         RecordWriter(type("F", (), {"write": staticmethod(chunks.append)})).write(data)
         assert tb.record(data) == b"".join(chunks)
+        expected.append(b"".join(chunks))
+    # all at once (one numpy pass over the ones of 1 to _CRC_ROWS bytes), in a shuffled order
+    order = torch.randperm(len(datas), generator=g).tolist()
+    assert tb.records([datas[i] for i in order]) == [expected[i] for i in order]
 
 
 @pytest.mark.parametrize("step", [0, 1, 127, 128, 300, 2**40])
@@ -89,3 +97,55 @@ def test_scalar_event_bytes_equal_protobufs(step):
         expected = event_pb2.Event(wall_time=1765000000.123456, step=step, summary=summary_pb2.Summary(
             value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in chosen])).SerializeToString()
         assert tb.scalar_event(1765000000.123456, step, chosen) == expected
+
+
+def event_records(path):
+    """Every record of an event file, read by tensorboard's reader: it checks both CRCs of each
+    record and raises DataLossError on a mismatch."""
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.tensorflow_stub import errors
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    reader, out = PyRecordReader_New(str(path)), []
+    while True:
+        try:
+            reader.GetNext()
+        except errors.OutOfRangeError:
+            return out
+        out.append(event_pb2.Event.FromString(reader.record()))
+
+
+def test_a_monitored_writers_records_pass_tensorboards_crc_checks(tmp_path):
+    # the monitor frames its own events of a burst as one write to the writer's thread and sets
+    # the writer's record writer to frame everything with tensorboard.record (the user's events
+    # too, the long ones byte by byte): every record must read back, CRCs checked
+    from torch.utils.tensorboard import SummaryWriter
+
+    from manualgrad.monitor import GradientMonitor
+    from manualgrad.monitor import tensorboard as tb
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = SummaryWriter(tmp_path)
+    with GradientMonitor(model, writer, optimizer=opt, every=1, hist_every=5):
+        for step in range(20):
+            opt.zero_grad()
+            model(torch.randn(6, 5)).square().mean().backward()
+            opt.step()
+            writer.add_scalar("user/loss", step / 4, step)
+            writer.add_text("user/note", "x" * (step * 120), step)  # up to 2.3 KB: past _CRC_ROWS
+    writer.close()
+    (main,) = tmp_path.glob("events.out.tfevents.*")
+    values = {}
+    for e in event_records(main):
+        for v in e.summary.value:
+            values.setdefault(v.tag, {})[e.step] = v
+    assert {s: v.simple_value for s, v in values["user/loss"].items()} == {s: s / 4 for s in range(20)}
+    assert sorted(values["user/note/text_summary"]) == list(range(20))
+    assert sorted(values["global/grad_norm"]) == list(range(20))  # the monitor's, one event a step
+    assert sorted(values["hist/grad/0"]) == [0, 5, 10, 15]
+    for name in ("0", "2"):
+        (layer,) = pathlib.Path(tb.layer_dir(tmp_path, name)).glob("events.out.tfevents.*")
+        steps = [e.step for e in event_records(layer) if e.summary.value]
+        assert steps == list(range(20))
