@@ -356,17 +356,17 @@ class Direction:
         """``before_update`` when the monitor's check (stats.FiniteCheck of the gradients, then
         the parameters) holds this step's small gradients in its buffer, one row or more each
         (zeros after them): the dots of those are the rows' dots with the rows kept from the
-        previous logging step, summed per parameter, in four calls whatever their number; the
+        previous logging step, summed per module, in three calls whatever their number; the
         large ones as above."""
-        buf, row_owner, alone = check.span(0, len(grads))  # the gradients' rows
+        buf, _, alone = check.span(0, len(grads))  # the gradients' rows
         if self._prev_buf is not None:
-            # <g_t, g_s> per row, then per parameter                            (rows,) -> (P,)
-            dots = torch.zeros(len(grads), device=buf.device).index_add_(0, row_owner, (buf * self._prev_buf).sum(1))
+            # <g_t, g_s> per entry of the check: per row, then per large gradient   (entries,)
+            dots = torch.linalg.vecdot(buf, self._prev_buf)
             if alone:
-                dots[alone] = torch.stack([
+                dots = torch.cat([dots, torch.stack([
                     torch.dot(grads[i].reshape(-1).float(), q.reshape(-1).float()) if grads[i].shape == q.shape
-                    else self.mon._zero for i, q in zip(alone, self._prev)]).to(dots.device)
-            self._dot = self.mon._across(dots.to(self.mon._device))
+                    else self.mon._zero for i, q in zip(alone, self._prev)]).to(dots.device)])
+            self._dot = self.mon._grad_entries_by_module(dots)  #               (M+1,)
             self._prev_buf.copy_(buf)
         else:
             self._prev_buf = buf.clone()
