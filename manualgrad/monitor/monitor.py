@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 import time
 import warnings
@@ -292,6 +293,7 @@ class GradientMonitor:
         # a monitor never closed still hands them over when it is collected or the interpreter exits
         self._finalize = weakref.finalize(self, _write_out, writer, self._writes) if self.rank == 0 else None
         self._tags = {}  # (stat, id(names)) -> tags
+        self._kept = {}  # a logging step's tags -> (its scalars without the "rest" entries, its tags without them)
         self._closed = False
         self.first_nonfinite = None  # NonFiniteOrigin (module, kind, step) of the run's first report
         if origin == "trace":
@@ -482,7 +484,7 @@ class GradientMonitor:
         parts = [self._check(grads + (self._local_params() if self._has_dtensor else self._params))]
         if meta is not None and tensors:
             parts.append(torch.stack(stats.check_sums(tensors)).to(parts[0].device))
-        row = torch.cat(parts)
+        row = parts[0] if len(parts) == 1 else torch.cat(parts)
         self._rows.append(row); self._row_steps.append(self._n); self._row_meta.append(meta)
         if self._act_mods:  # this step's Σ of each activation (the forward hooks'), then reset  (A,)
             self._a_rows.append(self._a_sum.clone()); self._a_sum.zero_()
@@ -533,8 +535,8 @@ class GradientMonitor:
             # non-finite parameter). Under FSDP2 of this rank's shards.
             params = self._local_params() if self._has_dtensor else self._params
             mod_sq = torch.cat([mod_sq, self._update_sq(params, P["fast"])[None]])
-        P["g_sq"], P["p_sq"] = mod_sq[0], mod_sq[1]
-        d_sq = mod_sq[2] if len(mod_sq) > 2 else None
+        P["g_sq"], P["p_sq"], *d_sq = mod_sq.unbind()
+        d_sq = d_sq[0] if d_sq else None
         A = len(self._act_mods)
         act = torch.stack([s if s is not None else torch.full((5,), math.nan, device=self._device)
                            for s in self._a_stats]) if A else None
@@ -646,31 +648,40 @@ class GradientMonitor:
         self._pending = None
 
         scalars, rest = values[:n_scalars], values[n_scalars:]
-        if None in tags:  # the modules' "rest" entries
-            scalars = [v for t, v in zip(tags, scalars) if t is not None]
-            tags = [t for t in tags if t is not None]
+        key = tuple(tags)
+        if key not in self._kept:  # without the modules' "rest" entries (None): positions, tags
+            kept = [i for i, t in enumerate(tags) if t is not None]
+            self._kept[key] = (operator.itemgetter(*kept) if len(kept) > 1 else lambda v, i=kept: [v[j] for j in i],
+                               [tags[i] for i in kept])
+        pick, kept = self._kept[key]
+        scalars, tags = list(pick(scalars)), list(kept)
+        clean = False  # nothing was NaN/Inf since the last log: every count is 0
         if self.world > 1:
             bookkeeping, rest = rest[: rows * (M + 2) + 1 + rows * A], rest[rows * (M + 2) + 1 + rows * A :]
         else:
-            if all(map(math.isfinite, rest[: 1 + bool(A)])):  # nothing non-finite: the counts are 0
-                bookkeeping = [0.0] * (rows * (M + 2) + 1 + rows * A)
-            else:  # the second transfer
+            clean = all(map(math.isfinite, rest[: 1 + bool(A)]))
+            if not clean:  # the second transfer
                 g_bad, row_bad, a_bad = self._bad(ring, a_ring)
                 bookkeeping = torch.cat([g_bad.reshape(-1), row_bad, row_bad.amax(0, keepdim=True)] + (
                     [a_bad.reshape(-1)] if A else [])).cpu().tolist()
             rest = rest[1 + bool(A) :]
-        k = rows * (M + 1)
-        gb = [bookkeeping[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
-        rb, anywhere = bookkeeping[k : k + rows], bookkeeping[k + rows]
-        ab = [bookkeeping[k + rows + 1 + r * A : k + rows + 1 + (r + 1) * A] for r in range(rows)]  # per hooked activation
-        nonfinite = sum(map(sum, gb)) + sum(map(sum, ab))
+        if clean:
+            nonfinite = anywhere = 0
+            per_module = [0.0] * M
+        else:
+            k = rows * (M + 1)
+            gb = [bookkeeping[r * (M + 1) : (r + 1) * (M + 1)] for r in range(rows)]  # per step, per module
+            rb, anywhere = bookkeeping[k : k + rows], bookkeeping[k + rows]
+            ab = [bookkeeping[k + rows + 1 + r * A : k + rows + 1 + (r + 1) * A] for r in range(rows)]  # per hooked activation
+            nonfinite = sum(map(sum, gb)) + sum(map(sum, ab))
+            per_module = [sum(col) for col in zip(*gb)][:M] if rows else [0.0] * M
         if self.rank == 0:
             # nonfinite/<name>: steps with a non-finite parameter or gradient, per module
             key = ("nonfinite", id(names), M)
             if key not in self._tags:
                 self._tags[key] = [tb.tag("nonfinite", x) for x in names]
             tags += self._tags[key]
-            scalars += [sum(col) for col in zip(*gb)][:M] if rows else [0.0] * M
+            scalars += per_module
             host["global/nonfinite"] = nonfinite
             self._writes.append((n, tags + list(host), scalars + list(host.values())))
             width = 5 + stats.HIST_BINS
