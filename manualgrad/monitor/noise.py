@@ -194,9 +194,11 @@ class NoiseScale:
                 self._sizes.append(b)
 
     def _count_hook(self, grad):
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._queue_end)
+        # one process, one backward per step so far: only the number of backward passes is
+        # needed (a second one turns every hook on for the next logging step, and this step has
+        # no noise scale: its micro-batch norms were not taken). The hook on a parameter runs
+        # once per backward that reaches it.
+        self._backwards += 1
 
     def _grad_hook(self, i):
         def hook(grad):
