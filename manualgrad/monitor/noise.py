@@ -372,7 +372,14 @@ class Direction:
             self._prev_buf.copy_(buf)
         else:
             self._prev_buf = buf.clone()
-        self._prev = [grads[i].clone(memory_format=torch.contiguous_format) for i in alone]
+        large = [grads[i] for i in alone]
+        if not large:
+            self._prev = []
+        elif self._prev is not None and len(self._prev) == len(large) and all(
+                g.shape == q.shape and g.dtype == q.dtype for g, q in zip(large, self._prev)):
+            torch._foreach_copy_(self._prev, large)  # into the copies kept from the previous log: no allocation
+        else:
+            self._prev = [g.clone(memory_format=torch.contiguous_format) for g in large]
 
     def sums(self):
         return [] if self._dot is None else [self._dot]
