@@ -177,12 +177,12 @@ class FiniteCheck:
     The plain form is ``check_sums``: a sum per tensor, one kernel and one 0-dim tensor each.
     Kept until the next logging step, those are many small tensors to stack and free there (on
     the small benchmark model, 50 steps of 6 gradients: ~0.3 ms, in a cold logging step). Here
-    every floating tensor of up to ``FLAT_MAX`` elements on ``device`` is copied into one float32
-    buffer (one foreach copy; float32, float16 and bfloat16 ones, which it holds exactly: a
-    logging step reads its norms there), each from the start of a row of ``C`` elements (padding zeros
-    after it), and the buffer is summed by row (one kernel): one tensor per step, whatever the
-    number of parameters. Larger tensors, where the copy would cost more than the kernel it
-    saves, are summed on their own. ``__call__`` returns one float32 value per *entry* (a row of
+    every float32, float16 or bfloat16 tensor (held exactly in float32: a logging step reads the
+    norms there) of up to ``FLAT_MAX`` elements on ``device`` is copied into one float32 buffer
+    (one foreach copy), each from the start of a row of ``C`` elements (padding zeros after it),
+    and the buffer is summed by row (one kernel): one tensor per step, whatever the number of
+    parameters. The others (larger ones, where the copy would cost more than the kernel it saves;
+    float64 ones; on another device) are summed on their own. ``__call__`` returns one float32 value per *entry* (a row of
     the buffer, or a tensor summed alone): tensor i is non-finite iff one of its entries is
     (``per_tensor``; the sum of finite entries could overflow, their finiteness cannot).
     Memory: a float32 copy of the small tensors, each padded to whole rows.
