@@ -115,14 +115,19 @@ def event_records(path):
         out.append(event_pb2.Event.FromString(reader.record()))
 
 
-def test_a_monitored_writers_records_pass_tensorboards_crc_checks(tmp_path):
+@pytest.mark.parametrize("framing", [True, False], ids=["framed-here", "add_summary"])
+def test_a_monitored_writers_records_pass_tensorboards_crc_checks(tmp_path, monkeypatch, framing):
     # the monitor frames its own events of a burst as one write to the writer's thread and sets
     # the writer's record writer to frame everything with tensorboard.record (the user's events
-    # too, the long ones byte by byte): every record must read back, CRCs checked
+    # too, the long ones byte by byte): every record must read back, CRCs checked. A writer built
+    # otherwise gets one add_summary per logging step instead.
     from torch.utils.tensorboard import SummaryWriter
 
     from manualgrad.monitor import GradientMonitor
     from manualgrad.monitor import tensorboard as tb
+
+    if not framing:
+        monkeypatch.setattr(tb, "_framing_writer", lambda writer: None)
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
@@ -135,6 +140,8 @@ def test_a_monitored_writers_records_pass_tensorboards_crc_checks(tmp_path):
             opt.step()
             writer.add_scalar("user/loss", step / 4, step)
             writer.add_text("user/note", "x" * (step * 120), step)  # up to 2.3 KB: past _CRC_ROWS
+    records = writer._get_file_writer().event_writer._async_writer._writer
+    assert getattr(records, "_frames_with_manualgrad", False) == framing
     writer.close()
     (main,) = tmp_path.glob("events.out.tfevents.*")
     values = {}
