@@ -303,7 +303,7 @@ class GradientMonitor:
         self._init_distributed_stats(noise_scale, batch_size, noise_ema, cosine)  # B: noise.py, stats.py
 
         if self.rank == 0:
-            tb.crc32c(b"")  # its tables (~9 ms) built now rather than at the first write of a training run
+            tb.crc32c_many([b"\0"])  # its tables (~13 ms) built now rather than at the first write of a training run
             present = {"grad/norm", "grad/max_abs", "param/norm", "global/grad_norm", "global/lr",
                        "global/clip_coef", "global/clip_fraction", "global/nonfinite", "nonfinite"}
             if optimizer is not None:

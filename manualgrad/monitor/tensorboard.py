@@ -370,7 +370,11 @@ def crc32c(data):
 
 
 def masked_crc32c(data):
-    x = crc32c(data)
+    return _masked(crc32c(data))
+
+
+def _masked(x):
+    """The CRC as a record stores it: rotated right by 15 bits, plus a constant."""
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -378,12 +382,13 @@ def masked_crc32c(data):
 #     crc = ~(Z[n] ^ K[n-1, d_0] ^ K[n-2, d_1] ^ ... ^ K[0, d_{n-1}])
 # with K[k, b] what byte b followed by k zero bytes leaves in a register started at 0, and Z[n]
 # what ~0 becomes after n zero bytes. With numpy that is one table lookup and one xor-reduction
-# for all the bytes of all the records (~1 us a record of ~200 bytes, against ~8 us by crc32c).
+# for all the bytes of all the records (~1 us a record of ~200 bytes, against ~5.5 us by crc32c).
 _CRC_ROWS = 1024  # records up to this long (K: 1 MB); longer ones by crc32c
 _CRC_NP = None
 
 
 def _crc_numpy_tables():
+    """K (flattened, K[k, b] at 256 k + b) and Z as numpy uint32 arrays (~4 ms)."""
     import numpy as np
 
     crc32c(b"")  # _CRC
@@ -423,10 +428,7 @@ def crc32c_many(datas):
 
 def records(datas):
     """[record(d) for d in datas], their CRCs by crc32c_many."""
-    out = []
-    for d, x in zip(datas, crc32c_many(datas)):
-        out.append(_record_header(len(d)) + d + struct.pack("<I", (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF))
-    return out
+    return [_record_header(len(d)) + d + struct.pack("<I", _masked(x)) for d, x in zip(datas, crc32c_many(datas))]
 
 
 @functools.lru_cache(maxsize=1024)
