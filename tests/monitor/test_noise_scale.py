@@ -158,23 +158,30 @@ def test_one_micro_batch_on_one_rank_logs_no_noise_scale(tmp_path):
     assert "grad/norm/model" in ea.Tags()["scalars"]
 
 
-def test_noise_hooks_exist_on_logging_steps_only(tmp_path):
-    model = regression_model()
+def watch_hooks(tmp_path, model, steps, backwards, seen, **monitor_kw):
+    """``steps`` monitored steps (no update) of ``backwards(step)`` micro-batches of 4 samples;
+    ``seen(model)`` recorded before each. Returns those and the logged noise/B_simple steps."""
     writer = SummaryWriter(tmp_path)
     gen = torch.Generator().manual_seed(0)
-    armed = []
-    with GradientMonitor(model, writer, every=3) as mon:
-        for _ in range(6):
-            armed.append(bool(model.weight._backward_hooks))
-            for _ in range(2):
+    out = []
+    with GradientMonitor(model, writer, **monitor_kw) as mon:
+        for step in range(steps):
+            out.append(seen(model))
+            for _ in range(backwards(step)):
                 x, y = regression_batch(4, gen)
                 (model(x).squeeze(1) - y).square().mean().backward()
             mon.step()
             model.zero_grad()
+    writer.close()
+    return out, sorted(scalar(read(tmp_path), "noise/B_simple"))
+
+
+def test_noise_hooks_exist_on_logging_steps_only(tmp_path):
+    model = regression_model()
+    armed, logged = watch_hooks(tmp_path, model, 6, lambda step: 2, lambda m: bool(m.weight._backward_hooks), every=3)
     assert armed == [True, False, False, True, False, False]
     assert not model.weight._backward_hooks and not model._forward_pre_hooks  # close() removed them
-    writer.close()
-    assert sorted(scalar(read(tmp_path), "noise/B_simple")) == [0, 3]
+    assert logged == [0, 3]
 
 
 def test_unbiased_estimators_recover_known_norms():
@@ -264,21 +271,10 @@ def test_batch_size_hook_leaves_a_one_backward_run_and_returns_with_accumulation
     # (no noise scale possible there), comes back at the first logging step with two backwards
     # (that step has no batch size, so no noise scale) and stays; from the next logging step on
     # the noise scale is logged
-    model = regression_model()
-    writer = SummaryWriter(tmp_path)
-    gen = torch.Generator().manual_seed(0)
-    hooked = []
-    with GradientMonitor(model, writer, every=2) as mon:
-        for step in range(8):
-            hooked.append(bool(model._forward_pre_hooks))
-            for _ in range(1 if step < 4 else 2):
-                x, y = regression_batch(4, gen)
-                (model(x).squeeze(1) - y).square().mean().backward()
-            mon.step()
-            model.zero_grad()
-    writer.close()
+    hooked, logged = watch_hooks(tmp_path, regression_model(), 8, lambda step: 1 if step < 4 else 2,
+                                 lambda m: bool(m._forward_pre_hooks), every=2)
     assert hooked == [True, False, False, False, False, True, True, True]
-    assert sorted(scalar(read(tmp_path), "noise/B_simple")) == [6]
+    assert logged == [6]
 
 
 def test_after_one_backward_one_parameter_hook_counts_backwards_until_accumulation_appears(tmp_path):
@@ -286,18 +282,8 @@ def test_after_one_backward_one_parameter_hook_counts_backwards_until_accumulati
     # steps hook the first parameter only (to count backward passes); step 4 has two: its
     # micro-batch norms were not taken (no noise scale), every hook is back from step 6 on
     torch.manual_seed(0)
-    model = torch.nn.Linear(D, 1)
-    writer = SummaryWriter(tmp_path)
-    gen = torch.Generator().manual_seed(0)
-    hooked = []
-    with GradientMonitor(model, writer, every=2, batch_size=4) as mon:
-        for step in range(8):
-            hooked.append([len(p._backward_hooks or {}) for p in (model.weight, model.bias)])
-            for _ in range(1 if step < 4 else 2):
-                x, y = regression_batch(4, gen)
-                (model(x).squeeze(1) - y).square().mean().backward()
-            mon.step()
-            model.zero_grad()
-    writer.close()
+    hooked, logged = watch_hooks(tmp_path, torch.nn.Linear(D, 1), 8, lambda step: 1 if step < 4 else 2,
+                                 lambda m: [len(p._backward_hooks or {}) for p in (m.weight, m.bias)],
+                                 every=2, batch_size=4)
     assert hooked == [[1, 1], [0, 0], [1, 0], [0, 0], [1, 0], [0, 0], [1, 1], [0, 0]]
-    assert sorted(scalar(read(tmp_path), "noise/B_simple")) == [6]
+    assert logged == [6]
