@@ -549,6 +549,7 @@ class GradientMonitor:
 
     def _log(self, n):
         P, M = self._pending, self._M
+        W = M + 1
         # Σ ||·||² per module of the gradients, parameters (and updates), each weighted by w_p
         # (``_across``), so that the sum over ranks counts every shard once and every replica
         # once                                                         (2 or 3, M+1)
@@ -558,8 +559,8 @@ class GradientMonitor:
             # non-finite parameter). Under FSDP2 of this rank's shards.
             params = self._local_params() if self._has_dtensor else self._params
             mod_sq = torch.cat([mod_sq, self._update_sq(params, P["fast"])[None]])
-        P["g_sq"], P["p_sq"], *d_sq = mod_sq.unbind()
-        d_sq = d_sq[0] if d_sq else None
+        has_update = mod_sq.shape[0] == 3
+        g_max = P["g_max"]
         A = len(self._act_mods)
         act = torch.stack([s if s is not None else torch.full((5,), math.nan, device=self._device)
                            for s in self._a_stats]) if A else None
@@ -582,86 +583,56 @@ class GradientMonitor:
         # Cross-rank reduction (logging steps only): sums and maxima in two collectives.
         # Sums of squares are already weighted per parameter (w_p): replicas count once.
         extra = self._stat_sums()  # B: per-rank sums of the noise scale and cosine, reduced alike
-        sums = [P["p_sq"], P["g_sq"]] + ([d_sq] if d_sq is not None else []) + extra
         if self.world > 1:
-            sum_parts = sums + ([act.flatten(), agn ** 2] if A else [])
+            sum_parts = [mod_sq] + extra + ([act, agn ** 2] if A else [])
             # (per rank: whether its own traced row went bad, for the origin exchange)
-            max_parts = [g_bad, P["g_max"], row_bad.amax(0, keepdim=True)] + ([a_bad] if A else [])
+            max_parts = [g_bad, g_max, row_bad.amax(0, keepdim=True)] + ([a_bad] if A else [])
             flat = [torch.cat([t.flatten() for t in parts]) for parts in (sum_parts, max_parts)]
             ops = (torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MAX)
             for t, op in zip(flat, ops):
                 torch.distributed.all_reduce(t, op=op)
             # (only the reduced values are read back below; activation stats are averaged)
             s, mx = flat
-            P["p_sq"], s = s[: M + 1], s[M + 1 :]
-            P["g_sq"], s = s[: M + 1], s[M + 1 :]
-            if d_sq is not None:
-                d_sq, s = s[: M + 1], s[M + 1 :]
+            mod_sq, s = s[: mod_sq.numel()], s[mod_sq.numel() :]
             for i, t in enumerate(extra):
-                extra[i], s = s[: t.numel()].reshape(t.shape), s[t.numel() :]
+                extra[i], s = s[: t.numel()], s[t.numel() :]
             if A:
-                act = s[: 5 * A].reshape(A, 5) / self.world
+                act = s[: 5 * A] / self.world
                 agn = (s[5 * A :] / self.world).sqrt()
-            k = rows * (M + 1)
-            g_bad_all, P["g_max"], any_bad = mx[:k].reshape(rows, M + 1), mx[k : k + M + 1], mx[k + M + 1 : k + M + 2]
-            a_bad = mx[k + M + 2 :].reshape(rows, A) if A else None
+            k = rows * W
+            g_bad_all, g_max, any_bad = mx[:k], mx[k : k + W], mx[k + W : k + W + 1]
+            a_bad = mx[k + W + 1 :] if A else None
 
-        # One vector of everything, one transfer.
-        tags, parts = [], []
-
-        def put(stat, names, t):
-            # t: one value per name; per module also (M+1,), the last one ("rest") not logged:
-            # dropped on the host (a slice per statistic is a kernel call each)
-            if names is None:
-                tags.append(stat)
-            else:
-                key = (stat, id(names), t.shape[0])
-                if key not in self._tags:
-                    self._tags[key] = [tb.tag(stat, x) for x in names] + [None] * (t.shape[0] - len(names))
-                tags.extend(self._tags[key])
-            parts.append(t)
-
-        names = self.names
-        if self.world == 1:  # the rows of mod_sq: one square root
-            g_norm, p_norm, *d_norm = mod_sq.sqrt().unbind()
-        else:
-            g_norm, p_norm, d_norm = P["g_sq"].sqrt(), P["p_sq"].sqrt(), [] if d_sq is None else [d_sq.sqrt()]
-        put("grad/norm", names, g_norm)
-        put("grad/max_abs", names, P["g_max"])
-        put("param/norm", names, p_norm)
-        if d_sq is not None:
-            ratio, log10 = stats.update_ratio(d_norm[0], p_norm)
-            put("update/ratio", names, ratio)
-            put("update/log10_ratio", names, log10)
-        put("global/grad_norm", None, P["g_sq"].sum().sqrt())
-        self._put_stats(put, P["g_sq"], extra)  # B: noise/*, grad/cosine_prev/*
-        host = {}  # scalars already on the host (float learning rates)
-        if self.optimizer is not None:
-            for i, group in enumerate(self.optimizer.param_groups):
-                lr = group["lr"]
-                if isinstance(lr, torch.Tensor):  # capturable / tensor lr stays on the device
-                    put(f"global/lr/group{i}", None, lr.to(self._device))
-                else:
-                    host[f"global/lr/group{i}"] = float(lr)
-        if self._clip_calls:
-            put("global/clip_coef", None, self._clip_coef)
-            put("global/clip_norm_before", None, self._clip_norm)
-            put("global/clip_fraction", None, self._clip_count / self._clip_calls)
+        # One vector of everything, one transfer: the sums and maxima as they are; norms,
+        # ratios and cosines are worked out from them on the host below (on a logging step's
+        # cold caches a kernel on a handful of values costs ~2 us; the host's arithmetic on
+        # Python floats ~0.1 us a value)
+        clip_calls = self._clip_calls
+        lr_dev = [(i, g["lr"]) for i, g in enumerate(self.optimizer.param_groups)
+                  if isinstance(g["lr"], torch.Tensor)] if self.optimizer is not None else []
+        parts = [mod_sq, g_max] + extra + [lr.to(self._device) for _, lr in lr_dev]
+        if clip_calls:
+            parts += [self._clip_coef, self._clip_norm, self._clip_count]
         if A:
-            for j, stat in enumerate(("act/mean", "act/std", "act/near_zero", "act/dead", "act/saturation")):
-                put(stat, self.act_names, act[:, j])
-            put("act/grad_norm", self.act_names, agn)
-        n_scalars = len(tags)
+            parts += [act, agn]
         # non-finite bookkeeping rides along
         parts += [g_bad_all, row_bad, any_bad] + ([a_bad] if A else []) if self.world > 1 else [total]
         hists = P.get("hist", [])
+        names = self.names
         hist_tags = [f"hist/{kind}/{names[k]}" for kind, k, _ in hists]
         parts += [h for _, _, h in hists]
         if self._hist_now and A:
             for a, h in enumerate(self._a_hist):
                 if h is not None:
                     hist_tags.append(f"hist/act/{self.act_names[a]}"); parts.append(h)
+        sizes = [t.numel() for t in parts]
         values = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in parts]).float().cpu().tolist()  # the one transfer
+        at = 0
+
+        def take(k):
+            nonlocal at
+            at += k
+            return values[at - k : at]
 
         # reset the accumulators (in place, on the device)
         steps, metas = self._row_steps, self._row_meta
@@ -670,7 +641,53 @@ class GradientMonitor:
         self._clip_count.zero_(); self._clip_calls = 0
         self._pending = None
 
-        scalars, rest = values[:n_scalars], values[n_scalars:]
+        # the statistics, from the values read back
+        tags, scalars = [], []
+
+        def put(stat, names, v):
+            # v: a float, or one value per name; per module also the last one ("rest"), not
+            # logged (its tag is None, dropped below)
+            if names is None:
+                tags.append(stat); scalars.append(v)
+            else:
+                key = (stat, id(names), len(v))
+                if key not in self._tags:
+                    self._tags[key] = [tb.tag(stat, x) for x in names] + [None] * (len(v) - len(names))
+                tags.extend(self._tags[key]); scalars.extend(v)
+
+        g_sq, p_sq = take(W), take(W)
+        d_sq = take(W) if has_update else None
+        g_max = take(W)
+        extra = [take(k) for k in sizes[2 : 2 + len(extra)]]
+        put("grad/norm", names, [stats.sqrt(x) for x in g_sq])
+        put("grad/max_abs", names, g_max)
+        p_norm = [stats.sqrt(x) for x in p_sq]
+        put("param/norm", names, p_norm)
+        if d_sq is not None:
+            ratio = [stats.update_ratio(stats.sqrt(d), p) for d, p in zip(d_sq, p_norm)]
+            put("update/ratio", names, ratio)
+            put("update/log10_ratio", names, [stats.log10(r) for r in ratio])
+        put("global/grad_norm", None, stats.sqrt(math.fsum(g_sq)))
+        self._put_stats(put, g_sq, extra)  # B: noise/*, grad/cosine_prev/*
+        host = {}  # scalars already on the host (float learning rates)
+        if self.optimizer is not None:
+            device_lr = dict(lr_dev)
+            for i, group in enumerate(self.optimizer.param_groups):
+                if i in device_lr:  # capturable / tensor lr stays on the device
+                    put(f"global/lr/group{i}", None, take(1)[0])
+                else:
+                    host[f"global/lr/group{i}"] = float(group["lr"])
+        if clip_calls:
+            coef, norm, count = take(3)
+            put("global/clip_coef", None, coef)
+            put("global/clip_norm_before", None, norm)
+            put("global/clip_fraction", None, count / clip_calls)
+        if A:
+            a = take(5 * A)
+            for j, stat in enumerate(("act/mean", "act/std", "act/near_zero", "act/dead", "act/saturation")):
+                put(stat, self.act_names, a[j::5])
+            put("act/grad_norm", self.act_names, take(A))
+        rest = values[at:]
         key = tuple(tags)
         if key not in self._kept:  # without the modules' "rest" entries (None): positions, tags
             kept = [i for i, t in enumerate(tags) if t is not None]

@@ -56,9 +56,12 @@ shard under FSDP); ``cosine=False`` saves it.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
+
+from . import stats
 
 
 def estimates(g_small_sq, g_big_sq, b_small, b_big):
@@ -131,8 +134,8 @@ class NoiseScale:
             self._size_handle = model.register_forward_pre_hook(self._size_hook, with_kwargs=True)
         if not per_rank:
             self._module_handles.append(model.register_forward_hook(self._output_hook))
-        self._ema_g = self._ema_tr = None  # device 0-dim moving averages
-        self._decay = None  # beta^t, t = logging steps averaged (on the device)
+        self._ema_g = self._ema_tr = None  # moving averages of |G|^2 and tr(Sigma) (host floats)
+        self._decay = None  # beta^t, t = logging steps averaged (a host float)
         self._reset()
 
     def _reset(self):
@@ -295,31 +298,32 @@ class NoiseScale:
         return [self.mon._across(per_param, weighted=False), self._big]  # every rank's own micro-batches
 
     def put(self, put, g_sq, reduced):
-        """``reduced``: what ``sums`` returned, summed across ranks (``g_sq`` is not needed here)."""
+        """``reduced``: what ``sums`` returned, summed across ranks and read back (lists of floats;
+        ``g_sq`` is not needed here)."""
         b, K, R = self._measured(), self._backwards, self.mon.world
         self._reset()
         if b is None or not reduced:  # (not reduced: sums() left this step out)
             return
-        small_sum, big = reduced
+        small_sum, big = reduced  # per module (+ rest), read back: Python floats
         # per rank: K R micro-batch gradients of b samples; sharded: K increments of R b samples
         n_small, b_small = (K * R, b) if self.per_rank else (K, R * b)
         # |G_small|^2: their mean squared norm, in units of the final .grad (x K^2)
-        g_small_sq = small_sum.sum() / n_small * K**2
-        g_sq, tr_sigma = estimates(g_small_sq, big.sum(), b_small, K * R * b)
+        g_small_sq = math.fsum(small_sum) / n_small * K**2
+        g_sq, tr_sigma = estimates(g_small_sq, math.fsum(big), b_small, K * R * b)
         beta = self.beta
         if self._ema_g is None:
-            self._ema_g, self._ema_tr = torch.zeros_like(g_sq), torch.zeros_like(tr_sigma)
-            self._decay = torch.ones_like(g_sq)
-        # a non-finite step (a NaN gradient, an AMP overflow) is left out, on the device: one
-        # would poison the averages for the rest of the run
-        ok = torch.isfinite(g_sq) & torch.isfinite(tr_sigma)
-        self._ema_g.copy_(torch.where(ok, beta * self._ema_g + (1 - beta) * g_sq, self._ema_g))
-        self._ema_tr.copy_(torch.where(ok, beta * self._ema_tr + (1 - beta) * tr_sigma, self._ema_tr))
-        self._decay.copy_(torch.where(ok, beta * self._decay, self._decay))
+            self._ema_g = self._ema_tr = 0.0
+            self._decay = 1.0
+        # a non-finite step (a NaN gradient, an AMP overflow) is left out: one would poison the
+        # averages for the rest of the run
+        if math.isfinite(g_sq) and math.isfinite(tr_sigma):
+            self._ema_g = beta * self._ema_g + (1 - beta) * g_sq
+            self._ema_tr = beta * self._ema_tr + (1 - beta) * tr_sigma
+            self._decay *= beta
         correction = 1.0 - self._decay  # Adam's bias correction 1 - beta^t
-        put("noise/B_simple", None, self._ema_tr / self._ema_g)
-        put("noise/tr_sigma", None, self._ema_tr / correction)
-        put("noise/g_sq", None, self._ema_g / correction)
+        put("noise/B_simple", None, stats.div(self._ema_tr, self._ema_g))
+        put("noise/tr_sigma", None, stats.div(self._ema_tr, correction))
+        put("noise/g_sq", None, stats.div(self._ema_g, correction))
 
 
 class Direction:
@@ -388,8 +392,9 @@ class Direction:
         if reduced:
             (dot,) = reduced
             # cos = <g_t, g_s> / (|g_t| |g_s|), per module and the rest (not logged)  (M+1,)
-            put("grad/cosine_prev", self.mon.names, dot / (g_sq * self._prev_sq).sqrt())
-        self._prev_sq = g_sq.clone()
+            put("grad/cosine_prev", self.mon.names,
+                [stats.div(d, stats.sqrt(a * b)) for d, a, b in zip(dot, g_sq, self._prev_sq)])
+        self._prev_sq = g_sq
         self._dot = None
 
     def close(self):

@@ -7,6 +7,8 @@ them to the host once per logging step.
     grad max-abs   max |g|
     param norm     ||theta||_2
     update ratio   ||theta_after - theta_before||_2 / ||theta_before||_2      (1e-3 is typical)
+                   (the sums of squares and maxima on the device, their square roots and ratios
+                   on the host, from the values the logging step reads back)
     activations    mean, std, fraction |y| <= eps, fraction of dead units (zero for the whole
                    batch), saturation (tanh: |y| > 0.99; sigmoid: y < 0.01 or y > 0.99)
     histogram      64 equal bins between the finite min and max, by torch.histc
@@ -22,10 +24,31 @@ NEAR_ZERO = 1e-6
 SATURATED = 0.99
 
 
+# -- a logging step's arithmetic on the values read back (Python floats), with the IEEE results
+# a float tensor would give: NaN in, NaN out; x / 0 is +-inf (0 / 0 NaN); log10(0) is -inf
+
+TINY = torch.finfo(torch.float32).tiny
+
+
+def sqrt(x):
+    return math.sqrt(x) if x >= 0 else math.nan  # (a sum of squares: negative never, NaN maybe)
+
+
+def div(a, b):
+    try:
+        return a / b
+    except ZeroDivisionError:
+        return math.nan if a == 0 or a != a else math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def log10(x):
+    return math.log10(x) if x > 0 else -math.inf if x == 0 else math.nan
+
+
 def update_ratio(delta_norm, param_norm):
-    """||delta|| / ||theta|| and its log10 (0 when theta is 0)."""
-    ratio = delta_norm / param_norm.clamp_min(torch.finfo(param_norm.dtype).tiny)
-    return ratio, torch.log10(ratio)
+    """||delta|| / ||theta||, theta's norm at least the smallest normal float32 (a zero theta
+    gives 0 for no update, a huge ratio for any)."""
+    return delta_norm / (param_norm if not param_norm < TINY else TINY)
 
 
 def unit_dim(module):

@@ -211,6 +211,34 @@ def test_clipping_with_manualgrad_clip_grad_norm_is_logged(tmp_path):
     assert scalar(ea, "global/grad_norm")[2] == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_learning_rates_of_tensor_and_float_groups_and_a_zero_update_are_logged(tmp_path):
+    # group 0's lr is a tensor (read back with the statistics), group 1's a float, and 0: the
+    # modules of group 1 do not move, so their update ratio is 0 and its log10 -inf
+    model = small_mlp()
+    first = list(model[0].parameters())
+    rest = [p for m in (model[2], model[4]) for p in m.parameters()]
+    opt = torch.optim.SGD([{"params": first, "lr": torch.tensor(0.25)}, {"params": rest, "lr": 0.0}])
+    writer = SummaryWriter(tmp_path)
+    with GradientMonitor(model, writer, optimizer=opt, every=2):
+        for step in range(3):
+            opt.zero_grad()
+            x, y = batch(seed=step)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if step == 2:
+                expected = (0.25 * torch.cat([p.grad.flatten() for p in first])).norm() / torch.cat(
+                    [p.detach().flatten() for p in first]).norm()
+            opt.step()
+    writer.close()
+    ea = read(tmp_path)
+    assert scalar(ea, "global/lr/group0") == {0: 0.25, 2: 0.25}
+    assert scalar(ea, "global/lr/group1") == {0: 0.0, 2: 0.0}
+    assert scalar(ea, "update/ratio/0")[2] == pytest.approx(expected.item(), rel=1e-5)
+    assert scalar(ea, "update/log10_ratio/0")[2] == pytest.approx(math.log10(expected.item()), rel=1e-5)
+    for n in ("2", "4"):
+        assert scalar(ea, f"update/ratio/{n}") == {0: 0.0, 2: 0.0}
+        assert scalar(ea, f"update/log10_ratio/{n}") == {0: -math.inf, 2: -math.inf}
+
+
 class DefinedOutOfOrder(torch.nn.Module):
     """``late`` is defined first but runs second: forward order is early, late."""
 
