@@ -244,6 +244,11 @@ class GradientMonitor:
         self._cells_gp = torch.tensor([group[i % P] + (M + 1) * (i // P) for i in own(0, 2 * P)], dtype=torch.long, device=dev)
         self._cells_g = torch.tensor([group[i] for i in own(0, P)], dtype=torch.long, device=dev)
         self._cells_update = torch.tensor([group[i - P] for i in own(P, 2 * P)], dtype=torch.long, device=dev)
+        # the fast form's sums, one row each per module (+ rest), zeroed at each logging step and
+        # filled in place (no zeros to allocate, no cat): max |g|, Σg², Σθ², Σ(θ_before - θ_after)²
+        self._fast_sums = torch.zeros(4, M + 1, device=dev)
+        self._fs_max, self._fs_gp, self._fs_gpd = self._fast_sums[0], self._fast_sums[1:3], self._fast_sums[1:]
+        self._fs_gp_flat, self._fs_d = self._fs_gp.view(-1), self._fast_sums[3]
         self._after = None  # θ_after laid out like the check's parameter rows (``_update_sq``)
         self._scratch = None  # the differences of the large parameters (``_diff_sq``)
         self._zero = torch.zeros((), device=dev)  # stands in for a missing .grad
@@ -409,9 +414,10 @@ class GradientMonitor:
         if self._w_entries is not None:
             sq = sq * self._w_entries
         # each entry's cell of (grads, params) x (M+1 modules); its module for max |g|
-        gp_sq = torch.zeros(2 * (self._M + 1), device=self._device).index_add_(0, self._cells_gp, sq)
-        gmax = torch.zeros(self._M + 1, device=self._device).scatter_reduce_(0, self._cells_g, gabs, "amax")
-        return gp_sq.view(2, self._M + 1), gmax
+        self._fast_sums.zero_()
+        self._fs_gp_flat.index_add_(0, self._cells_gp, sq)
+        self._fs_max.scatter_reduce_(0, self._cells_g, gabs, "amax")  # (with the 0s: |g| >= 0)
+        return self._fs_gp, self._fs_max
 
     def _grad_entries_by_module(self, values):
         """Σ per module (+ rest) of one value per gradient entry of the check (its rows, then the
@@ -466,7 +472,7 @@ class GradientMonitor:
             return self._across(sq)
         if self._w_update is not None:
             sq = sq * self._w_update
-        return torch.zeros(self._M + 1, device=self._device).index_add_(0, self._cells_update, sq)
+        return self._fs_d.index_add_(0, self._cells_update, sq)  # zeroed by _gp_fast at this step
 
     _CHUNK = 1 << 20  # elements of the scratch buffer of ``_diff_sq``
 
@@ -558,7 +564,9 @@ class GradientMonitor:
             # Σ ||θ_before - θ_after||² (θ_before stays, for the offending indices of a
             # non-finite parameter). Under FSDP2 of this rank's shards.
             params = self._local_params() if self._has_dtensor else self._params
-            mod_sq = torch.cat([mod_sq, self._update_sq(params, P["fast"])[None]])
+            d_sq = self._update_sq(params, P["fast"])
+            # (fast form: the rows of Σg², Σθ² and this one are consecutive already)
+            mod_sq = self._fs_gpd if d_sq is self._fs_d else torch.cat([mod_sq, d_sq[None]])
         has_update = mod_sq.shape[0] == 3
         g_max = P["g_max"]
         A = len(self._act_mods)
@@ -573,7 +581,10 @@ class GradientMonitor:
         rows = len(self._row_steps)
         # (rows, W): a traced run's rows differ in length (what each step traced), padded
         # (pad_sequence: ~67 us for 50 rows, a stack ~9)
-        ring = torch.stack(self._rows) if self.origin != "trace" else torch.nn.utils.rnn.pad_sequence(self._rows, batch_first=True)
+        if len(self._rows) == 1:  # every=1
+            ring = self._rows[0][None]
+        else:
+            ring = torch.stack(self._rows) if self.origin != "trace" else torch.nn.utils.rnn.pad_sequence(self._rows, batch_first=True)
         a_ring = torch.stack(self._a_rows) if A else None  # (rows, A)
         if self.world > 1:
             g_bad, row_bad, a_bad = self._bad(ring, a_ring)
