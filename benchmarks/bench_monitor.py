@@ -83,14 +83,16 @@ def run(name, cadence, steps, warmup, activations, origin="trace"):
 
 
 def floor(name, steps, warmup):
-    """Floors, without the monitor: (0) one float32 sum per parameter and per gradient (what
+    """Floors ((0)-(c) without the monitor): (0) one float32 sum per parameter and per gradient (what
     every step checked before session 6); (0') the check of a non-logging step, gradients and
     parameters (one stats.FiniteCheck in an optimizer step pre-hook, the step's rows kept and
     stacked every 50 steps, with a post-hook doing nothing); (a) a forward hook on every module and a tensor hook on
     every activation, doing nothing; (b) the same hooks keeping references, then one float32
     sum per activation and activation gradient (what origin='trace' reads); (c) one event of
     the scalars logged per step handed to a SummaryWriter (its thread computes the record's
-    CRC in pure Python: ~150 us per KB). CPU time against the plain step, alternating."""
+    CRC in pure Python: ~150 us per KB); (d) the monitor at every=10^9: its every-step check and
+    bookkeeping without logging steps. CPU time against the plain step, each variant alternating
+    with a plain twin of its own."""
     _, features, batch, _ = MODELS[name]
     loss_fn = mnn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
@@ -110,14 +112,11 @@ def floor(name, steps, warmup):
 
     from manualgrad.monitor import tensorboard as tb
 
-    runs = {}
-    for label, hook in (("plain", None), ("parameter + gradient sums", None), ("gradient + parameter check", None),
-                        ("hooks only", noop_hook), ("hooks + sums", keep_hook), ("one writer event", None)):
+    def make(label, hook):
         model, opt = build(name, 0)
         if hook is not None:
             for m in model.modules():
                 m.register_forward_hook(hook)
-        runs[label] = (model, opt)
         if label == "gradient + parameter check":
             params, rows = list(model.parameters()), []
             check = FiniteCheck([p.detach() for p in params] * 2, x.device)
@@ -129,35 +128,51 @@ def floor(name, steps, warmup):
 
             opt.register_step_pre_hook(pre)
             opt.register_step_post_hook(lambda opt, args, kwargs: None)
+        return model, opt
+
     # (c) the scalars the monitor logs per step (every=1), as one event, with nothing computed
-    n_mod = sum(1 for m in runs["plain"][0].modules() if not list(m.children()) and list(m.parameters()))
+    n_mod = sum(1 for m in build(name, 0)[0].modules() if not list(m.children()) and list(m.parameters()))
     tags = [f"{stat}/{k}" for stat in ("grad/norm", "grad/max_abs", "param/norm", "update/ratio",
                                        "update/log10_ratio", "nonfinite") for k in range(n_mod)]
     tags += ["global/grad_norm", "global/lr/group0", "global/nonfinite"]
     values = [0.5] * len(tags)
-    times = dict.fromkeys(runs, 0.0)
+    variants = (("parameter + gradient sums", None), ("gradient + parameter check", None),
+                ("hooks only", noop_hook), ("hooks + sums", keep_hook), ("one writer event", None))
+    ratios, plain_total = {}, 0.0
     with tempfile.TemporaryDirectory() as d:
         writer = SummaryWriter(d)
-        for i in range(warmup + steps):
-            for label, (model, opt) in (runs.items() if i % 2 else reversed(runs.items())):
-                t0 = time.process_time()
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if label == "hooks + sums":
-                    [t.sum(dtype=torch.float32) for t in kept]
-                    kept.clear()
-                if label == "parameter + gradient sums":  # what every step checks in any mode
-                    with torch.no_grad():
-                        [t.sum(dtype=torch.float32) for p in model.parameters() for t in (p, p.grad)]
-                opt.step()
-                if label == "one writer event":
-                    tb.write_scalars(writer, i, tags, values)
-                if i >= warmup:
-                    times[label] += time.process_time() - t0
+        # each variant against a plain twin, the two alternating (as ``run`` times the monitor:
+        # more models in one loop would leave every step's caches colder)
+        for label, hook in variants:
+            runs = {"plain": make("plain", None), label: make(label, hook)}
+            times = dict.fromkeys(runs, 0.0)
+            for i in range(warmup + steps):
+                for who, (model, opt) in (runs.items() if i % 2 else reversed(runs.items())):
+                    t0 = time.process_time()
+                    loss = loss_fn(model(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if who == "hooks + sums":
+                        [t.sum(dtype=torch.float32) for t in kept]
+                        kept.clear()
+                    if who == "parameter + gradient sums":  # what every step checks in any mode
+                        with torch.no_grad():
+                            [t.sum(dtype=torch.float32) for p in model.parameters() for t in (p, p.grad)]
+                    opt.step()
+                    if who == "one writer event":
+                        tb.write_scalars(writer, i, tags, values)
+                    if i >= warmup:
+                        times[who] += time.process_time() - t0
+            kept.clear()
+            ratios[label] = times[label] / times["plain"]
+            plain_total += times["plain"]
         tb.close_layer_runs(writer)  # before the directory goes
         writer.close()
-    return {k: v / times["plain"] for k, v in times.items()}, 1e3 * times["plain"] / steps
+    # the monitor without its logging steps: every=10^9 logs step 0 only (its per-step check and
+    # bookkeeping alone)
+    t = run(name, dict(every=10**9, hist_every=0), steps, warmup, False, "parameters")
+    ratios["monitor, never logging"] = t["monitor"] / t["plain"]
+    return ratios, 1e3 * plain_total / (steps * len(variants))
 
 
 CADENCES = [

@@ -187,27 +187,64 @@ def rank_weight(t, rank, world, sharded):
     return 1.0 if sharded or rank == 0 else 0.0
 
 
+# Σ x s is finite iff every x is (NaN and Inf propagate through a sum), and with |x| s <= 2.7e8
+# it cannot overflow: a float32 sum of finite values can, past 3.4e38 (256 values of 1.4e36, a
+# million of 3.4e32), which would name a finite tensor of an exploding run non-finite early
+_PROBE_SCALE = {torch.float32: 2.0**-100, torch.bfloat16: 2.0**-100, torch.float64: 2.0**-1000}
+PROBE_ROW = 256
+_probe_w = {}  # (dtype, device) -> (PROBE_ROW,) of the scale
+
+
+def probe_vector(dtype, device, n=PROBE_ROW):
+    """(n,) of the scale s for ``dtype``: rows times it are Σ x s, by one matrix-vector product."""
+    key = (dtype, device, n)
+    if key not in _probe_w:
+        _probe_w[key] = torch.full((n,), _PROBE_SCALE[dtype], dtype=dtype, device=device)
+    return _probe_w[key]
+
+
+def probe(t):
+    """One float32 value (0-dim), finite iff every element of ``t`` is: Σ x s (s = 2^-100 for
+    float32 and bfloat16, 2^-1000 for float64), over rows of PROBE_ROW by a matrix-vector
+    product and the rest by a dot. float16 (|x| <= 65504), other dtypes and sparse tensors: a
+    float32 sum, which cannot overflow for float16."""
+    if t.dtype not in _PROBE_SCALE or t.layout != torch.strided:
+        return t.sum(dtype=torch.float32)
+    flat = t.reshape(-1)
+    n = flat.numel()
+    m = n - n % PROBE_ROW
+    w = probe_vector(t.dtype, t.device)
+    out = torch.mv(flat[:m].view(-1, PROBE_ROW), w).sum() if m else flat.new_zeros(())
+    if n > m:
+        out = out + torch.dot(flat[m:], w[: n - m])
+    return out.float()
+
+
 def check_sums(tensors):
-    """The plain form of ``FiniteCheck``: one float32 sum per tensor (0-dim each). NaN/Inf make
-    a sum non-finite; a sum of finite values overflows only past ~3.4e38 (an L2 norm would past
-    ~1.8e19: an exploding run would read as non-finite early)."""
+    """A float32 sum per tensor (0-dim each): what is checked every step of the tensors too
+    large for FiniteCheck's buffer and, with origin='trace', of every traced tensor. Its sums of
+    finite values can overflow (above): for a tensor of a million elements, from a mean |x| of
+    3.4e32 on. ``probe`` cannot, but costs more: on the seed MLP, whose six large tensors it would
+    probe at every step, +0.4 ms a step (its matrix-vector products stream at ~30 GB/s against the
+    sums' ~70), and a traced step of the small benchmark model ~8% more."""
     return [t.sum(dtype=torch.float32) for t in tensors]
 
 
 class FiniteCheck:
     """Is each tensor of a fixed list finite: checked on the device every step, one row per step.
 
-    The plain form is ``check_sums``: a sum per tensor, one kernel and one 0-dim tensor each.
+    The plain form is a ``probe`` per tensor: a kernel or more and one 0-dim tensor each.
     Kept until the next logging step, those are many small tensors to stack and free there (on
     the small benchmark model, 50 steps of 6 gradients: ~0.3 ms, in a cold logging step). Here
     every float32, float16 or bfloat16 tensor (held exactly in float32: a logging step reads the
     norms there) of up to ``FLAT_MAX`` elements on ``device`` is copied into one float32 buffer
     (one foreach copy), each from the start of a row of ``C`` elements (padding zeros after it),
-    and the buffer is summed by row (one kernel): one tensor per step, whatever the number of
-    parameters. The others (larger ones, where the copy would cost more than the kernel it saves;
-    float64 ones; on another device) are summed on their own. ``__call__`` returns one float32 value per *entry* (a row of
-    the buffer, or a tensor summed alone): tensor i is non-finite iff one of its entries is
-    (``per_tensor``; the sum of finite entries could overflow, their finiteness cannot).
+    and each row's Σ x s is taken at once (``probe``'s sums: one matrix-vector product with a
+    row of s): one tensor per step, whatever the number of parameters. The others (larger ones,
+    where the copy would cost more than the kernel it saves; float64 ones; on another device)
+    are summed on their own (``check_sums``). ``__call__`` returns one float32 value per *entry*
+    (a row of the buffer, or a tensor summed alone): tensor i is non-finite iff one of its
+    entries is (``per_tensor``; the rows cannot overflow, the sums of large tensors can).
     Memory: a float32 copy of the small tensors, each padded to whole rows.
     """
 
@@ -225,6 +262,7 @@ class FiniteCheck:
             C *= 2
         rows = [-(-like[i].numel() // C) for i in flat]  # ceil
         self._buf = torch.zeros(sum(rows), C, device=device)
+        self._scale = probe_vector(torch.float32, device, C)  # Σ x s per row (``probe``): no overflow
         self._at, start = {}, 0  # tensor i -> (offset, shape) of its copy in the buffer
         for i, r in zip(flat, rows):
             self._at[i] = (start * C, like[i].shape)
@@ -292,19 +330,19 @@ class FiniteCheck:
             finally:
                 torch._C._set_grad_enabled(grad_mode)
             self.filled = True
-            parts.append(self._buf.sum(1))
+            parts.append(torch.mv(self._buf, self._scale))
         if self._alone:
             with torch.no_grad():
                 parts.append(torch.stack(check_sums([tensors[i] for i in self._alone])).to(self._buf.device))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _fallback(self, tensors):
-        """The same entries from ``check_sums``: each tensor's sum in its first entry, 0 in the others."""
+        """The same entries from the plain form: each tensor's probe in its first entry, 0 in the others."""
         first = {}
         for e, i in enumerate(self.owner):
             first.setdefault(i, e)
         with torch.no_grad():
-            sums = check_sums([tensors[i] for i in first])
+            sums = [probe(tensors[i]) for i in first]
         out = torch.zeros(len(self.owner), device=self._buf.device)
         out[list(first.values())] = torch.stack(sums).to(out.device)
         return out

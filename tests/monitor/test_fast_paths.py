@@ -34,12 +34,38 @@ def test_finite_check_names_the_same_tensors_as_one_sum_per_tensor(seed):
     check = stats.FiniteCheck(planted(SHAPES, DTYPES, {}, 0), torch.device("cpu"))
     assert len(check.owner) > len(SHAPES)  # several rows for some tensors, one entry for the largest
     tensors = planted(SHAPES, DTYPES, bad, seed)
-    expected = [math.isfinite(s.item()) for s in stats.check_sums(tensors)]
+    expected = [math.isfinite(stats.probe(t).item()) for t in tensors]
     assert expected == [not (i in bad and tensors[i].numel()) for i in range(len(SHAPES))]  # planted
     assert [math.isfinite(v) for v in check.per_tensor(check(tensors).tolist())] == expected
     # the next call sees only the new values (rows overwritten, padding still 0)
     clean = planted(SHAPES, DTYPES, {}, seed)
     assert all(math.isfinite(v) for v in check.per_tensor(check(clean).tolist()))
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 3e38), (torch.bfloat16, 3e38), (torch.float64, 1e308),
+                                        (torch.float16, 6e4)])
+def test_probe_is_finite_for_huge_finite_values_and_not_for_nan_or_inf(dtype, big):
+    # a float32 sum of these overflows (but for float16); Σ x s cannot. Lengths around the
+    # probe's rows of 256, and past FLAT_MAX (a tensor the check probes alone)
+    for n in (0, 1, 255, 256, 257, 3000, FLAT_MAX + 1):
+        t = torch.full((n,), big, dtype=dtype)
+        assert math.isfinite(stats.probe(t).item()), n
+        assert math.isfinite(stats.probe(-t[: n // 2]).item()), n
+        for bad in (math.nan, math.inf, -math.inf):
+            for at in {0, n // 2, n - 1} if n else ():
+                u = t.clone()
+                u[at] = bad
+                assert not math.isfinite(stats.probe(u).item()), (n, at, bad)
+                assert not math.isfinite(stats.probe(u.view(1, n)[:, :].t()).item()), (n, at, bad)
+    # the check's buffer rows (its float32, float16 and bfloat16 tensors up to FLAT_MAX elements)
+    # are probed the same way; the tensors it sums alone are not (stats.check_sums)
+    check = stats.FiniteCheck([torch.zeros(FLAT_MAX), torch.zeros(300), torch.zeros(3, 4, dtype=torch.bfloat16)],
+                              torch.device("cpu"))
+    huge = [torch.full((FLAT_MAX,), 3e38), torch.full((300,), -3e38), torch.full((3, 4), 3e38, dtype=torch.bfloat16)]
+    assert check.per_tensor(check(huge).tolist()) == [0.0, 0.0, 0.0]
+    huge[1][7] = math.nan
+    out = check.per_tensor(check(huge).tolist())
+    assert out[0] == 0.0 and math.isnan(out[1]) and out[2] == 0.0
 
 
 def test_finite_check_takes_a_zero_for_a_missing_gradient_and_falls_back_on_a_sparse_one():
