@@ -125,33 +125,38 @@ def write_scalars(writer, step, tags, values):
 
 def write_steps(writer, steps):
     """``write_scalars`` of several logging steps ``(step, tags, values)``: one event per step and
-    run, all of them serialized at once (``scalar_events``) and their records framed at once
-    (``records``: one pass of numpy for every CRC). The writer's own events go to its event file
-    as one write for all the steps where its record writer takes framed records
-    (``_framing_writer``; a write is a trip through the writer thread's queue, ~25 us of a small
-    model's step each), else one add_summary each."""
+    run, all their records framed at once (``records``: one pass of numpy for every CRC). The
+    writer's own events go to its event file as one write for all the steps where its record
+    writer takes framed records (``_framing_writer``; a write is a trip through the writer
+    thread's queue, ~25 us of a small model's step each), else one add_summary each."""
     runs = _layer_runs(writer)
-    module_stats = tuple(MODULE_STATS) if runs is not None else None
-    events = scalar_events(time.time(), steps, module_stats)
-    layers = [(name, e) for name, _, e in events if name is not None]
-    own = [e for name, _, e in events if name is None]
+    now = time.time()
+    layers, own_steps = [], []  # (run name, event bytes), (step, [(tag, value)])
+    for step, tags, values in steps:
+        own, per_layer = [], {}
+        for (t, split), v in zip(_splits(tuple(tags), tuple(MODULE_STATS) if runs is not None else None), values):
+            if split is None:
+                own.append((t, v))
+            else:
+                per_layer.setdefault(split[1], []).append((split[0], v))
+        layers += [(name, scalar_event(now, step, pairs)) for name, pairs in per_layer.items()]
+        if own:
+            own_steps.append((step, own))
     torch_writer = getattr(writer, "_get_file_writer", None) is not None
-    queue = _framing_writer(writer) if own and torch_writer else None
-    framed = records([e for _, e in layers] + (own if queue is not None else []))
+    queue = _framing_writer(writer) if own_steps and torch_writer else None
+    own_events = [scalar_event(now, step, own) for step, own in own_steps] if queue is not None else []
+    framed = records([e for _, e in layers] + own_events)
     if layers:
         runs.add([(name, r) for (name, _), r in zip(layers, framed)])
     if queue is not None:
         queue.write(_Framed(b"".join(framed[len(layers):])))
-    elif own:  # the writer's own (tag, value) pairs, one call per step, or per scalar for another writer
-        for step, tags, values in steps:
-            pairs = [(t, v) for (t, split), v in zip(_splits(tuple(tags), module_stats), values) if split is None]
-            if not pairs:
-                continue
-            if torch_writer:
-                writer._get_file_writer().add_summary(_summary(pairs), global_step=step)
-            else:
-                for t, v in pairs:
-                    writer.add_scalar(t, v, global_step=step)
+    elif torch_writer:
+        for step, own in own_steps:
+            writer._get_file_writer().add_summary(_summary(own), global_step=step)
+    else:  # another writer: one call per scalar
+        for step, own in own_steps:
+            for t, v in own:
+                writer.add_scalar(t, v, global_step=step)
 
 
 class _Framed(bytes):
@@ -319,64 +324,10 @@ def scalar_event(wall_time, step, pairs):
     """``Event(wall_time=, step=, summary=Summary(value=[Value(tag=, simple_value=)...]))``
     serialized, as ``SerializeToString`` gives it (proto3: a step of 0 is left out)."""
     summary = b"".join(_value_head(t) + _float32(v) for t, v in pairs)
-    return _event_head(wall_time, step) + b"\x2a" + _varint(len(summary)) + summary  # summary (field 5, message)
-
-
-def scalar_events(wall_time, steps, module_stats):
-    """The events of logging steps ``(step, tags, values)`` as ``[(run, step, bytes)]``: per step,
-    one ``scalar_event`` per run (``run``: a module's name, None for the writer's own; the tags
-    split by ``_splits``, every tag in the own run when ``module_stats`` is None), the same bytes.
-    A monitor logs the same tags at every step: their Summary.Value records are laid out once
-    (``_event_layout``), and the values of all the steps are cast to float32 and put in place
-    by numpy at once (~1 us a step against ~10 for a struct.pack per value)."""
-    import numpy as np
-
-    out = []
-    for tags, group in itertools.groupby(steps, key=lambda s: tuple(s[1])):
-        group = list(group)
-        template, at, runs = _event_layout(tags, module_stats)
-        if not runs:  # no values
-            continue
-        # a finite double beyond float32 becomes inf, as protobuf's cast makes it
-        with np.errstate(over="ignore"):
-            v = np.array([values for _, _, values in group], dtype=np.float64).reshape(len(group), -1).astype("<f4")
-        body = np.tile(template, (len(group), 1))  # (steps, bytes of every run's Summary.Values)
-        body[:, at] = v.view(np.uint8)
-        whole, L = body.tobytes(), len(template)
-        for s, (step, _, _) in enumerate(group):
-            head = _event_head(wall_time, step)
-            out += [(name, step, head + prefix + whole[s * L + lo : s * L + hi]) for name, prefix, lo, hi in runs]
-    return out
-
-
-def _event_head(wall_time, step):
     head = b"\x09" + struct.pack("<d", wall_time)  # wall_time (field 1, double)
     if step:
         head += b"\x10" + _varint(step if step > 0 else step + (1 << 64))  # step (field 2, int64)
-    return head
-
-
-@functools.lru_cache(maxsize=64)
-def _event_layout(tags, module_stats):
-    """For a logging step's tags: the Summary.Value records of every run, one run after another,
-    each value's float32 left as 4 zero bytes (uint8 array); where value k's 4 bytes go (an index
-    array, 4 per value); per run, (name, its summary field's key and length, where its values
-    start and end)."""
-    import numpy as np
-
-    per_run = {}  # run -> [(tag in that run, k)], in the order of ``tags``
-    for k, (t, split) in enumerate(_splits(tags, module_stats)):
-        name, tag_ = (None, t) if split is None else (split[1], split[0])
-        per_run.setdefault(name, []).append((tag_, k))
-    template, at, runs = bytearray(), [0] * (4 * len(tags)), []
-    for name, values in per_run.items():
-        lo = len(template)
-        for tag_, k in values:
-            template += _value_head(tag_)
-            at[4 * k : 4 * k + 4] = range(len(template), len(template) + 4)
-            template += bytes(4)
-        runs.append((name, b"\x2a" + _varint(len(template) - lo), lo, len(template)))
-    return np.frombuffer(bytes(template), dtype=np.uint8), np.array(at, dtype=np.int64), tuple(runs)
+    return head + b"\x2a" + _varint(len(summary)) + summary  # summary (field 5, message)
 
 
 def _crc_tables():

@@ -125,36 +125,6 @@ def test_scalar_event_bytes_equal_protobufs(step):
         assert tb.scalar_event(1765000000.123456, step, chosen) == expected
 
 
-@pytest.mark.parametrize("layers", [True, False], ids=["layer-runs", "flat"])
-def test_scalar_events_of_a_burst_equal_scalar_event_per_step_and_run(layers):
-    # scalar_events serializes the steps of a burst at once (one template per tag list, the
-    # values cast to float32 and placed by numpy): the same bytes as scalar_event (compared with
-    # protobuf's above) for each step and run, the special values and a change of tags included
-    from manualgrad.monitor import tensorboard as tb
-
-    module_stats = tuple(tb.MODULE_STATS) if layers else None
-    tags_a = ["grad/norm/0", "grad/norm/enc.1", "global/grad_norm", "update/ratio/0", "nonfinite/enc.1", "é/ü"]
-    tags_b = ["grad/norm/0", "global/lr/group0"]
-    specials = [0.5, -3.25, 0.0, -0.0, math.nan, math.inf, -math.inf, 1e39, -1e300, 1e-46, 0.1, 7, 3.4028235e38]
-    g = torch.Generator().manual_seed(0)
-    steps = []
-    for step in (0, 1, 127, 128, 300, 2**40, 2**40 + 1):
-        tags = tags_b if step == 300 else tags_a
-        values = [specials[int(i)] for i in torch.randint(0, len(specials), (len(tags),), generator=g)]
-        steps.append((step, tags, values))
-    expected = []
-    for step, tags, values in steps:
-        runs = {}
-        for (t, split), v in zip(tb._splits(tuple(tags), module_stats), values):
-            name, tag_ = (None, t) if split is None else (split[1], split[0])
-            runs.setdefault(name, []).append((tag_, v))
-        expected += [(name, step, tb.scalar_event(1765000000.25, step, pairs)) for name, pairs in runs.items()]
-    got = tb.scalar_events(1765000000.25, steps, module_stats)
-    assert {name for name, _, _ in got} == ({None, "0", "enc.1"} if layers else {None})
-    assert got == expected
-    assert tb.scalar_events(1.0, [(5, [], [])], module_stats) == []
-
-
 def event_records(path):
     """Every record of an event file, read by tensorboard's reader: it checks both CRCs of each
     record and raises DataLossError on a mismatch."""
