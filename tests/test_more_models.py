@@ -1,7 +1,7 @@
 """Models made of the layers that landed with the recurrent, vision and rest-of-torch.nn work,
 each built from torch.nn, converted with manualgrad.convert(strict=True), and trained a few steps
-next to the same torch model: a small U-Net, a SimCLR-style contrastive step, and a speech model
-(Conv1d + LSTM + CTC loss).
+next to the same torch model: a small U-Net, an ESPCN-style super-resolution net, a SimCLR-style
+contrastive step, and a speech model (Conv1d + LSTM + CTC loss).
 
 What holds: the loss and every parameter gradient match torch's at every step (float32
 tolerance), buffers too, and no torch backward node with FLOPs is left in the converted graph.
@@ -49,6 +49,23 @@ class UNet(nn.Module):
         d2 = self.dec2(torch.cat([self.up2(m), e2], 1))     # (N, 2c, H/2, W/2)
         d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))    # (N, c, H, W)
         return self.head(d1)
+
+
+class ESPCN(nn.Module):
+    """Super-resolution by sub-pixel convolution (Shi et al. 2016): convolutions on the
+    low-resolution image, a last one to r^2 channels, PixelShuffle(r) to the high-resolution
+    image; mean squared error against it."""
+
+    def __init__(self, r=3):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 5, padding=2, padding_mode="reflect"), nn.Tanh(),
+            nn.Conv2d(8, 4, 3, padding=1), nn.Tanh(),
+            nn.Conv2d(4, r * r, 3, padding=1, padding_mode="replicate"), nn.PixelShuffle(r))
+        self.loss = nn.MSELoss()
+
+    def forward(self, low, high):
+        return self.loss(self.body(low), high)                          # (N, 1, r H, r W) vs high
 
 
 class SimCLR(nn.Module):
@@ -147,6 +164,17 @@ def test_unet_converted_strictly_trains_like_torch():
             return self.loss(self.net(x), target)
 
     _train_side_by_side(WithLoss(theirs), batch)
+
+
+def test_espcn_converted_strictly_trains_like_torch():
+    torch.manual_seed(3)
+    theirs = ESPCN(r=3)
+
+    def batch():
+        return (torch.randn(2, 1, 7, 6), torch.randn(2, 1, 21, 18))
+
+    ours = _train_side_by_side(theirs, batch)
+    assert type(ours.body[-1]).__module__.startswith("manualgrad")
 
 
 def test_simclr_step_converted_strictly_trains_like_torch():
