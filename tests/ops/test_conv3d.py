@@ -13,7 +13,7 @@ import manualgrad as mg
 import manualgrad.functional as F
 import manualgrad.nn as mnn
 from manualgrad.ops.conv import _GEMM_MAX
-from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients, saved_bytes
 from tests.conftest import noncontiguous
 
 
@@ -151,6 +151,15 @@ def test_conv3d_weight_gradient_by_swapped_convolution_passes_gradcheck():
         out.extend(torch.autograd.grad(g.square().sum(), (x, w)))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(stride=2, padding=1), dict(padding="same", dilation=2)], ids=str)
+def test_conv3d_saves_only_its_inputs_as_torch(kwargs):
+    x, w, b = (torch.randn(2, 3, 6, 5, 7, requires_grad=True), torch.randn(4, 3, 3, 3, 3, requires_grad=True),
+               torch.randn(4, requires_grad=True))
+    ours, _ = saved_bytes(F.conv3d, x, w, b, **kwargs)
+    theirs, _ = saved_bytes(TF.conv3d, x, w, b, **kwargs)
+    assert ours == (x.numel() + w.numel()) * 4 <= theirs  # x and w for the two gradients; the bias needs nothing
 
 
 def test_conv3d_backward_is_hand_written():

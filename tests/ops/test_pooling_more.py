@@ -315,6 +315,38 @@ def test_lp_pool_saves_only_the_input():
     assert ours == x.numel() * 4 < theirs
 
 
+def _pooled_indices(d, shape):
+    """max_pool's output (requires grad) and indices for max_unpool."""
+    y, idx = getattr(TF, f"max_pool{d}d")(torch.randn(shape), 2, return_indices=True)
+    return y.requires_grad_(), idx
+
+
+# name, inputs, kwargs, bytes saved beyond the inputs (int64 indices: 8 per output; averages: none)
+SAVES = [
+    ("avg_pool3d", lambda: (f32(2, 3, 6, 5, 7), 3, 2, 1), {}, 0),
+    ("avg_pool3d", lambda: (f32(2, 3, 6, 5, 7), 2), dict(ceil_mode=True, count_include_pad=False), 0),
+    ("adaptive_avg_pool3d", lambda: (f32(2, 3, 6, 5, 7), (3, 2, 4)), {}, 0),
+    ("adaptive_max_pool3d", lambda: (f32(2, 3, 6, 5, 7), (3, 2, 4)), {}, 2 * 3 * 24 * 8),
+    ("adaptive_max_pool1d", lambda: (f32(2, 3, 13), 5), dict(return_indices=True), 2 * 3 * 5 * 8),
+    ("fractional_max_pool2d", lambda: (f32(2, 3, 8, 9), 2), dict(output_size=(5, 6), _random_samples=torch.rand(2, 3, 2)),
+     2 * 3 * 30 * 8),
+    ("fractional_max_pool3d", lambda: (f32(2, 3, 6, 5, 7), 2),
+     dict(output_size=(4, 3, 5), _random_samples=torch.rand(2, 3, 3)), 2 * 3 * 60 * 8),
+    ("max_unpool1d", lambda: (*_pooled_indices(1, (2, 3, 12)), 2), {}, 2 * 3 * 6 * 8),
+    ("max_unpool2d", lambda: (*_pooled_indices(2, (2, 3, 8, 8)), 2), {}, 2 * 3 * 16 * 8),
+    ("max_unpool3d", lambda: (*_pooled_indices(3, (2, 3, 6, 4, 8)), 2), {}, 2 * 3 * 24 * 8),
+]
+
+
+@pytest.mark.parametrize("name,make,kwargs,expected", SAVES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SAVES)])
+def test_pooling_saves_no_more_than_torch(name, make, kwargs, expected):
+    from manualgrad.testing import saved_bytes
+    args = make()
+    ours, _ = saved_bytes(getattr(F, name), *args, exclude=args[:1], **kwargs)
+    theirs, _ = saved_bytes(getattr(TF, name), *args, exclude=args[:1], **kwargs)
+    assert ours == expected <= theirs
+
+
 @pytest.mark.parametrize("fn,th,x,args", [
     (F.lp_pool1d, TF.lp_pool1d, (1, 2, 7), (2, (3,))),  # a sequence as lp_pool1d's kernel
     (F.lp_pool1d, TF.lp_pool1d, (1, 2, 7), (2, 3, 0)),  # stride 0
