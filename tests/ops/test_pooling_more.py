@@ -263,6 +263,16 @@ def test_lp_pool_matches_torch(d, args):
     assert_same_as_torch(ours, theirs, x, *args)
 
 
+@pytest.mark.parametrize("d", [2, 3])
+def test_lp_pool_matches_torch_on_channels_last_input(d):
+    fmt = torch.channels_last if d == 2 else torch.channels_last_3d
+    shape = (2, 3, 7, 9) if d == 2 else (2, 3, 5, 7, 6)
+    ours, theirs = LP_FN[d]
+    for args in LP[d]:
+        x = lp_input(f32(*shape), args[0]).detach().to(memory_format=fmt).requires_grad_()
+        assert_same_as_torch(ours, theirs, x, *args)
+
+
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize("p", [float("inf"), -float("inf")])
 def test_lp_pool_of_infinite_norm_is_max_pooling_of_abs_like_torch(d, p):
@@ -411,6 +421,16 @@ def test_max_unpool_matches_torch_exactly(d, case):
     if sized and len(shape) == d + 2:
         full = list(shape)
         same_exactly(lambda t: ours(t, idx, k, s, p, full), lambda t: theirs(t, idx, k, s, p, full), noncontiguous(y))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_max_unpool_matches_torch_exactly_on_channels_last_input(d):
+    fmt = torch.channels_last if d == 2 else torch.channels_last_3d
+    shape, k, s, p, _ = UNPOOL[d][1]  # strided, padded windows
+    ours, theirs = UNPOOL_FN[d]
+    y, idx, size = pooled(d, shape, k, s, p)
+    y = y.detach().to(memory_format=fmt).requires_grad_()
+    same_exactly(lambda t: ours(t, idx, k, s, p, size), lambda t: theirs(t, idx, k, s, p, size), y)
 
 
 def test_max_unpool_gradient_by_hand():
