@@ -1,10 +1,32 @@
+import os
 import pathlib
 import sys
+import tempfile
 
-import pytest
-import torch
-import torch.autograd.forward_ad as fwAD
-from hypothesis import settings
+
+def inductor_cache_dir(environ):
+    """The on-disk cache of torch.compile's inductor for these tests: one per ATEN_CPU_CAPABILITY.
+
+    torch 2.13's inductor picks its vector ISA from ATEN_CPU_CAPABILITY but leaves it out of its
+    cache keys. A kernel compiled under one value (avx2, say, to reproduce another CPU here, as
+    the README's portability runs do) is then loaded under another, and it writes part of its
+    output or crashes (measured with tests/test_compile_dropout.py: garbage outputs, a
+    segmentation fault). A directory per value keeps those runs apart. A cache dir the user set
+    is left alone."""
+    if "TORCHINDUCTOR_CACHE_DIR" in environ:
+        return environ["TORCHINDUCTOR_CACHE_DIR"]
+    capability = environ.get("ATEN_CPU_CAPABILITY") or "native"
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_manualgrad_{os.getuid()}", capability)
+
+
+# before torch is imported: subprocesses (notebook kernels, spawned workers) inherit it too
+INDUCTOR_CACHE_SET_BY_USER = "TORCHINDUCTOR_CACHE_DIR" in os.environ
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(os.environ)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.autograd.forward_ad as fwAD  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # Property tests draw the same examples on every run: CI is repeatable, and a new failing
 # example is found by running with --hypothesis-seed=random or the "explore" profile.

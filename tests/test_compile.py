@@ -7,6 +7,7 @@ hand-written backward becomes the compiled backward graph) without inductor's C+
 one test runs inductor end to end.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -189,3 +190,19 @@ def test_a_function_defined_outside_the_package_compiles_after_its_first_eager_c
     assert explanation.graph_break_count == 0
     torch.compile(lambda t: apply(Cube, t).sum(), backend="aot_eager", fullgraph=True)(x).backward()
     torch.testing.assert_close(x.grad, 3 * x.detach().square())
+
+
+def test_inductor_cache_is_one_directory_per_cpu_capability():
+    # tests/conftest.py: torch's inductor leaves ATEN_CPU_CAPABILITY out of its cache keys, so a
+    # kernel compiled under another capability must never be found in this run's cache
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from tests import conftest
+    if conftest.INDUCTOR_CACHE_SET_BY_USER:
+        pytest.skip("TORCHINDUCTOR_CACHE_DIR set by the user")
+    capability = os.environ.get("ATEN_CPU_CAPABILITY") or "native"
+    assert cache_dir() == os.path.abspath(conftest.inductor_cache_dir({"ATEN_CPU_CAPABILITY": capability}))
+    dirs = {conftest.inductor_cache_dir({"ATEN_CPU_CAPABILITY": c}) for c in ("avx2", "avx512", "default")}
+    assert len(dirs | {conftest.inductor_cache_dir({})}) == 4
+    assert conftest.inductor_cache_dir({"TORCHINDUCTOR_CACHE_DIR": "/elsewhere"}) == "/elsewhere"
+
