@@ -16,7 +16,8 @@ def inductor_cache_dir(environ):
     if "TORCHINDUCTOR_CACHE_DIR" in environ:
         return environ["TORCHINDUCTOR_CACHE_DIR"]
     capability = environ.get("ATEN_CPU_CAPABILITY") or "native"
-    return os.path.join(tempfile.gettempdir(), f"torchinductor_manualgrad_{os.getuid()}", capability)
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")  # no getuid on Windows
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_manualgrad_{user}", capability)
 
 
 # before torch is imported: subprocesses (notebook kernels, spawned workers) inherit it too
