@@ -205,4 +205,3 @@ def test_inductor_cache_is_one_directory_per_cpu_capability():
     dirs = {conftest.inductor_cache_dir({"ATEN_CPU_CAPABILITY": c}) for c in ("avx2", "avx512", "default")}
     assert len(dirs | {conftest.inductor_cache_dir({})}) == 4
     assert conftest.inductor_cache_dir({"TORCHINDUCTOR_CACHE_DIR": "/elsewhere"}) == "/elsewhere"
-

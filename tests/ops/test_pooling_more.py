@@ -11,7 +11,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as TF
 
 import manualgrad.functional as F
-from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients
+from manualgrad.testing import assert_raises_like_torch, assert_same_as_torch, check_gradients, saved_bytes
 from tests.conftest import exact_dy, noncontiguous
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
@@ -318,7 +318,6 @@ def test_lp_pool_jvp_matches_torchs():
 
 
 def test_lp_pool_saves_only_the_input():
-    from manualgrad.testing import saved_bytes
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     ours, _ = saved_bytes(F.lp_pool2d, x, 2, 2)
     theirs, _ = saved_bytes(TF.lp_pool2d, x, 2, 2)
@@ -350,7 +349,6 @@ SAVES = [
 
 @pytest.mark.parametrize("name,make,kwargs,expected", SAVES, ids=[f"{c[0]}-{i}" for i, c in enumerate(SAVES)])
 def test_pooling_saves_no_more_than_torch(name, make, kwargs, expected):
-    from manualgrad.testing import saved_bytes
     args = make()
     ours, _ = saved_bytes(getattr(F, name), *args, exclude=args[:1], **kwargs)
     theirs, _ = saved_bytes(getattr(TF, name), *args, exclude=args[:1], **kwargs)
